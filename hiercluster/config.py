@@ -1,0 +1,233 @@
+"""Run configuration: YAML validated on load into frozen dataclasses.
+
+Each section of the YAML file is a dataclass below; :func:`load_config` reads the file
+with ``yaml.safe_load``, applies ``--set section.key=value`` overrides, and checks every
+key and type. A mistake is one :class:`HierclusterError` naming the key path and, for
+an unknown key, the nearest valid one. Relative paths in the file are resolved against
+the current directory first, then the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hiercluster.errors import HierclusterError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Section ``data``: which dataset and how to batch it."""
+
+    dataset: str = "fashion_mnist"
+    root: str | None = None
+    eval_split: str = "test"
+    batch_size: int = 128
+    workers: int = 0
+    download: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Section ``model``: the architecture and its checkpoint.
+
+    With a checkpoint that has a metadata JSON beside it, ``arch`` may be left out.
+    """
+
+    arch: str | None = None
+    checkpoint: str | None = None
+    width: int = 16
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Section ``train``: baseline training (``hiercluster train``); writes ``model.checkpoint``."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+    crop_padding: int = 2
+    hflip: bool = True
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole configuration file."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every section (without ``source``), for saving next to results."""
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.eval_split": ("train", "test"),
+    "train.schedule": ("onecycle", "cosine"),
+}
+_POSITIVE = {"data.batch_size", "train.epochs", "train.batch_size", "train.lr", "model.width"}
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except HierclusterError:
+                continue
+        raise HierclusterError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            value = [value]  # a single value stands for a one-item list
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise HierclusterError(f"config key {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise HierclusterError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise HierclusterError(f"config section {prefix or '(top level)'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise HierclusterError(f"unknown config key {path!r}{hint} Valid keys here: {', '.join(names)}")
+        value = _coerce(value, hints[key], path)
+        if path in _CHOICES and value not in _CHOICES[path]:
+            raise HierclusterError(f"config key {path}: {value!r} is not one of {', '.join(_CHOICES[path])}")
+        if path in _POSITIVE and value is not None and value <= 0:
+            raise HierclusterError(f"config key {path}: must be > 0, got {value!r}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise HierclusterError(f"config section {prefix or '(top level)'}: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"quant.bits=[4,3]"`` -> ``(["quant", "bits"], [4, 3])``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise HierclusterError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise HierclusterError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return [p for p in key.strip().split(".")], value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise HierclusterError(f"--set {'.'.join(parts)}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> Any:
+    """``yaml.safe_load`` a file, with clear errors for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HierclusterError(f"file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise HierclusterError(f"{path} is not valid YAML: {exc}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a config file; ``path=None`` starts from the defaults.
+
+    Examples
+    --------
+    >>> cfg = load_config(None, ["data.dataset=digits", "train.epochs=2"])
+    >>> cfg.data.dataset, cfg.train.epochs
+    ('digits', 2)
+    """
+    data = read_yaml(path) if path is not None else {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise HierclusterError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
+    for text in overrides:
+        _apply_override(data, *parse_override(text))
+    cfg = _build(RunConfig, data, "")
+    return dataclasses.replace(cfg, source=str(path) if path is not None else None)
+
+
+def resolve_path(value: str | Path, config_source: str | None) -> Path:
+    """A path from a config: as given if it exists (or is absolute), else beside the config file."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists() or config_source is None:
+        return p
+    beside = Path(config_source).parent / p
+    return beside if beside.exists() else p
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (the run's record of what was used)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
