@@ -1,0 +1,180 @@
+"""Data layer: readers on files the tests write themselves, digits split, loaders, errors."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from hiercluster.data import (
+    FASHION_MNIST_CLASSES,
+    NORMALIZATION,
+    ImageTensorDataset,
+    cifar100_coarse_groups,
+    load_dataset,
+    make_loader,
+    read_idx,
+)
+from hiercluster.errors import HierclusterError
+
+
+def write_idx(path, array, compress):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if compress:
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+
+
+@pytest.fixture
+def idx_root(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, (img, lbl), n in [
+        ("train", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), 12),
+        ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), 7),
+    ]:
+        write_idx(tmp_path / f"{img}.gz", rng.integers(0, 256, (n, 28, 28)), compress=True)
+        write_idx(tmp_path / lbl, rng.integers(0, 10, (n,)), compress=False)  # raw works too
+    return tmp_path
+
+
+def test_idx_reader_roundtrip(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", arr, compress=True)
+    write_idx(tmp_path / "b", arr, compress=False)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), arr)
+    np.testing.assert_array_equal(read_idx(tmp_path / "b"), arr)
+
+
+def test_fashion_mnist_from_root(idx_root):
+    ds = load_dataset("fashion_mnist", root=idx_root, split="test")
+    assert len(ds) == 7 and ds.classes == FASHION_MNIST_CLASSES
+    raw = read_idx(idx_root / "t10k-images-idx3-ubyte.gz")
+    x, y = ds[3]
+    mean, std = NORMALIZATION["fashion_mnist"]
+    expected = (torch.from_numpy(raw[3].astype(np.float32)) / 255 - mean[0]) / std[0]
+    torch.testing.assert_close(x[0], expected)
+    assert y == int(read_idx(idx_root / "t10k-labels-idx1-ubyte")[3])
+    assert len(load_dataset("fashion_mnist", root=idx_root, split="train")) == 12
+
+
+def test_truncated_idx_is_a_clear_error(idx_root):
+    path = idx_root / "t10k-images-idx3-ubyte.gz"
+    data = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(data[:-100]))
+    with pytest.raises(HierclusterError, match="damaged") as err:
+        load_dataset("fashion_mnist", root=idx_root, split="test")
+    assert str(path) in str(err.value)
+
+
+def test_not_idx_is_a_clear_error(tmp_path):
+    (tmp_path / "x").write_bytes(b"hello world, not idx")
+    with pytest.raises(HierclusterError, match="magic"):
+        read_idx(tmp_path / "x")
+
+
+def test_missing_dataset_names_places_and_remedy(tmp_path, monkeypatch):
+    monkeypatch.setenv("HIERCLUSTER_DATA", str(tmp_path / "env"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HierclusterError) as err:
+        load_dataset("mnist", root=tmp_path / "nowhere", split="train")
+    msg = str(err.value)
+    assert str(tmp_path / "nowhere") in msg and str(tmp_path / "env") in msg and "To get it" in msg
+
+
+def test_unknown_names_suggest():
+    with pytest.raises(HierclusterError, match="did you mean 'fashion_mnist'"):
+        load_dataset("fashion-mnist")
+    with pytest.raises(HierclusterError, match="split"):
+        load_dataset("digits", split="validation")
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    assert len(train) + len(test) == 1797 and len(test) == 450
+    assert train.images.shape[1:] == (1, 8, 8) and train.classes == [str(i) for i in range(10)]
+    from sklearn.datasets import load_digits
+
+    per_class = np.bincount(load_digits().target, minlength=10)
+    counts = np.bincount(test.targets.numpy(), minlength=10)
+    assert np.all(np.abs(counts - 0.25 * per_class) <= 1)  # stratified: a quarter of each class
+    again = load_dataset("digits", split="test")
+    assert torch.equal(again.images, test.images)
+    train_rows = {row.tobytes() + bytes([t]) for row, t in zip(train.images.numpy(), train.targets.numpy())}
+    overlap = sum(row.tobytes() + bytes([t]) in train_rows for row, t in zip(test.images.numpy(), test.targets.numpy()))
+    assert overlap < 5  # digits holds a few duplicate images; the split itself is disjoint by index
+
+
+def test_tensor_loader_covers_every_sample_once_and_is_seeded():
+    ds = ImageTensorDataset(
+        torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1), torch.arange(10), [str(i) for i in range(10)], (0.0,), (1.0,)
+    )
+    labels = torch.cat([y for _, y in make_loader(ds, 3, shuffle=True, seed=5)])
+    assert sorted(labels.tolist()) == list(range(10))
+    again = torch.cat([y for _, y in make_loader(ds, 3, shuffle=True, seed=5)])
+    assert torch.equal(labels, again)
+    assert len(make_loader(ds, 3)) == 4 and len(make_loader(ds, 3, drop_last=True)) == 3
+
+
+def _dump(path, obj):
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh)
+
+
+def test_cifar10_reader(tmp_path):
+    rng = np.random.default_rng(1)
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 4))}
+        _dump(base / name, batches[name])
+    _dump(base / "batches.meta", {b"label_names": [c.encode() for c in "a b c d e f g h i j".split()]})
+    train = load_dataset("cifar10", root=tmp_path, split="train")
+    test = load_dataset("cifar10", root=tmp_path, split="test")
+    assert len(train) == 20 and len(test) == 4 and test.classes[0] == "a"
+    data = batches["test_batch"][b"data"]
+    # CIFAR rows are channel-major: 1024 red, 1024 green, 1024 blue values, each row-major 32x32.
+    assert int(test.images[2, 1, 5, 7]) == int(data[2, 1024 + 5 * 32 + 7])
+    assert test.targets.tolist() == [int(v) for v in batches["test_batch"][b"labels"]]
+
+
+def test_cifar100_reader_with_coarse_labels(tmp_path):
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    fine = [0, 1, 2, 3, 0, 2]
+    coarse = [0, 1, 0, 1, 0, 0]
+    for split in ("train", "test"):
+        _dump(base / split, {b"data": np.zeros((6, 3072), np.uint8), b"fine_labels": fine, b"coarse_labels": coarse})
+    _dump(base / "meta", {b"fine_label_names": [b"apple", b"bus", b"pear", b"train"], b"coarse_label_names": [b"fruit", b"vehicle"]})
+    ds = load_dataset("cifar100", root=tmp_path, split="test")
+    assert ds.classes == ["apple", "bus", "pear", "train"]
+    assert cifar100_coarse_groups(ds) == {"fruit": ["apple", "pear"], "vehicle": ["bus", "train"]}
+
+
+def test_cifar_reader_refuses_code_in_pickles(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    for name in ["test_batch", "batches.meta"]:
+        _dump(base / name, Evil())
+    with pytest.raises(HierclusterError, match="refusing to load builtins.print"):
+        load_dataset("cifar10", root=tmp_path, split="test")
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 30), color=(10, 20, 30)).save(tmp_path / "val" / cls / "a.png")
+    ds = load_dataset("imagefolder", root=tmp_path, split="test")
+    assert ds.classes == ["cat", "dog"] and ds[0][0].shape == (3, 224, 224)
+    with pytest.raises(HierclusterError, match="needs a root"):
+        load_dataset("imagefolder")
