@@ -64,12 +64,107 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class HierarchyConfig:
+    """Section ``hierarchy``: how the class hierarchy is built and which levels are reported.
+
+    ``levels`` lists the k (number of superclasses) to evaluate; empty means every k from
+    the number of classes down to 2. ``reference`` is a YAML grouping
+    ``{superclass: [class names]}`` evaluated beside the learned levels; ``names`` gives
+    superclasses readable names (``{Footwear: [Sandal, Sneaker, Ankle boot]}``).
+    """
+
+    embedding: str = "fc_weights"
+    linkage: str = "ward"
+    metric: str = "cosine"
+    split: str = "train"
+    levels: tuple[int, ...] = ()
+    reference: str | None = None
+    names: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """One partial-quantization plan of the grid (``quant.plans`` items).
+
+    The keys besides ``bits`` and ``schemes`` are those of :class:`quant.QuantPlan`;
+    ``bits``/``schemes`` restrict the grid points the plan is applied to (empty: all).
+    """
+
+    name: str = "full"
+    first_layer_bits: int | None = None
+    last_layer_bits: int | None = None
+    skip: tuple[str, ...] = ()
+    layer_bits: dict[str, Any] | None = None
+    residual_sqnr_db: float | None = None
+    residual_fraction: float | None = None
+    bits: tuple[int, ...] = ()
+    schemes: tuple[str, ...] = ()
+
+    def quant_plan_dict(self) -> dict[str, Any]:
+        """The fields that :meth:`quant.QuantPlan.from_dict` takes."""
+        d = dataclasses.asdict(self)
+        for key in ("bits", "schemes"):
+            d.pop(key)
+        d["skip"] = list(d["skip"])
+        d["layer_bits"] = dict(d["layer_bits"] or {})
+        return d
+
+
+@dataclass(frozen=True)
+class QuantGridConfig:
+    """Section ``quant``: the grid of weight-quantization specs swept by ``run``.
+
+    Every combination of ``schemes`` x ``bits`` x ``clipping`` x ``granularity`` is run
+    with every plan (restricted by the plan's own ``bits``/``schemes``).
+    ``activation_bits`` (optional) also quantizes the input of every layer but the first,
+    calibrated on ``activation_calibration_batches`` batches of the evaluation data.
+    """
+
+    schemes: tuple[str, ...] = ("asymmetric", "symmetric", "pow2")
+    bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
+    clipping: tuple[str, ...] = ("mse",)
+    granularity: tuple[str, ...] = ("per_channel",)
+    narrow_range: bool = True
+    pow2_scale: bool = False
+    percentile: float = 99.99
+    plans: tuple[PlanConfig, ...] = (PlanConfig(),)
+    activation_bits: int | None = None
+    activation_calibration_batches: int = 8
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Section ``eval``: merged-head reduction, random baselines and the tolerance (pp)."""
+
+    reduction: str = "prob_sum"
+    random_seeds: int = 20
+    seed: int = 0
+    tolerance: float = 1.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Section ``output``: the run directory (``--out`` overrides it).
+
+    ``export_models`` writes the bit-packed model chosen for each level of the headline
+    table, with its grouping, under ``models/``.
+    """
+
+    dir: str = "runs/default"
+    export_models: bool = True
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole configuration file."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    quant: QuantGridConfig = field(default_factory=QuantGridConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,8 +177,21 @@ class RunConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.eval_split": ("train", "test"),
     "train.schedule": ("onecycle", "cosine"),
+    "hierarchy.embedding": ("fc_weights", "centroids", "confusion"),
+    "hierarchy.linkage": ("ward", "average", "complete", "single"),
+    "hierarchy.metric": ("cosine", "euclidean"),
+    "hierarchy.split": ("train", "test"),
+    "eval.reduction": ("prob_sum", "mean_logit", "argmax_then_map"),
 }
-_POSITIVE = {"data.batch_size", "train.epochs", "train.batch_size", "train.lr", "model.width"}
+_POSITIVE = {
+    "data.batch_size",
+    "train.epochs",
+    "train.batch_size",
+    "train.lr",
+    "model.width",
+    "eval.random_seeds",
+    "quant.activation_calibration_batches",
+}
 
 
 def _type_name(tp: Any) -> str:

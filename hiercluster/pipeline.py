@@ -1,0 +1,403 @@
+"""The sweep: float logits once -> hierarchy -> every quant spec once -> results -> report.
+
+Cost model (DESIGN.md, "Evaluation cost"): the float model runs once over the
+evaluation set (its logits are cached in the run directory), each quantized variant
+runs once, and every level, random baseline and metric is computed from kept logits.
+Each finished spec is written to the results store at once; a re-run skips the specs
+whose key (a hash of everything that affects them) is already there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import quant
+from hiercluster.config import RunConfig, read_yaml, resolve_path, save_config
+from hiercluster.data import load_dataset, make_loader
+from hiercluster.errors import HierclusterError
+from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
+from hiercluster.heads import as_assignment
+from hiercluster.hierarchy import ClassHierarchy, build_hierarchy
+from hiercluster.models import build_model, load_checkpoint, read_metadata
+from hiercluster.store import ResultsStore, file_digest, spec_key
+
+RUN_FILE = "run.json"
+DB_FILE = "results.sqlite"
+LOGITS_FILE = "float_logits.pt"
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One weight-quantization setting of the sweep."""
+
+    spec: quant.QuantSpec
+    plan: quant.QuantPlan
+    activation: quant.QuantSpec | None = None
+
+    @property
+    def tag(self) -> str:
+        tag = f"{self.spec.tag}+{self.plan.name}"
+        return tag + (f"+a{self.activation.bits}" if self.activation else "")
+
+
+def expand_grid(cfg: RunConfig) -> list[GridPoint]:
+    """Every grid point of ``cfg.quant``, in a fixed order (plan, scheme, clipping, granularity, bits)."""
+    q = cfg.quant
+    points: list[GridPoint] = []
+    activation = None
+    try:
+        if q.activation_bits is not None:
+            activation = quant.QuantSpec(
+                scheme="asymmetric", bits=q.activation_bits, granularity="per_tensor", clipping="minmax"
+            )
+        for plan_cfg in q.plans:
+            plan = quant.QuantPlan.from_dict(plan_cfg.quant_plan_dict())
+            for scheme in q.schemes:
+                if plan_cfg.schemes and scheme not in plan_cfg.schemes:
+                    continue
+                for clipping in q.clipping:
+                    for granularity in q.granularity:
+                        for bits in q.bits:
+                            if plan_cfg.bits and bits not in plan_cfg.bits:
+                                continue
+                            spec = quant.QuantSpec(
+                                scheme=scheme,
+                                bits=bits,
+                                granularity=granularity,
+                                clipping=clipping,
+                                narrow_range=q.narrow_range,
+                                pow2_scale=q.pow2_scale,
+                                percentile=q.percentile,
+                            )
+                            points.append(GridPoint(spec, plan, activation))
+    except ValueError as exc:
+        if isinstance(exc, HierclusterError):
+            raise
+        raise HierclusterError(f"config section quant: {exc}") from None
+    if not points:
+        raise HierclusterError("config section quant: the grid is empty (check quant.bits, quant.schemes and plan filters)")
+    return points
+
+
+@dataclass
+class Prepared:
+    """What every spec of a run shares: the float model, data, float logits and levels."""
+
+    cfg: RunConfig
+    out_dir: Path
+    model: nn.Module
+    checkpoint_digest: str
+    class_names: list[str]
+    eval_set: Any
+    labels: torch.Tensor
+    float_logits: torch.Tensor
+    hierarchy: ClassHierarchy
+    levels: dict[str, tuple[int, np.ndarray, str]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def loader(self) -> Any:
+        return make_loader(self.eval_set, self.cfg.data.batch_size, num_workers=self.cfg.data.workers)
+
+
+def load_float_model(cfg: RunConfig) -> tuple[nn.Module, Path]:
+    """The float model of ``cfg.model``: from checkpoint metadata, or ``arch`` + weights."""
+    if not cfg.model.checkpoint:
+        raise HierclusterError("config key model.checkpoint is required: the trained float model to quantize")
+    path = resolve_path(cfg.model.checkpoint, cfg.source)
+    if not path.is_file():
+        raise HierclusterError(f"config key model.checkpoint: file not found: {path}")
+    if cfg.model.arch is None:
+        model, _ = load_checkpoint(path)
+        return model, path
+    try:
+        meta = read_metadata(path)
+    except HierclusterError:
+        meta = {}
+    if meta and meta["arch"] != cfg.model.arch:
+        raise HierclusterError(
+            f"config key model.arch is {cfg.model.arch!r} but {path} holds a {meta['arch']!r}; fix model.arch or remove it"
+        )
+    if meta:
+        model, _ = load_checkpoint(path)
+        return model, path
+    return None, path  # type: ignore[return-value]  # built once the class count is known
+
+
+def _levels(cfg: RunConfig, hierarchy: ClassHierarchy, class_names: list[str]) -> dict[str, tuple[int, np.ndarray, str]]:
+    c = len(class_names)
+    ks = list(cfg.hierarchy.levels) or list(range(c, 1, -1))
+    for k in ks:
+        if not 1 <= k <= c:
+            raise HierclusterError(f"config key hierarchy.levels: k={k} is outside 1..{c} (the number of classes)")
+    levels = {f"k={k}": (k, hierarchy.cut(k=k), "learned") for k in sorted(set(ks), reverse=True)}
+    if cfg.hierarchy.reference:
+        ref = as_assignment(_read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference"), class_names)
+        levels["reference"] = (int(ref.max()) + 1, ref, "reference")
+    return levels
+
+
+def _read_grouping(value: str, cfg: RunConfig, key: str) -> dict[str, Any]:
+    path = resolve_path(value, cfg.source)
+    if not path.is_file():
+        raise HierclusterError(f"config key {key}: file not found: {path}")
+    groups = read_yaml(path)
+    if not isinstance(groups, dict):
+        raise HierclusterError(f"config key {key}: {path} must map superclass names to lists of class names")
+    return groups
+
+
+def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True, need_logits: bool = True) -> Prepared:
+    """Load the model and data, get the float logits (cached) and build the hierarchy."""
+    t0 = time.perf_counter()
+    model, ckpt = load_float_model(cfg)
+    root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
+    if root is not None and not root.exists():
+        raise HierclusterError(f"config key data.root: folder not found: {root}")
+    eval_set = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
+    class_names = list(eval_set.classes)
+    if model is None:
+        x0, _ = eval_set[0]
+        model = build_model(cfg.model.arch, len(class_names), int(x0.shape[0]), weights=ckpt, width=cfg.model.width)
+    from hiercluster.models import classifier_layer
+
+    n_out = classifier_layer(model)[1].out_features
+    if n_out != len(class_names):
+        raise HierclusterError(
+            f"model {ckpt} has {n_out} outputs but dataset {cfg.data.dataset} has {len(class_names)} classes"
+        )
+    model.eval()
+    digest = file_digest(ckpt)
+    timings = {"load_s": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    data_id = {"dataset": cfg.data.dataset, "split": cfg.data.eval_split, "n": len(eval_set), "checkpoint": digest}
+    cache = out_dir / LOGITS_FILE
+    logits = labels = None
+    if cache.is_file():
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            if saved.get("id") == json.dumps(data_id, sort_keys=True):
+                logits, labels = saved["logits"], saved["labels"]
+        except Exception:  # a stale or damaged cache is recomputed, never trusted
+            logits = None
+    if logits is None:
+        loader = make_loader(eval_set, cfg.data.batch_size, num_workers=cfg.data.workers)
+        logits, labels = collect_logits(model, loader, progress=progress, desc="float model")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"id": json.dumps(data_id, sort_keys=True), "logits": logits, "labels": labels}, cache)
+    timings["float_eval_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    hierarchy = _build_hierarchy(cfg, model, class_names, root, logits, labels)
+    levels = _levels(cfg, hierarchy, class_names)
+    timings["hierarchy_s"] = time.perf_counter() - t0
+    return Prepared(cfg, out_dir, model, digest, class_names, eval_set, labels, logits, hierarchy, levels, timings)
+
+
+def _build_hierarchy(
+    cfg: RunConfig, model: nn.Module, class_names: list[str], root: Path | None, logits: torch.Tensor, labels: torch.Tensor
+) -> ClassHierarchy:
+    h = cfg.hierarchy
+    loader = None
+    if h.embedding != "fc_weights":
+        split_set = load_dataset(cfg.data.dataset, root, h.split, cfg.data.download)
+        loader = make_loader(split_set, cfg.data.batch_size, num_workers=cfg.data.workers)
+    hierarchy = build_hierarchy(model, h.embedding, loader, class_names, linkage=h.linkage, metric=h.metric)
+    if h.names:
+        hierarchy.set_names(h.names)
+    return hierarchy
+
+
+def _grid_key(point: GridPoint, prep: Prepared) -> str:
+    cfg = prep.cfg
+    return spec_key(
+        {
+            "spec": point.spec.to_dict(),
+            "plan": point.plan.to_dict(),
+            "activation": point.activation.to_dict() if point.activation else None,
+            "activation_batches": cfg.quant.activation_calibration_batches if point.activation else None,
+            "checkpoint": prep.checkpoint_digest,
+            "data": [cfg.data.dataset, cfg.data.eval_split, len(prep.labels)],
+            "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed],
+            "levels": {name: a.tolist() for name, (_, a, _) in prep.levels.items()},
+            "version": 1,
+        }
+    )
+
+
+def quantize_point(model: nn.Module, point: GridPoint, prep: Prepared) -> tuple[nn.Module, Any]:
+    """Quantize the float model for one grid point (weights once; activations if asked)."""
+    calibration = None
+    if point.activation is not None:
+        n = prep.cfg.quant.activation_calibration_batches
+        calibration = [x for i, (x, _) in zip(range(n), prep.loader())]
+    try:
+        return quant.quantize_model(model, point.spec, point.plan, act_spec=point.activation, calibration=calibration)
+    except quant.QuantError as exc:
+        raise HierclusterError(f"quantizing with {point.tag}: {exc}") from None
+
+
+def evaluate_point(point: GridPoint, prep: Prepared, key: str) -> dict[str, Any]:
+    """Quantize, run once, compute every level's metrics and the sizes; returns what the store needs."""
+    cfg = prep.cfg
+    t0 = time.perf_counter()
+    qmodel, qreport = quantize_point(prep.model, point, prep)
+    t1 = time.perf_counter()
+    qlogits, _ = collect_logits(qmodel, prep.loader())
+    t2 = time.perf_counter()
+    level_rows = []
+    for name, (k, assignment, kind) in prep.levels.items():
+        (row,) = evaluate_levels(
+            prep.float_logits,
+            qlogits,
+            prep.labels,
+            {k: assignment},
+            n_random=cfg.eval.random_seeds,
+            seed=cfg.eval.seed,
+            reduction=cfg.eval.reduction,
+        )
+        level_rows.append({**row, "level": name, "grouping": kind, "k": k})
+    share = prediction_share(qlogits, len(prep.class_names))
+    t3 = time.perf_counter()
+    sizes = quant.model_size(qmodel, qreport)
+    t4 = time.perf_counter()
+    spec_row = {
+        "spec_key": key,
+        "tag": point.tag,
+        "scheme": point.spec.scheme,
+        "bits": point.spec.bits,
+        "clipping": point.spec.clipping,
+        "granularity": point.spec.granularity,
+        "plan": point.plan.name,
+        "activation_bits": point.activation.bits if point.activation else None,
+        "avg_bits": qreport.average_bits,
+        "fine_acc": accuracy(qlogits, prep.labels),
+        **{k: sizes[k] for k in ("fp32_bytes", "packed_bytes", "gzip_bytes", "xz_bytes")},
+        "quantize_s": t1 - t0,
+        "eval_s": t2 - t1,
+        "metrics_s": t3 - t2,
+        "size_s": t4 - t3,
+    }
+    return {
+        "spec_row": spec_row,
+        "level_rows": level_rows,
+        "spec_json": point.spec.to_dict(),
+        "plan_json": point.plan.to_dict(),
+        "prediction_share": share.tolist(),
+        "layers": qreport.rows(),
+    }
+
+
+def check_run_dir(out_dir: Path) -> None:
+    """Refuse a non-empty folder that is not a hiercluster run (never overwrite a user's files)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HierclusterError(f"--out {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / RUN_FILE).exists() and not (out_dir / DB_FILE).exists():
+        raise HierclusterError(
+            f"--out {out_dir} is a non-empty folder that is not a hiercluster run directory; choose another folder"
+        )
+
+
+def run_pipeline(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """``hiercluster run``: the whole sweep into ``out_dir``; returns the run summary.
+
+    Re-running on the same ``out_dir`` skips the specs already in its results store.
+    """
+    from hiercluster.report import export_models, headline, write_report
+
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir)
+    grid = expand_grid(cfg)
+    start = time.perf_counter()
+    prep = prepare(cfg, out_dir, progress=progress)
+    save_config(cfg, out_dir / "config.yaml")
+    write_hierarchy_files(prep, out_dir)
+    keys = [_grid_key(p, prep) for p in grid]
+    run_info = _run_info(prep, grid, keys)
+    (out_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+
+    with ResultsStore(out_dir / DB_FILE) as store:
+        done = store.done_keys()
+        todo = [(p, k) for p, k in zip(grid, keys) if k not in done]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="quant specs", unit="spec", disable=not progress)
+        for point, key in todo:
+            bar.set_postfix_str(point.tag)
+            result = evaluate_point(point, prep, key)
+            store.add_spec(**result)
+            bar.update(1)
+        bar.close()
+        sweep_s = time.perf_counter() - start
+        rows = store.results(keys)
+        store.export_csv(out_dir / "results.csv", keys)
+    run_info["timings"] = {**prep.timings, "sweep_s": sweep_s, "specs_run": len(todo), "specs_total": len(grid)}
+    (out_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+    if cfg.output.export_models:
+        export_models(prep, grid, keys, rows, out_dir)
+    report = write_report(out_dir)
+    run_info["timings"]["total_s"] = time.perf_counter() - start
+    (out_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+    return {"run_dir": str(out_dir), "report": str(report), "headline": headline(rows, cfg.eval.tolerance), **run_info}
+
+
+def write_hierarchy_files(prep: Prepared, out_dir: Path) -> None:
+    """hierarchy.json, one YAML per reported level, and the dendrogram."""
+    from hiercluster.plots import plot_dendrogram
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prep.hierarchy.to_json(out_dir / "hierarchy.json")
+    level_dir = out_dir / "levels"
+    level_dir.mkdir(exist_ok=True)
+    for name, (k, _, kind) in prep.levels.items():
+        if kind == "learned":
+            prep.hierarchy.to_yaml(level_dir / f"k{k}.yaml", k)
+    plot_dendrogram(prep.hierarchy, out_dir / "dendrogram.png")
+
+
+def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[str, Any]:
+    cfg = prep.cfg
+    info: dict[str, Any] = {
+        "dataset": cfg.data.dataset,
+        "eval_split": cfg.data.eval_split,
+        "n_eval": len(prep.labels),
+        "checkpoint": cfg.model.checkpoint,
+        "checkpoint_sha256": prep.checkpoint_digest,
+        "class_names": prep.class_names,
+        "float_accuracy": accuracy(prep.float_logits, prep.labels),
+        "float_prediction_share": prediction_share(prep.float_logits, len(prep.class_names)).tolist(),
+        "reduction": cfg.eval.reduction,
+        "random_seeds": cfg.eval.random_seeds,
+        "tolerance": cfg.eval.tolerance,
+        "hierarchy": {
+            "embedding": cfg.hierarchy.embedding,
+            "linkage": cfg.hierarchy.linkage,
+            "metric": cfg.hierarchy.metric,
+        },
+        "levels": {
+            name: {"k": k, "kind": kind, "assignment": a.tolist(), "names": _group_names(prep, name, k, a)}
+            for name, (k, a, kind) in prep.levels.items()
+        },
+        "grid": [{"key": key, "tag": p.tag} for p, key in zip(grid, keys)],
+    }
+    if "reference" in prep.levels:
+        ref = _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference")
+        info["reference_comparison"] = prep.hierarchy.compare(ref)
+        info["reference_file"] = cfg.hierarchy.reference
+    return info
+
+
+def _group_names(prep: Prepared, name: str, k: int, assignment: np.ndarray) -> list[str]:
+    if name != "reference":
+        return list(prep.hierarchy.superclass_names(k))
+    groups = _read_grouping(prep.cfg.hierarchy.reference, prep.cfg, "hierarchy.reference")
+    by_first = {as_assignment(groups, prep.class_names)[prep.class_names.index(members[0])]: g for g, members in groups.items()}
+    return [str(by_first[i]) for i in range(k)]

@@ -1,0 +1,298 @@
+"""The run report: ``report.md`` plus PNG plots, built only from what the run directory holds.
+
+:func:`write_report` reads ``run.json``, ``results.sqlite`` and ``hierarchy.json``, so
+``hiercluster report DIR`` rebuilds the same report without touching a model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hiercluster.errors import HierclusterError
+from hiercluster.evaluate import min_bits
+from hiercluster.store import ResultsStore
+
+FULL_PLAN = "full"
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], ResultsStore]:
+    """``(run.json, result rows of the run's current grid, open store)`` of a run directory."""
+    from hiercluster.pipeline import DB_FILE, RUN_FILE
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file() or not (run_dir / DB_FILE).is_file():
+        raise HierclusterError(f"{run_dir} is not a hiercluster run directory (no {RUN_FILE} or {DB_FILE})")
+    info = json.loads((run_dir / RUN_FILE).read_text())
+    store = ResultsStore(run_dir / DB_FILE)
+    rows = store.results([g["key"] for g in info["grid"]])
+    return info, rows, store
+
+
+def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
+    """For every level, the fewest bits whose drop is within ``tolerance`` pp, and who got there.
+
+    Among the specs at that bit width, the one with the smallest drop is reported.
+    """
+    by_level: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_level[r["level"]].append(r)
+    table = []
+    for level, level_rows in by_level.items():
+        best = min_bits(level_rows, tolerance).get(level_rows[0]["k"])
+        table.append(
+            {
+                "level": level,
+                "k": level_rows[0]["k"],
+                "grouping": level_rows[0]["grouping"],
+                "acc_float": level_rows[0]["acc_float"],
+                "min_bits": best["bits"] if best else None,
+                "winner": best,
+            }
+        )
+    return table
+
+
+def format_headline(table: Sequence[dict[str, Any]], names: dict[str, list[str]], tolerance: float) -> str:
+    """The headline table as Markdown (also printed by ``hiercluster run``)."""
+    lines = [
+        f"| level | k | fewest bits (drop <= {tolerance:g} pp) | scheme / clipping / plan | float acc % | quant acc % | drop pp | advantage pp | superclasses |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in table:
+        w = t["winner"]
+        groups = ", ".join(names.get(t["level"], []))
+        if len(groups) > 90:
+            groups = groups[:87] + "..."
+        if w is None:
+            lines.append(f"| {t['level']} | {t['k']} | none in grid | - | {100 * t['acc_float']:.2f} | - | - | - | {groups} |")
+            continue
+        lines.append(
+            f"| {t['level']} | {t['k']} | {w['bits']} | {w['scheme']} / {w['clipping']} / {w['plan']} | "
+            f"{100 * w['acc_float']:.2f} | {100 * w['acc_quant']:.2f} | {w['drop']:+.2f} | {w['advantage']:+.2f} | {groups} |"
+        )
+    return "\n".join(lines)
+
+
+def _kb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1024:.1f}"
+
+
+def seed_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """The seed paper's table: accuracy and size per precision and scheme (full plan, fine labels)."""
+    fine = [r for r in rows if r["plan"] == FULL_PLAN and r["level"] == _fine_level(info)]
+    if not fine:
+        return "_No full-plan results at the fine level._"
+    fp32 = fine[0]["fp32_bytes"]
+    acc0 = info["float_accuracy"]
+    out = []
+    for scheme in dict.fromkeys(r["scheme"] for r in fine):
+        for clipping in dict.fromkeys(r["clipping"] for r in fine if r["scheme"] == scheme):
+            out += [
+                f"**{scheme}, {clipping} clipping**",
+                "",
+                "| precision | acc % | -Δ acc pp | packed KB | Δ size % | gzip KB | xz KB | avg bits |",
+                "|---|---|---|---|---|---|---|---|",
+                f"| FP32 | {100 * acc0:.2f} | 0.00 | {_kb(fp32)} | 0.0 | - | - | 32 |",
+            ]
+            sel = [r for r in fine if r["scheme"] == scheme and r["clipping"] == clipping]
+            for r in sorted(sel, key=lambda r: -r["bits"]):
+                out.append(
+                    f"| {r['bits']}-bit | {100 * r['fine_acc']:.2f} | {100 * (acc0 - r['fine_acc']):.2f} | "
+                    f"{_kb(r['packed_bytes'])} | {100 * (1 - r['packed_bytes'] / fp32):.1f} | {_kb(r['gzip_bytes'])} | "
+                    f"{_kb(r['xz_bytes'])} | {r['avg_bits']:.2f} |"
+                )
+            out.append("")
+    return "\n".join(out)
+
+
+def _fine_level(info: dict[str, Any]) -> str:
+    c = len(info["class_names"])
+    return f"k={c}" if f"k={c}" in info["levels"] else next(iter(info["levels"]))
+
+
+def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """Grouped accuracy per level x bits with the random baseline and the advantage, per scheme and plan."""
+    out = []
+    combos = dict.fromkeys((r["scheme"], r["clipping"], r["plan"]) for r in rows)
+    for scheme, clipping, plan in combos:
+        sel = [r for r in rows if (r["scheme"], r["clipping"], r["plan"]) == (scheme, clipping, plan)]
+        bits = sorted({r["bits"] for r in sel}, reverse=True)
+        out += [
+            f"**{scheme}, {clipping} clipping, plan {plan}**: grouped accuracy % (drop pp) "
+            "| random grouping of the same sizes: accuracy mean ± std | advantage pp",
+            "",
+            "| level | float acc % | " + " | ".join(f"{b}-bit" for b in bits) + " |",
+            "|---|---|" + "---|" * len(bits),
+        ]
+        for level in info["levels"]:
+            cells = []
+            lrows = {r["bits"]: r for r in sel if r["level"] == level}
+            if not lrows:
+                continue
+            first = next(iter(lrows.values()))
+            for b in bits:
+                r = lrows.get(b)
+                cells.append(
+                    "-" if r is None else
+                    f"{100 * r['acc_quant']:.1f} ({r['drop']:+.1f}) \\| {100 * r['random_acc_quant_mean']:.1f}±"
+                    f"{100 * r['random_acc_quant_std']:.1f} \\| {r['advantage']:+.1f}"
+                )
+            out.append(f"| {level} | {100 * first['acc_float']:.2f} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def bias_choice(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The spec shown in the bias analysis: the lowest bit width, first scheme, full plan."""
+    full = [r for r in rows if r["plan"] == FULL_PLAN] or list(rows)
+    if not full:
+        return None
+    low = min(r["bits"] for r in full)
+    return next(r for r in full if r["bits"] == low)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and its plots into ``run_dir``; returns the report path."""
+    from hiercluster import plots
+
+    run_dir = Path(run_dir)
+    info, rows, store = load_run(run_dir)
+    try:
+        tol = info["tolerance"]
+        names = {name: lv["names"] for name, lv in info["levels"].items()}
+        table = headline(rows, tol)
+        fig = {}
+        if (run_dir / "hierarchy.json").is_file():
+            from hiercluster.hierarchy import ClassHierarchy
+
+            fig["dendrogram"] = plots.plot_dendrogram(ClassHierarchy.from_json(run_dir / "hierarchy.json"), run_dir / "dendrogram.png")
+        if rows:
+            fig["accuracy_vs_bits"] = plots.plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png")
+            fig["pareto"] = plots.plot_pareto(rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info))
+            details = {key: store.spec_details(key) for key in dict.fromkeys(r["spec_key"] for r in rows)}
+            fig["quartiles"] = plots.plot_quartiles(details, run_dir / "quartiles.png")
+            chosen = bias_choice(rows)
+            if chosen is not None:
+                share_q = details[chosen["spec_key"]]["prediction_share"]
+                fig["prediction_share"] = plots.plot_prediction_share(
+                    info["float_prediction_share"], share_q, info["class_names"], run_dir / "prediction_share.png",
+                    title=f"Prediction share: float vs {chosen['tag']}",
+                )
+        md = _markdown(info, rows, table, names, fig, store)
+    finally:
+        store.close()
+    path = run_dir / "report.md"
+    path.write_text(md)
+    return path
+
+
+def _markdown(
+    info: dict[str, Any], rows: Sequence[dict[str, Any]], table: list[dict[str, Any]], names: dict[str, list[str]],
+    fig: dict[str, Path], store: ResultsStore,
+) -> str:
+    h = info["hierarchy"]
+    timings = info.get("timings", {})
+    lines = [
+        f"# hiercluster report: {info['dataset']}",
+        "",
+        f"- model: `{info['checkpoint']}` (sha256 {info['checkpoint_sha256'][:12]}), float accuracy "
+        f"**{100 * info['float_accuracy']:.2f}%** on {info['n_eval']} images ({info['eval_split']} split)",
+        f"- hierarchy: `{h['embedding']}` embeddings, `{h['linkage']}` linkage, `{h['metric']}` metric",
+        f"- merged-head reduction: `{info['reduction']}`; random baseline: {info['random_seeds']} random groupings "
+        f"of the same sizes per level; tolerance {info['tolerance']:g} pp",
+        f"- grid: {len(info['grid'])} quantization specs; biases stay float32; "
+        "drop = float acc - quantized acc (pp); advantage = mean random drop - drop (pp)",
+    ]
+    if timings:
+        lines.append(
+            f"- timings: float evaluation {timings.get('float_eval_s', 0):.1f} s, sweep {timings.get('sweep_s', 0):.1f} s "
+            f"({timings.get('specs_run', 0)} of {timings.get('specs_total', 0)} specs run this time)"
+        )
+    lines += ["", "## Fewest bits per hierarchy level", "", format_headline(table, names, info["tolerance"]), ""]
+    if "reference_comparison" in info:
+        cmp_ = info["reference_comparison"]
+        lines += [
+            "## Learned hierarchy vs reference grouping",
+            "",
+            f"Reference `{info['reference_file']}`: adjusted Rand index **{cmp_['ari']:.3f}**, "
+            f"NMI **{cmp_['nmi']:.3f}** (cut of the learned tree at the reference's k).",
+            "",
+        ]
+    lines += ["## Accuracy and size per precision (fine labels)", "", seed_table(info, rows), ""]
+    lines += ["## Grouped accuracy per level and bit width", "", level_tables(info, rows), ""]
+    lines += ["## Hierarchy levels", ""]
+    for name, lv in info["levels"].items():
+        lines.append(f"- **{name}** ({lv['kind']}): " + "; ".join(lv["names"]))
+    lines.append("")
+    chosen = bias_choice(rows)
+    if chosen is not None:
+        share = store.spec_details(chosen["spec_key"])["prediction_share"]
+        pairs = sorted(
+            zip(info["class_names"], info["float_prediction_share"], share), key=lambda t: -abs(t[2] - t[1])
+        )
+        lines += [
+            f"## Biased inference at {chosen['bits']} bits ({chosen['tag']})",
+            "",
+            "| class | float share % | quantized share % |",
+            "|---|---|---|",
+        ] + [f"| {c} | {100 * a:.1f} | {100 * b:.1f} |" for c, a, b in pairs] + [""]
+    if fig:
+        lines += ["## Plots", ""]
+        captions = {
+            "dendrogram": "Class hierarchy (dendrogram)",
+            "accuracy_vs_bits": "Grouped accuracy vs bits, one line per level; band: random grouping mean ± std",
+            "quartiles": "Weight quartiles before and after quantization, per scheme",
+            "prediction_share": "Prediction share, float vs lowest bits",
+            "pareto": "Fine accuracy vs packed size",
+        }
+        for key, path in fig.items():
+            lines += [f"### {captions[key]}", "", f"![{captions[key]}]({Path(path).name})", ""]
+    return "\n".join(lines)
+
+
+def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Sequence[dict[str, Any]], out_dir: Path) -> Path:
+    """Write each headline winner as a bit-packed model with its level's grouping under ``models/``.
+
+    ``models/manifest.json`` maps every level to its model file, grouping file and reduction.
+    """
+    import quant
+    import yaml
+
+    from hiercluster.pipeline import quantize_point
+
+    model_dir = out_dir / "models"
+    model_dir.mkdir(exist_ok=True)
+    by_key = dict(zip(keys, grid))
+    manifest: dict[str, Any] = {"reduction": prep.cfg.eval.reduction, "levels": {}}
+    written: dict[str, str] = {}
+    for t in headline(rows, prep.cfg.eval.tolerance):
+        w = t["winner"]
+        if w is None:
+            continue
+        point = by_key[w["spec_key"]]
+        if w["spec_key"] not in written:
+            qmodel, qreport = quantize_point(prep.model, point, prep)
+            path = model_dir / f"{point.tag}.hcq"
+            quant.save_packed(path, qmodel, qreport, overwrite=True)
+            written[w["spec_key"]] = path.name
+        k, assignment, _ = prep.levels[t["level"]]
+        level_names = prep.hierarchy.superclass_names(k) if t["grouping"] == "learned" else None
+        groups: dict[str, list[str]] = defaultdict(list)
+        for cls, g in zip(prep.class_names, assignment.tolist()):
+            groups[level_names[g] if level_names else f"group{g}"].append(cls)
+        group_file = model_dir / f"{t['level'].replace('=', '')}_groups.yaml"
+        group_file.write_text(yaml.safe_dump(dict(groups), sort_keys=False))
+        manifest["levels"][t["level"]] = {
+            "model": written[w["spec_key"]],
+            "groups": group_file.name,
+            "bits": w["bits"],
+            "tag": w["tag"],
+            "drop_pp": w["drop"],
+        }
+    path = model_dir / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
