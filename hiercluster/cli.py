@@ -99,6 +99,178 @@ def cmd_evaluate_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_dir(args: argparse.Namespace, cfg) -> Path:
+    return Path(args.out) if args.out else Path(cfg.output.dir)
+
+
+def _print_levels_table(rows: list[dict], title: str) -> None:
+    print(title)
+    print(f"  {'level':<10} {'k':>3} {'float %':>8} {'quant %':>8} {'drop pp':>8} {'random drop':>12} {'advantage':>10}")
+    for r in rows:
+        print(
+            f"  {r['level']:<10} {r['k']:>3} {100 * r['acc_float']:>8.2f} {100 * r['acc_quant']:>8.2f} {r['drop']:>+8.2f} "
+            f"{r['random_drop_mean']:>+7.2f}±{r['random_drop_std']:<4.2f} {r['advantage']:>+10.2f}"
+        )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hiercluster.config import load_config
+    from hiercluster.pipeline import run_pipeline
+    from hiercluster.report import format_headline
+
+    cfg = load_config(args.config, args.overrides)
+    out = _run_dir(args, cfg)
+    try:
+        summary = run_pipeline(cfg, out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(
+            f"hiercluster run: interrupted; finished specs are saved in {out / 'results.sqlite'}. "
+            "Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    names = {name: lv["names"] for name, lv in summary["levels"].items()}
+    t = summary["timings"]
+    print(
+        f"\nfloat accuracy {100 * summary['float_accuracy']:.2f}%; {t['specs_run']} of {t['specs_total']} specs run "
+        f"in {t['total_s']:.1f} s\n"
+    )
+    print(format_headline(summary["headline"], names, cfg.eval.tolerance))
+    print(f"\nreport: {summary['report']}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hiercluster.report import format_headline, headline, load_run, write_report
+
+    path = write_report(args.run_dir)
+    info, rows, store = load_run(args.run_dir)
+    store.close()
+    names = {name: lv["names"] for name, lv in info["levels"].items()}
+    print(format_headline(headline(rows, info["tolerance"]), names, info["tolerance"]))
+    print(f"\nreport: {path}")
+    return EXIT_OK
+
+
+def cmd_hierarchy(args: argparse.Namespace) -> int:
+    from hiercluster.config import load_config
+    from hiercluster.pipeline import check_run_dir, prepare, write_hierarchy_files
+
+    cfg = load_config(args.config, args.overrides)
+    out = _run_dir(args, cfg)
+    check_run_dir(out)
+    prep = prepare(cfg, out, progress=not args.quiet)
+    write_hierarchy_files(prep, out)
+    print(f"class hierarchy from {cfg.hierarchy.embedding} ({cfg.hierarchy.linkage} linkage, {cfg.hierarchy.metric}):")
+    for name, (k, _, kind) in prep.levels.items():
+        if kind == "learned":
+            print(f"  k={k}: " + "; ".join(prep.hierarchy.superclass_names(k)))
+    if cfg.hierarchy.reference:
+        from hiercluster.pipeline import _read_grouping
+
+        cmp_ = prep.hierarchy.compare(_read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference"))
+        print(f"  vs reference {cfg.hierarchy.reference}: ARI {cmp_['ari']:.3f}, NMI {cmp_['nmi']:.3f}")
+    print(f"wrote {out / 'hierarchy.json'}, {out / 'levels'}/k*.yaml and {out / 'dendrogram.png'}")
+    return EXIT_OK
+
+
+def _spec_from_args(args: argparse.Namespace, cfg):
+    import quant
+
+    q = cfg.quant
+    try:
+        return quant.QuantSpec(
+            scheme=args.scheme or q.schemes[0],
+            bits=args.bits,
+            granularity=args.granularity or q.granularity[0],
+            clipping=args.clipping or q.clipping[0],
+            narrow_range=q.narrow_range,
+            pow2_scale=q.pow2_scale,
+            percentile=q.percentile,
+        )
+    except ValueError as exc:
+        raise HierclusterError(str(exc)) from None
+
+
+def _plan_from_args(args: argparse.Namespace, cfg):
+    import quant
+
+    plans = {p.name: p for p in cfg.quant.plans}
+    if args.plan is None:
+        return quant.QuantPlan()
+    if args.plan not in plans:
+        raise HierclusterError(f"--plan {args.plan!r} is not in config key quant.plans (names: {', '.join(plans)})")
+    return quant.QuantPlan.from_dict(plans[args.plan].quant_plan_dict())
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import json
+
+    import quant
+
+    from hiercluster.config import load_config, resolve_path
+    from hiercluster.data import dataset_info, load_dataset
+    from hiercluster.pipeline import load_float_model
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    report_file = out.with_suffix(".json")
+    if not args.overwrite:
+        for p in (out, report_file):
+            if p.exists():
+                raise HierclusterError(f"{p} exists; pass --overwrite to replace it, or --out another path")
+    spec, plan = _spec_from_args(args, cfg), _plan_from_args(args, cfg)
+    root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
+    info = dataset_info(load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download))
+    model, ckpt = load_float_model(cfg, len(info["classes"]), info["in_channels"])
+    try:
+        qmodel, report = quant.quantize_model(model, spec, plan)
+    except quant.QuantError as exc:
+        raise HierclusterError(str(exc)) from None
+    sizes = quant.model_size(qmodel, report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quant.save_packed(out, qmodel, report, overwrite=args.overwrite)
+    report_file.write_text(
+        json.dumps({"checkpoint": str(ckpt), "spec": spec.to_dict(), "plan": plan.to_dict(), "sizes": sizes,
+                    "report": report.to_dict()}, indent=2, default=str) + "\n"
+    )
+    print(f"{spec.tag} (plan {plan.name}) of {ckpt}: average {report.average_bits:.2f} bits per weight")
+    print(
+        f"  fp32 {sizes['fp32_bytes'] / 1024:.1f} KB -> packed {sizes['packed_bytes'] / 1024:.1f} KB "
+        f"(gzip {sizes['gzip_bytes'] / 1024:.1f} KB, xz {sizes['xz_bytes'] / 1024:.1f} KB)"
+    )
+    print(f"wrote {out} and {report_file}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import quant
+
+    from hiercluster.config import load_config
+    from hiercluster.evaluate import collect_logits, evaluate_levels
+    from hiercluster.pipeline import check_run_dir, prepare
+
+    cfg = load_config(args.config, args.overrides)
+    packed = Path(args.packed)
+    if not packed.is_file():
+        raise HierclusterError(f"packed model not found: {packed}")
+    out = _run_dir(args, cfg)
+    check_run_dir(out)
+    prep = prepare(cfg, out, progress=not args.quiet)
+    try:
+        qmodel = quant.load_packed(packed, prep.model)
+    except quant.QuantError as exc:
+        raise HierclusterError(str(exc)) from None
+    qlogits, _ = collect_logits(qmodel, prep.loader())
+    rows = []
+    for name, (k, assignment, _) in prep.levels.items():
+        (row,) = evaluate_levels(prep.float_logits, qlogits, prep.labels, {k: assignment}, n_random=cfg.eval.random_seeds,
+                                 seed=cfg.eval.seed, reduction=cfg.eval.reduction)
+        rows.append({**row, "level": name, "k": k})
+    _print_levels_table(rows, f"{packed} against merged heads ({cfg.eval.reduction}, {cfg.eval.random_seeds} random groupings):")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hiercluster",
@@ -125,6 +297,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--batch-size", type=int, default=128)
     p.set_defaults(func=cmd_evaluate_checkpoint)
+
+    def run_like(name: str, help_: str, description: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=description)
+        p.add_argument("config", help="YAML config file")
+        _add_set(p)
+        p.add_argument("--out", help="run directory (default: config key output.dir)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=func)
+        return p
+
+    run_like(
+        "run", "everything: float logits, hierarchy, the quantization sweep, results and report",
+        "Evaluate the float model once, build the class hierarchy, quantize and evaluate every spec of the "
+        "config's quant grid against every level and its random baseline, store results in DIR/results.sqlite "
+        "(re-running resumes), and write DIR/report.md with plots. Prints the headline table.",
+        cmd_run,
+    )
+    run_like(
+        "hierarchy", "build and save the class hierarchy, its levels and dendrogram",
+        "Build the class hierarchy of the config's model (section hierarchy) and write DIR/hierarchy.json, "
+        "DIR/levels/k*.yaml and DIR/dendrogram.png.",
+        cmd_hierarchy,
+    )
+    p = sub.add_parser("quantize", help="quantize the model with one spec; write the bit-packed model and size report",
+                       description="Quantize the config's model with one spec and write the bit-packed model (OUT) "
+                       "and a JSON size and per-layer report beside it (OUT with .json).")
+    p.add_argument("config", help="YAML config file")
+    _add_set(p)
+    p.add_argument("--bits", type=int, required=True, help="weight bits, 2..16")
+    p.add_argument("--scheme", help="asymmetric, symmetric or pow2 (default: first of quant.schemes)")
+    p.add_argument("--clipping", help="minmax, mse or percentile (default: first of quant.clipping)")
+    p.add_argument("--granularity", help="per_channel or per_tensor (default: first of quant.granularity)")
+    p.add_argument("--plan", help="name of a plan in quant.plans (default: quantize every layer)")
+    p.add_argument("--out", required=True, help="packed model file to write, e.g. model-4b.hcq")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_quantize)
+
+    p = run_like(
+        "evaluate", "evaluate one bit-packed model against every level's merged head",
+        "Evaluate a bit-packed model (from `hiercluster quantize`) against the merged heads of every level of "
+        "the hierarchy and their random baselines; prints a table.",
+        cmd_evaluate,
+    )
+    p.add_argument("--packed", required=True, help="bit-packed model file")
+
+    p = sub.add_parser("report", help="rebuild the report of a run directory",
+                       description="Rebuild DIR/report.md and its plots from DIR/run.json and DIR/results.sqlite.")
+    p.add_argument("run_dir", help="a run directory written by `hiercluster run`")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -21,12 +21,12 @@ import torch.nn as nn
 
 import quant
 from hiercluster.config import RunConfig, read_yaml, resolve_path, save_config
-from hiercluster.data import load_dataset, make_loader
+from hiercluster.data import dataset_info, load_dataset, make_loader
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
 from hiercluster.heads import as_assignment
 from hiercluster.hierarchy import ClassHierarchy, build_hierarchy
-from hiercluster.models import build_model, load_checkpoint, read_metadata
+from hiercluster.models import build_model, classifier_layer, load_checkpoint, metadata_path
 from hiercluster.store import ResultsStore, file_digest, spec_key
 
 RUN_FILE = "run.json"
@@ -107,28 +107,29 @@ class Prepared:
         return make_loader(self.eval_set, self.cfg.data.batch_size, num_workers=self.cfg.data.workers)
 
 
-def load_float_model(cfg: RunConfig) -> tuple[nn.Module, Path]:
-    """The float model of ``cfg.model``: from checkpoint metadata, or ``arch`` + weights."""
+def load_float_model(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[nn.Module, Path]:
+    """The float model of ``cfg.model``: rebuilt from the checkpoint's metadata, or ``arch`` + weights."""
     if not cfg.model.checkpoint:
         raise HierclusterError("config key model.checkpoint is required: the trained float model to quantize")
     path = resolve_path(cfg.model.checkpoint, cfg.source)
     if not path.is_file():
         raise HierclusterError(f"config key model.checkpoint: file not found: {path}")
-    if cfg.model.arch is None:
-        model, _ = load_checkpoint(path)
-        return model, path
-    try:
-        meta = read_metadata(path)
-    except HierclusterError:
-        meta = {}
-    if meta and meta["arch"] != cfg.model.arch:
+    if metadata_path(path).is_file():
+        model, meta = load_checkpoint(path)
+        if cfg.model.arch and meta["arch"] != cfg.model.arch:
+            raise HierclusterError(
+                f"config key model.arch is {cfg.model.arch!r} but {path} holds a {meta['arch']!r}; fix or remove model.arch"
+            )
+    elif cfg.model.arch:
+        model = build_model(cfg.model.arch, num_classes, in_channels, weights=path, width=cfg.model.width)
+    else:
         raise HierclusterError(
-            f"config key model.arch is {cfg.model.arch!r} but {path} holds a {meta['arch']!r}; fix model.arch or remove it"
+            f"config key model.arch is required: {path} has no metadata file {metadata_path(path).name} beside it"
         )
-    if meta:
-        model, _ = load_checkpoint(path)
-        return model, path
-    return None, path  # type: ignore[return-value]  # built once the class count is known
+    n_out = classifier_layer(model)[1].out_features
+    if n_out != num_classes:
+        raise HierclusterError(f"model {path} has {n_out} outputs but config key data.dataset has {num_classes} classes")
+    return model.eval(), path
 
 
 def _levels(cfg: RunConfig, hierarchy: ClassHierarchy, class_names: list[str]) -> dict[str, tuple[int, np.ndarray, str]]:
@@ -154,26 +155,15 @@ def _read_grouping(value: str, cfg: RunConfig, key: str) -> dict[str, Any]:
     return groups
 
 
-def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True, need_logits: bool = True) -> Prepared:
+def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Prepared:
     """Load the model and data, get the float logits (cached) and build the hierarchy."""
     t0 = time.perf_counter()
-    model, ckpt = load_float_model(cfg)
     root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
     if root is not None and not root.exists():
         raise HierclusterError(f"config key data.root: folder not found: {root}")
     eval_set = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
     class_names = list(eval_set.classes)
-    if model is None:
-        x0, _ = eval_set[0]
-        model = build_model(cfg.model.arch, len(class_names), int(x0.shape[0]), weights=ckpt, width=cfg.model.width)
-    from hiercluster.models import classifier_layer
-
-    n_out = classifier_layer(model)[1].out_features
-    if n_out != len(class_names):
-        raise HierclusterError(
-            f"model {ckpt} has {n_out} outputs but dataset {cfg.data.dataset} has {len(class_names)} classes"
-        )
-    model.eval()
+    model, ckpt = load_float_model(cfg, len(class_names), int(dataset_info(eval_set)["in_channels"]))
     digest = file_digest(ckpt)
     timings = {"load_s": time.perf_counter() - t0}
 
