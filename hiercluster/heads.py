@@ -242,6 +242,33 @@ def onehot_matrix(assignment: np.ndarray | torch.Tensor, num_groups: int | None 
     return F.one_hot(a, k).float()
 
 
+def _check_scoring(logits: torch.Tensor, onehot: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise HierclusterError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    if logits.ndim != 2 or onehot.shape[-2] != logits.shape[1]:
+        raise HierclusterError(
+            f"logits {tuple(logits.shape)} do not fit a class->group matrix {tuple(onehot.shape)} (C must match)"
+        )
+    return onehot.to(device=logits.device, dtype=logits.dtype)
+
+
+def _ranking_scores(logits: torch.Tensor, m: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scores with the argmax of :func:`group_scores`, before its monotone last steps.
+
+    ``prob_sum``: ``exp(z - max z) @ onehot``, the group's probability mass times a
+    per-sample constant; the group of the top class has at least 1, so an all-zero
+    padding column never wins. ``mean_logit``: padding is masked here, since a mean
+    logit can be negative. Returns ``(scores, shifted exponentials or None)``.
+    """
+    if reduction == "prob_sum":
+        shifted = torch.exp(logits - logits.amax(1, keepdim=True))
+        return shifted @ m, shifted
+    if reduction == "mean_logit":
+        counts = m.sum(-2, keepdim=True)
+        return ((logits @ m) / counts.clamp_min(1)).masked_fill(counts == 0, float("-inf")), None
+    return m[..., logits.argmax(1), :], None
+
+
 def group_scores(logits: torch.Tensor, onehot: torch.Tensor, reduction: str = "prob_sum") -> torch.Tensor:
     """Superclass scores from fine logits: ``(N, C)`` and ``(..., C, k)`` -> ``(..., N, k)``.
 
@@ -269,6 +296,10 @@ def group_scores(logits: torch.Tensor, onehot: torch.Tensor, reduction: str = "p
     torch.Tensor
         ``(N, k)`` or ``(G, N, k)`` in the dtype of ``logits``.
 
+    See Also
+    --------
+    group_argmax : the predicted superclass alone, cheaper.
+
     Examples
     --------
     >>> z = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
@@ -276,22 +307,24 @@ def group_scores(logits: torch.Tensor, onehot: torch.Tensor, reduction: str = "p
     >>> group_scores(z, onehot).exp()
     tensor([[0.5000, 0.5000]])
     """
-    if reduction not in REDUCTIONS:
-        raise HierclusterError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
-    if logits.ndim != 2 or onehot.shape[-2] != logits.shape[1]:
-        raise HierclusterError(
-            f"logits {tuple(logits.shape)} do not fit a class->group matrix {tuple(onehot.shape)} (C must match)"
-        )
-    m = onehot.to(device=logits.device, dtype=logits.dtype)
-    counts = m.sum(-2, keepdim=True)
-    if reduction == "prob_sum":
-        shifted = torch.exp(logits - logits.amax(1, keepdim=True))
-        scores = torch.log(shifted @ m) - torch.log(shifted.sum(1, keepdim=True))
-    elif reduction == "mean_logit":
-        scores = (logits @ m) / counts.clamp_min(1)
-    else:
-        scores = m[..., logits.argmax(1), :]
-    return scores.masked_fill(counts == 0, float("-inf"))
+    m = _check_scoring(logits, onehot, reduction)
+    scores, shifted = _ranking_scores(logits, m, reduction)
+    if shifted is not None:
+        scores = torch.log(scores) - torch.log(shifted.sum(1, keepdim=True))
+    return scores.masked_fill(m.sum(-2, keepdim=True) == 0, float("-inf"))
+
+
+def group_argmax(logits: torch.Tensor, onehot: torch.Tensor, reduction: str = "prob_sum") -> torch.Tensor:
+    """``group_scores(logits, onehot, reduction).argmax(-1)``, without the monotone final
+    steps (log, normalization, padding mask) that cannot change it: ``(..., N)``.
+
+    Examples
+    --------
+    >>> group_argmax(torch.tensor([[2.0, 1.5, 1.5]]), onehot_matrix(np.array([0, 1, 1])))
+    tensor([1])
+    """
+    m = _check_scoring(logits, onehot, reduction)
+    return _ranking_scores(logits, m, reduction)[0].argmax(-1)
 
 
 # --- modules ------------------------------------------------------------------------
@@ -402,6 +435,7 @@ __all__ = [
     "as_assignment",
     "canonical_assignment",
     "group_names",
+    "group_argmax",
     "group_scores",
     "merge_head",
     "onehot_matrix",
