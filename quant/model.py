@@ -1,0 +1,169 @@
+"""`quantize_model`: fold BatchNorm, quantize every Conv/Linear weight once, report.
+
+The returned model computes with fake-quantized float weights (the values the integer
+codes stand for), so any backend runs it unchanged; the codes themselves travel in the
+report for :func:`quant.save_packed` and :func:`quant.model_size`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from quant import activations
+from quant.errors import QuantError
+from quant.fold import find_conv_bn_pairs, fold_pairs
+from quant.functional import Quantized, dequantize_sum, quantize, quantize_residual
+from quant.metrics import sqnr_db
+from quant.plan import QuantPlan
+from quant.report import LayerReport, QuantReport
+from quant.spec import QuantSpec
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every Conv1d/2d/3d and Linear, in ``named_modules`` order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """4 bytes per floating-point element of ``model.state_dict()`` (parameters and buffers)."""
+    return 4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def _quantize_layer(name: str, weight: torch.Tensor, spec: QuantSpec, terms: int) -> tuple[Quantized, ...]:
+    try:
+        if terms == 1:
+            return (quantize(weight, spec),)
+        return quantize_residual(weight, spec, terms)
+    except QuantError as err:
+        raise QuantError(f"layer {name!r} weight: {err}") from None
+
+
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    plan: QuantPlan | None = None,
+    *,
+    act_spec: QuantSpec | None = None,
+    calibration: Iterable | None = None,
+    calibration_batches: int = activations.DEFAULT_BATCHES,
+) -> tuple[nn.Module, QuantReport]:
+    """Post-training quantization of a model's Conv/Linear weights (and optionally their inputs).
+
+    Steps: deep-copy ``model``; fold BatchNorm (:func:`quant.fold_batchnorm`); for each
+    Conv/Linear pick its bits from ``plan``; replace its weight by the fake-quantized
+    value, once; give the worst layers a residual term if ``plan`` asks; optionally
+    calibrate and attach input quantizers. Biases stay float32.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Float model; not modified.
+    spec : QuantSpec
+        Weight quantizer (its ``bits`` is the default width).
+    plan : QuantPlan, optional
+        Per-layer widths, float layers, residual layers.
+    act_spec : QuantSpec, optional
+        Per-tensor asymmetric/symmetric quantizer for the input of every quantized
+        layer except the first one (the first layer's input is the image itself, kept
+        as given). Requires ``calibration``. Its ``clipping`` (``minmax`` or ``mse``)
+        sets the calibration method.
+    calibration : iterable, optional
+        Batches of inputs (tensors, or ``(x, y)`` tuples) for activation calibration.
+    calibration_batches : int, default 8
+        At most this many batches are used.
+
+    Returns
+    -------
+    qmodel : nn.Module
+        Folded copy with quantized weights (same module names as ``model``, BatchNorms
+        replaced by ``nn.Identity``), in the same train/eval mode as ``model``.
+    report : QuantReport
+        Per-layer statistics, average bits, and the integer codes.
+
+    Raises
+    ------
+    QuantError
+        A weight holds NaN/Inf (the layer is named), the model has no Conv/Linear, or a
+        weight is not float32/float64.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
+    >>> qnet, report = quantize_model(net.eval(), QuantSpec(bits=4), QuantPlan(last_layer_bits=8))
+    >>> [(row.name, row.bits) for row in report.layers]
+    [('0', 4), ('4', 8)]
+    >>> report.folded
+    (('0', '1'),)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    plan = QuantPlan() if plan is None else plan
+    if not isinstance(plan, QuantPlan):
+        raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+    if act_spec is not None:
+        activations.check_act_spec(act_spec)
+        if calibration is None:
+            raise ValueError("act_spec needs calibration batches: pass calibration=[x1, x2, ...]")
+
+    pairs = find_conv_bn_pairs(model)
+    qmodel = fold_pairs(copy.deepcopy(model), pairs)
+    layers = quantizable_layers(qmodel)
+    if not layers:
+        raise QuantError(f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer to quantize")
+    names = [name for name, _ in layers]
+    unmatched = plan.unmatched_patterns(names)
+    if unmatched:
+        warnings.warn(f"plan {plan.name!r}: pattern(s) {unmatched} match no layer of {type(model).__name__}", stacklevel=2)
+
+    specs: dict[str, QuantSpec | None] = {}
+    for i, (name, layer) in enumerate(layers):
+        if layer.weight.dtype not in (torch.float32, torch.float64):
+            raise QuantError(f"layer {name!r} weight is {layer.weight.dtype}; convert the model with .float() first")
+        bits = plan.bits_for(name, spec.bits, first=i == 0, last=i == len(layers) - 1)
+        specs[name] = None if bits is None else (spec if bits == spec.bits else spec.replace(bits=bits))
+
+    weights = {name: layer.weight.detach().clone() for name, layer in layers}
+    codes = {name: _quantize_layer(name, weights[name], s, 1) for name, s in specs.items() if s is not None}
+    single = {name: dequantize_sum(parts) for name, parts in codes.items()}
+    residual = plan.residual_layers({name: sqnr_db(weights[name], single[name]) for name in codes})
+    for name in residual:
+        codes[name] = _quantize_layer(name, weights[name], specs[name], 2)
+
+    rows = []
+    with torch.no_grad():
+        for name, layer in layers:
+            if name in codes:
+                values = single[name] if name not in residual else dequantize_sum(codes[name])
+                layer.weight.copy_(values.to(layer.weight.dtype))
+            rows.append(LayerReport.measure(name, weights[name], layer.weight.detach(), specs[name], name in residual))
+
+    act_params = {}
+    if act_spec is not None:
+        # The first layer's input is the raw image: it is left as the caller feeds it.
+        targets = [name for name in names[1:] if name in codes]
+        act_params = activations.calibrate(
+            qmodel, targets, act_spec, calibration, max_batches=calibration_batches
+        )
+        activations.attach(qmodel, act_params)
+        rows = [row.with_activation(act_params[row.name]) if row.name in act_params else row for row in rows]
+
+    report = QuantReport(
+        layers=tuple(rows),
+        spec=spec,
+        plan=plan,
+        act_spec=act_spec,
+        folded=tuple(pairs),
+        fp32_bytes=fp32_bytes(model),
+        codes=codes,
+        activations=act_params,
+    )
+    return qmodel, report

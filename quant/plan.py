@@ -1,0 +1,152 @@
+"""`QuantPlan`: which layers get which bit width (partial and residual quantization)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from quant import _validate as check
+from quant.spec import MAX_BITS, MIN_BITS
+
+FLOAT_BITS = 32
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Per-layer choices on top of a :class:`quant.QuantSpec`; validates itself.
+
+    A layer's bit width is decided in this order (first rule that applies wins):
+
+    1. ``skip``: a name matching one of these fnmatch patterns stays float.
+    2. ``layer_bits``: the first pattern (in the given order) matching the name.
+    3. ``first_layer_bits`` / ``last_layer_bits``: the first / last Conv or Linear
+       layer in ``model.named_modules()`` order (the stem conv and the classifier in
+       the usual models; the seeds' "partial quantization" keeps them wider).
+    4. otherwise the spec's ``bits``.
+
+    Residual quantization ``W ~= Q1(W) + Q2(W - Q1(W))`` is applied to the layers whose
+    single-pass SQNR is below ``residual_sqnr_db`` and/or to the worst
+    ``ceil(residual_fraction * n)`` of the ``n`` quantized layers by SQNR (the union if
+    both are given); such layers count twice their bits.
+
+    Parameters
+    ----------
+    name : str, default "default"
+        Label used in reports.
+    first_layer_bits, last_layer_bits : int or None
+        Bit width (2..16) of the first / last quantizable layer; None keeps the spec's.
+    skip : sequence of str
+        fnmatch patterns of layer names left float (e.g. ``"fc"``, ``"layer1.*"``).
+    layer_bits : mapping of str to int
+        fnmatch pattern -> bit width.
+    residual_sqnr_db : float or None
+        SQNR threshold (dB) below which a layer gets a residual pass.
+    residual_fraction : float or None
+        Fraction in [0, 1] of quantized layers (the worst by SQNR) that get a residual pass.
+
+    Examples
+    --------
+    >>> plan = QuantPlan(name="partial", first_layer_bits=8, skip=("fc",))
+    >>> plan.bits_for("conv1", default=4, first=True, last=False)
+    8
+    >>> plan.bits_for("fc", default=4, first=False, last=True) is None
+    True
+    >>> QuantPlan.from_dict(plan.to_dict()) == plan
+    True
+    """
+
+    name: str = "default"
+    first_layer_bits: int | None = None
+    last_layer_bits: int | None = None
+    skip: tuple[str, ...] = ()
+    layer_bits: tuple[tuple[str, int], ...] = field(default=())
+    residual_sqnr_db: float | None = None
+    residual_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        owner = "QuantPlan"
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{owner}.name={self.name!r} is invalid; allowed: a non-empty string")
+        for key in ("first_layer_bits", "last_layer_bits"):
+            value = getattr(self, key)
+            if value is not None:
+                check.int_in(owner, key, value, MIN_BITS, MAX_BITS)
+        if isinstance(self.skip, str) or not isinstance(self.skip, Sequence) or not all(isinstance(p, str) for p in self.skip):
+            raise ValueError(f"{owner}.skip={self.skip!r} is invalid; allowed: a list of fnmatch patterns (strings)")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        # Stored as pairs so that the dataclass stays hashable; order is significant.
+        pairs = self.layer_bits.items() if isinstance(self.layer_bits, Mapping) else self.layer_bits
+        try:
+            pairs = tuple((p, b) for p, b in pairs)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{owner}.layer_bits={self.layer_bits!r} is invalid; allowed: a mapping of fnmatch pattern to bits"
+            ) from None
+        for pattern, bits in pairs:
+            if not isinstance(pattern, str):
+                raise ValueError(f"{owner}.layer_bits key {pattern!r} is invalid; allowed: a string pattern")
+            check.int_in(owner, f"layer_bits[{pattern!r}]", bits, MIN_BITS, MAX_BITS)
+        object.__setattr__(self, "layer_bits", pairs)
+        if self.residual_sqnr_db is not None:
+            value = check.number_in(owner, "residual_sqnr_db", self.residual_sqnr_db, -math.inf, math.inf, lo_open=True, hi_open=True)
+            object.__setattr__(self, "residual_sqnr_db", value)
+        if self.residual_fraction is not None:
+            value = check.number_in(owner, "residual_fraction", self.residual_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
+            object.__setattr__(self, "residual_fraction", value)
+
+    def is_skipped(self, layer: str) -> bool:
+        """Whether ``layer`` matches a ``skip`` pattern."""
+        return any(fnmatch.fnmatchcase(layer, p) for p in self.skip)
+
+    def bits_for(self, layer: str, default: int, *, first: bool, last: bool) -> int | None:
+        """Bit width of ``layer`` under this plan, or None when it stays float."""
+        if self.is_skipped(layer):
+            return None
+        for pattern, bits in self.layer_bits:
+            if fnmatch.fnmatchcase(layer, pattern):
+                return bits
+        if first and self.first_layer_bits is not None:
+            return self.first_layer_bits
+        if last and self.last_layer_bits is not None:
+            return self.last_layer_bits
+        return default
+
+    def unmatched_patterns(self, layers: Sequence[str]) -> list[str]:
+        """Patterns of ``skip`` and ``layer_bits`` that match none of ``layers`` (likely typos)."""
+        patterns = list(self.skip) + [p for p, _ in self.layer_bits]
+        return [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in layers)]
+
+    def residual_layers(self, sqnr_db: Mapping[str, float]) -> set[str]:
+        """Names that get a residual pass, given each quantized layer's single-pass SQNR.
+
+        Ties in SQNR are broken by the order of ``sqnr_db`` so the choice is deterministic.
+        """
+        chosen: set[str] = set()
+        if self.residual_sqnr_db is not None:
+            chosen |= {name for name, db in sqnr_db.items() if db < self.residual_sqnr_db}
+        if self.residual_fraction:
+            count = math.ceil(self.residual_fraction * len(sqnr_db) - 1e-9)
+            order = sorted(sqnr_db, key=lambda name: sqnr_db[name])  # stable sort keeps layer order on ties
+            chosen |= set(order[:count])
+        return chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (``layer_bits`` as a mapping, ``skip`` as a list)."""
+        return {
+            "name": self.name,
+            "first_layer_bits": self.first_layer_bits,
+            "last_layer_bits": self.last_layer_bits,
+            "skip": list(self.skip),
+            "layer_bits": dict(self.layer_bits),
+            "residual_sqnr_db": self.residual_sqnr_db,
+            "residual_fraction": self.residual_fraction,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantPlan:
+        """Build from a dict such as :meth:`to_dict` returns; unknown keys raise ValueError."""
+        check.known_keys("QuantPlan", data, [f.name for f in fields(cls)])
+        return cls(**dict(data))

@@ -1,0 +1,213 @@
+"""`QuantReport`: what quantization did to each layer (the seeds' range, quartile and sparsity analyses)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from quant.functional import QParams, Quantized
+from quant.metrics import five_numbers, per_channel_distinct, per_channel_zero_fraction, sqnr_db, squared_error
+from quant.plan import FLOAT_BITS, QuantPlan
+from quant.spec import QuantSpec
+
+_QUARTILES = ("min", "q1", "median", "q3", "max")
+
+
+def _summary(values: Tensor) -> dict[str, float]:
+    values = values.to(torch.float64)
+    return {"min": float(values.min()), "mean": float(values.mean()), "max": float(values.max())}
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Statistics of one Conv/Linear weight before and after quantization.
+
+    ``bits`` is the effective width per weight: twice the code width for a residual
+    (two-term) layer, 32 for a layer left float. ``zero_fraction`` and
+    ``distinct_levels`` describe the quantized weight (the seed's "local sparsity"),
+    also per output channel (``*_per_channel`` lists; ``*_channels`` min/mean/max).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    bits: int
+    scheme: str
+    tag: str
+    residual: bool
+    mse: float
+    sqnr_db: float
+    before: dict[str, float]
+    after: dict[str, float]
+    zero_fraction: float
+    distinct_levels: int
+    zero_fraction_per_channel: tuple[float, ...]
+    distinct_per_channel: tuple[int, ...]
+    act_bits: int | None = None
+    act_scale: float | None = None
+    act_zero_point: int | None = None
+
+    @classmethod
+    def measure(cls, name: str, weight: Tensor, quantized: Tensor, spec: QuantSpec | None, residual: bool) -> LayerReport:
+        """Compare ``weight`` with its quantized version; ``spec`` None means the layer stayed float."""
+        zero_per_channel = per_channel_zero_fraction(quantized)
+        distinct_per_channel = per_channel_distinct(quantized)
+        return cls(
+            name=name,
+            shape=tuple(weight.shape),
+            numel=weight.numel(),
+            bits=FLOAT_BITS if spec is None else spec.bits * (2 if residual else 1),
+            scheme="float" if spec is None else spec.scheme,
+            tag="float32" if spec is None else spec.tag + ("-residual" if residual else ""),
+            residual=residual,
+            mse=squared_error(weight, quantized) / weight.numel(),
+            sqnr_db=sqnr_db(weight, quantized),
+            before=five_numbers(weight),
+            after=five_numbers(quantized),
+            zero_fraction=float((quantized == 0).to(torch.float64).mean()),
+            distinct_levels=int(torch.unique(quantized).numel()),
+            zero_fraction_per_channel=tuple(zero_per_channel.tolist()),
+            distinct_per_channel=tuple(int(v) for v in distinct_per_channel.tolist()),
+        )
+
+    def with_activation(self, params: QParams) -> LayerReport:
+        """This row plus the input (activation) quantizer of the layer."""
+        return replace(self, act_bits=params.bits, act_scale=float(params.scale), act_zero_point=int(params.zero_point))
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields; tuples become lists."""
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "numel": self.numel,
+            "bits": self.bits,
+            "scheme": self.scheme,
+            "tag": self.tag,
+            "residual": self.residual,
+            "mse": self.mse,
+            "sqnr_db": self.sqnr_db,
+            "before": dict(self.before),
+            "after": dict(self.after),
+            "zero_fraction": self.zero_fraction,
+            "distinct_levels": self.distinct_levels,
+            "zero_fraction_per_channel": list(self.zero_fraction_per_channel),
+            "distinct_per_channel": list(self.distinct_per_channel),
+            "act_bits": self.act_bits,
+            "act_scale": self.act_scale,
+            "act_zero_point": self.act_zero_point,
+        }
+
+    def row(self) -> dict[str, Any]:
+        """One flat row (scalars only; per-channel lists summarized as min/mean/max)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "shape": "x".join(map(str, self.shape)),
+            "numel": self.numel,
+            "bits": self.bits,
+            "scheme": self.scheme,
+            "tag": self.tag,
+            "residual": self.residual,
+            "mse": self.mse,
+            "sqnr_db": self.sqnr_db,
+        }
+        for when, stats in (("before", self.before), ("after", self.after)):
+            out.update({f"{when}_{k}": stats[k] for k in _QUARTILES})
+        out["zero_fraction"] = self.zero_fraction
+        out.update({f"zero_fraction_ch_{k}": v for k, v in _summary(torch.tensor(self.zero_fraction_per_channel)).items()})
+        out["distinct_levels"] = self.distinct_levels
+        out.update({f"distinct_ch_{k}": v for k, v in _summary(torch.tensor(self.distinct_per_channel)).items()})
+        out.update(act_bits=self.act_bits, act_scale=self.act_scale, act_zero_point=self.act_zero_point)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class QuantReport:
+    """Result of :func:`quant.quantize_model`: per-layer statistics plus the integer codes.
+
+    Attributes
+    ----------
+    layers : tuple of LayerReport
+        One row per Conv/Linear layer, in ``named_modules`` order (float layers included).
+    spec, plan, act_spec
+        What was asked for.
+    biases : str
+        Always ``"float32"``: biases (including those created by BatchNorm folding) are
+        not quantized.
+    folded : tuple of (str, str)
+        The (layer, BatchNorm) pairs folded before quantization.
+    fp32_bytes : int
+        4 bytes per floating-point element of the *original* (unfolded) model's
+        ``state_dict`` (parameters and buffers such as BatchNorm statistics).
+    codes : dict
+        Layer name -> tuple of ``(codes, QParams)`` terms (two for a residual layer);
+        :func:`quant.save_packed` and :func:`quant.model_size` read them from here.
+    activations : dict
+        Layer name -> ``QParams`` of its input quantizer (empty without ``act_spec``).
+
+    Examples
+    --------
+    >>> import torch.nn as nn
+    >>> from quant import quantize_model
+    >>> _, report = quantize_model(nn.Sequential(nn.Linear(8, 4)), QuantSpec(bits=4))
+    >>> report.avg_bits
+    4.0
+    >>> report.rows()[0]["tag"]
+    'asymmetric-4b-minmax-per_channel'
+    """
+
+    layers: tuple[LayerReport, ...]
+    spec: QuantSpec
+    plan: QuantPlan
+    act_spec: QuantSpec | None = None
+    biases: str = "float32"
+    folded: tuple[tuple[str, str], ...] = ()
+    fp32_bytes: int = 0
+    codes: dict[str, tuple[Quantized, ...]] = field(default_factory=dict, repr=False)
+    activations: dict[str, QParams] = field(default_factory=dict, repr=False)
+
+    @property
+    def avg_bits(self) -> float:
+        """Mean bits per Conv/Linear weight element (residual layers count 2b, float layers 32)."""
+        total = sum(layer.numel for layer in self.layers)
+        return sum(layer.bits * layer.numel for layer in self.layers) / total if total else math.nan
+
+    def layer(self, name: str) -> LayerReport:
+        """The row of layer ``name``."""
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(f"no layer {name!r} in the report; layers: {', '.join(r.name for r in self.layers)}")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Flat per-layer rows (see :meth:`LayerReport.row`)."""
+        return [layer.row() for layer in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (codes excluded; an SQNR of a perfectly kept layer is ``inf``)."""
+        return {
+            "spec": self.spec.to_dict(),
+            "spec_tag": self.spec.tag,
+            "plan": self.plan.to_dict(),
+            "act_spec": None if self.act_spec is None else self.act_spec.to_dict(),
+            "biases": self.biases,
+            "avg_bits_per_weight": self.avg_bits,
+            "folded_batchnorm": [list(pair) for pair in self.folded],
+            "fp32_bytes": self.fp32_bytes,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write :meth:`rows` as CSV (one line per layer) and return the path."""
+        path = Path(path)
+        rows = self.rows()
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["name"])
+            writer.writeheader()
+            writer.writerows(rows)
+        return path

@@ -1,0 +1,125 @@
+"""`QuantSpec`: how one tensor is quantized (scheme, bits, granularity, clipping)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from quant import _validate as check
+
+SCHEMES = ("asymmetric", "symmetric", "pow2")
+GRANULARITIES = ("per_tensor", "per_channel")
+CLIPPINGS = ("minmax", "mse", "percentile")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize a tensor; validates itself on construction.
+
+    Parameters
+    ----------
+    scheme : {"asymmetric", "symmetric", "pow2"}, default "asymmetric"
+        ``asymmetric``: uniform grid with an integer zero point; ``symmetric``: uniform
+        grid centred on 0; ``pow2``: levels ``{0} U {+-a*2^-j}`` (see DESIGN.md).
+    bits : int, default 8
+        Code width, 2..16.
+    granularity : {"per_tensor", "per_channel"}, default "per_channel"
+        One scale for the whole tensor, or one per slice along axis 0 (output channels).
+    clipping : {"minmax", "mse", "percentile"}, default "minmax"
+        How the range is chosen: the full min/max, the shrink ratio minimizing the
+        squared error, or the ``percentile`` of the values.
+    narrow_range : bool, default True
+        Symmetric only: codes ``[-(2^(b-1)-1), 2^(b-1)-1]``; False adds the code ``-2^(b-1)``.
+    pow2_scale : bool, default False
+        Pow2 only: round the largest level ``a`` up to a power of two.
+    percentile : float, default 99.99
+        For ``clipping="percentile"``: the percentile of the values (of ``|x|`` for the
+        symmetric schemes) used as the range end, in (0, 100].
+
+    Raises
+    ------
+    ValueError
+        Naming the field, the value and what is allowed.
+
+    Examples
+    --------
+    >>> spec = QuantSpec(bits=4, clipping="mse")
+    >>> spec.tag
+    'asymmetric-4b-mse-per_channel'
+    >>> QuantSpec.from_dict(spec.to_dict()) == spec
+    True
+    >>> QuantSpec(bits=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: QuantSpec.bits=1 is invalid; allowed: an integer in [2, 16]
+    """
+
+    scheme: str = "asymmetric"
+    bits: int = 8
+    granularity: str = "per_channel"
+    clipping: str = "minmax"
+    narrow_range: bool = True
+    pow2_scale: bool = False
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        owner = "QuantSpec"
+        check.one_of(owner, "scheme", self.scheme, SCHEMES)
+        check.int_in(owner, "bits", self.bits, MIN_BITS, MAX_BITS)
+        check.one_of(owner, "granularity", self.granularity, GRANULARITIES)
+        check.one_of(owner, "clipping", self.clipping, CLIPPINGS)
+        check.boolean(owner, "narrow_range", self.narrow_range)
+        check.boolean(owner, "pow2_scale", self.pow2_scale)
+        # Normalize to float so that 99 and 99.0 give equal specs and equal tags.
+        object.__setattr__(
+            self, "percentile", check.number_in(owner, "percentile", self.percentile, 0.0, 100.0, lo_open=True, hi_open=False)
+        )
+        # An option that the scheme ignores is a silent mistake; refuse it instead.
+        if not self.narrow_range and self.scheme != "symmetric":
+            raise ValueError(
+                f"QuantSpec.narrow_range=False is invalid for scheme={self.scheme!r}; allowed: only with scheme='symmetric'"
+            )
+        if self.pow2_scale and self.scheme != "pow2":
+            raise ValueError(
+                f"QuantSpec.pow2_scale=True is invalid for scheme={self.scheme!r}; allowed: only with scheme='pow2'"
+            )
+
+    @property
+    def tag(self) -> str:
+        """Short stable label, e.g. ``"symmetric-4b-mse-per_tensor"``; non-default options add a suffix."""
+        parts = [self.scheme, f"{self.bits}b", self.clipping, self.granularity]
+        if not self.narrow_range:
+            parts.append("fullrange")
+        if self.pow2_scale:
+            parts.append("pow2scale")
+        if self.clipping == "percentile":
+            parts.append(f"p{self.percentile:g}")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON/YAML friendly)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
+        """Build from a dict such as :meth:`to_dict` returns; missing keys take defaults.
+
+        Raises
+        ------
+        ValueError
+            For an unknown key (naming it and listing the valid ones) or an invalid value.
+        """
+        check.known_keys("QuantSpec", data, [f.name for f in fields(cls)])
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        """A copy with some fields changed (validated again).
+
+        Examples
+        --------
+        >>> QuantSpec(bits=4).replace(bits=8).bits
+        8
+        """
+        return QuantSpec.from_dict({**self.to_dict(), **changes})
