@@ -224,3 +224,26 @@ def test_remap_labels_keeps_the_type():
     assert isinstance(out, np.ndarray) and out.tolist() == [0, 1]
     with pytest.raises(HierclusterError, match="label 3"):
         remap_labels(torch.tensor([3]), groups)
+
+
+# --- properties -----------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=15))
+def test_canonical_form_properties(labels):
+    a = as_assignment(labels)
+    x = np.array(labels)
+    # same partition: two classes share a group before iff they share one after
+    assert np.array_equal(a[:, None] == a[None, :], x[:, None] == x[None, :])
+    # ids 0..k-1, all used, numbered by first appearance; idempotent
+    k = len(set(labels))
+    assert sorted(set(a.tolist())) == list(range(k))
+    first = [int(np.flatnonzero(a == g)[0]) for g in range(k)]
+    assert first == sorted(first) and a[0] == 0
+    assert np.array_equal(as_assignment(a), a)
+    # the list-of-groups form of the same partition gives the same array
+    assert np.array_equal(as_assignment([np.flatnonzero(x == v).tolist() for v in sorted(set(labels))[::-1]]), a)
