@@ -47,7 +47,9 @@ def fc_weight_embeddings(weight: torch.Tensor | np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(w, axis=1, keepdims=True)
     zero = np.flatnonzero(norms[:, 0] == 0)
     if len(zero):
-        raise HierclusterError(f"classifier weight rows of classes {zero.tolist()} are all zero; they have no direction")
+        raise HierclusterError(
+            f"classifier weight rows of classes {zero.tolist()} are all zero; they have no direction"
+        )
     return w / norms
 
 
@@ -77,7 +79,9 @@ class ClassMeans:
             raise HierclusterError(f"need values (N, D) and labels (N,), got {v.shape} and {y.shape}")
         if y.size and (y.min() < 0 or y.max() >= self.num_classes):
             bad = int(y.min()) if y.min() < 0 else int(y.max())
-            raise HierclusterError(f"label {bad} is outside 0..{self.num_classes - 1} (the model has {self.num_classes} classes)")
+            raise HierclusterError(
+                f"label {bad} is outside 0..{self.num_classes - 1} (the model has {self.num_classes} classes)"
+            )
         y = y.astype(np.int64)
         if self.sums is None:
             self.sums = np.zeros((self.num_classes, v.shape[1]))

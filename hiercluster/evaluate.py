@@ -249,8 +249,10 @@ def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> di
 
     Examples
     --------
-    >>> rows = [{"k": 10, "bits": 4, "drop": 0.4, "scheme": "asym"}, {"k": 10, "bits": 3, "drop": 6.0, "scheme": "asym"},
-    ...         {"k": 2, "bits": 3, "drop": 0.9, "scheme": "asym"}, {"k": 2, "bits": 2, "drop": 30.0, "scheme": "asym"}]
+    >>> rows = [{"k": 10, "bits": 4, "drop": 0.4, "scheme": "asym"},
+    ...         {"k": 10, "bits": 3, "drop": 6.0, "scheme": "asym"},
+    ...         {"k": 2, "bits": 3, "drop": 0.9, "scheme": "asym"},
+    ...         {"k": 2, "bits": 2, "drop": 30.0, "scheme": "asym"}]
     >>> min_bits(rows)
     {10: {'bits': 4, 'drop': 0.4, 'scheme': 'asym'}, 2: {'bits': 3, 'drop': 0.9, 'scheme': 'asym'}}
     """
@@ -258,7 +260,9 @@ def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> di
     for i, row in enumerate(results):
         missing = [key for key in ("k", "bits", "drop") if key not in row]
         if missing:
-            raise HierclusterError(f"min_bits: result row {i} lacks {', '.join(map(repr, missing))}; each row needs k, bits and drop")
+            raise HierclusterError(
+                f"min_bits: result row {i} lacks {', '.join(map(repr, missing))}; each row needs k, bits and drop"
+            )
         k = row["k"]
         current = best.setdefault(k, None)
         if not float(row["drop"]) <= tolerance:  # also rejects NaN
@@ -266,7 +270,7 @@ def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> di
         if current is None or (row["bits"], row["drop"]) < (current["bits"], current["drop"]):
             best[k] = row
     return {
-        k: None if row is None else {"bits": row["bits"], **{key: v for key, v in row.items() if key not in ("k", "bits")}}
+        k: None if row is None else {"bits": row["bits"], **{f: v for f, v in row.items() if f not in ("k", "bits")}}
         for k, row in sorted(best.items(), key=lambda item: item[0], reverse=True)
     }
 
@@ -314,7 +318,9 @@ def evaluate_levels(
     if zf.shape != zq.shape:
         raise HierclusterError(f"float logits {tuple(zf.shape)} and quantized logits {tuple(zq.shape)} differ in shape")
     if n_random < 1:
-        raise HierclusterError(f"n_random must be >= 1 (the random baseline is what advantage compares to), got {n_random}")
+        raise HierclusterError(
+            f"n_random must be >= 1 (the random baseline is what advantage compares to), got {n_random}"
+        )
     if not levels:
         raise HierclusterError("no levels given")
     n_classes = zf.shape[1]
@@ -322,7 +328,9 @@ def evaluate_levels(
     for k, grouping in levels.items():
         a = as_assignment(grouping, n_classes)
         if int(a.max()) + 1 != k:
-            raise HierclusterError(f"level {k} has a grouping with {int(a.max()) + 1} superclasses; the key must be its k")
+            raise HierclusterError(
+                f"level {k} has a grouping with {int(a.max()) + 1} superclasses; the key must be its k"
+            )
         blocks += [a[None], random_groupings(a, n_random, seed)]
     stack = np.concatenate(blocks)
     acc_f = grouped_accuracies(zf, y, stack, reduction)

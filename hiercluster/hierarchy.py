@@ -135,7 +135,12 @@ class ClassHierarchy:
         ``C``, the grouping's k and 1 for :meth:`from_groups`.
     """
 
-    def __init__(self, linkage: str | None = "ward", metric: str | None = "cosine", names: Mapping[str, Sequence[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        linkage: str | None = "ward",
+        metric: str | None = "cosine",
+        names: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
         self.linkage = linkage
         self.metric = metric
         self.names = names
@@ -172,7 +177,9 @@ class ClassHierarchy:
             )
         X = np.asarray(X.detach().cpu().numpy() if hasattr(X, "detach") else X, dtype=np.float64)
         if X.ndim != 2 or len(X) < 2:
-            raise HierclusterError(f"fit needs a 2-D array with one row per class (at least 2 classes), got shape {X.shape}")
+            raise HierclusterError(
+                f"fit needs a 2-D array with one row per class (at least 2 classes), got shape {X.shape}"
+            )
         if not np.all(np.isfinite(X)):
             raise HierclusterError("the embeddings or distances contain NaN or infinite values")
         n = len(X)
@@ -187,7 +194,9 @@ class ClassHierarchy:
             norms = np.linalg.norm(X, axis=1)
             if np.any(norms == 0):
                 zero = [names[i] for i in np.flatnonzero(norms == 0)]
-                raise HierclusterError(f"classes {zero} have all-zero embeddings; cosine distance is undefined for them")
+                raise HierclusterError(
+                    f"classes {zero} have all-zero embeddings; cosine distance is undefined for them"
+                )
             if self.linkage == "ward":
                 Z = scipy_linkage(X / norms[:, None], method="ward", metric="euclidean")
             else:
@@ -251,7 +260,8 @@ class ClassHierarchy:
             cur = n + len(rows) - 1
         given = _normalized_names(groups, names) if isinstance(groups, Mapping) else None
         hier = cls(linkage=None, metric=None, names=given)
-        return hier._set_fitted(np.array(rows, dtype=np.float64).reshape(n - 1, 4), names, sorted({n, k, 1}, reverse=True))
+        Z = np.array(rows, dtype=np.float64).reshape(n - 1, 4)
+        return hier._set_fitted(Z, names, sorted({n, k, 1}, reverse=True))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "linkage_matrix_"):
@@ -394,7 +404,9 @@ class ClassHierarchy:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise HierclusterError(f"{path} is not a hierarchy written by ClassHierarchy.to_json ({exc})") from None
         if meta.get("version") != _FORMAT_VERSION:
-            raise HierclusterError(f"{path} has hierarchy format version {meta.get('version')}; this version reads {_FORMAT_VERSION}")
+            raise HierclusterError(
+                f"{path} has hierarchy format version {meta.get('version')}; this version reads {_FORMAT_VERSION}"
+            )
         tree = nx.node_link_graph(data, directed=True, multigraph=False, edges="edges")
         tree.graph.pop("hiercluster")
         names = [str(c) for c in meta["class_names"]]
@@ -404,7 +416,9 @@ class ClassHierarchy:
         hier._set_fitted(Z, names, [int(k) for k in meta["defined_levels"]])
         expected = hier.tree_
         if set(tree.edges) != set(expected.edges) or dict(tree.nodes(data=True)) != dict(expected.nodes(data=True)):
-            raise HierclusterError(f"{path}: the node-link tree does not match its linkage matrix; the file was edited or damaged")
+            raise HierclusterError(
+                f"{path}: the node-link tree does not match its linkage matrix; the file was edited or damaged"
+            )
         hier.tree_ = tree
         return hier
 
