@@ -57,7 +57,8 @@ def clip_range(rows: Tensor, spec: QuantSpec, grid: Grid) -> tuple[Tensor, Tenso
 
 def minmax_range(rows: Tensor, *, symmetric: bool) -> tuple[Tensor, Tensor]:
     """``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``; ``+-max|x|`` when ``symmetric``."""
-    lo, hi = torch.aminmax(rows, dim=-1)
+    # amin + amax is faster than torch.aminmax on CPU (two vectorized passes).
+    lo, hi = rows.amin(dim=-1), rows.amax(dim=-1)
     # min/max propagate NaN and carry Inf, so this check costs no extra pass.
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         nan = int(torch.isnan(rows).sum())

@@ -161,7 +161,7 @@ def quantize(x: Tensor, spec: QuantSpec | QParams) -> Quantized:
     --------
     >>> codes, p = quantize(torch.tensor([-1.0, 0.0, 0.4, 2.0]), QuantSpec(bits=2, granularity="per_tensor"))
     >>> codes
-    tensor([0, 1, 1, 3], dtype=torch.int32)
+    tensor([0, 1, 1, 3], dtype=torch.uint8)
     >>> dequantize(codes, p)
     tensor([-1.,  0.,  0.,  2.])
     """
@@ -183,7 +183,7 @@ def dequantize(codes: Tensor, params: QParams) -> Tensor:
     Examples
     --------
     >>> p = choose_qparams(torch.tensor([0.0, 3.0]), QuantSpec(bits=2, granularity="per_tensor"))
-    >>> dequantize(torch.tensor([0, 1, 2, 3], dtype=torch.int32), p)
+    >>> dequantize(torch.tensor([0, 1, 2, 3], dtype=torch.uint8), p)
     tensor([0., 1., 2., 3.])
     """
     if codes.is_floating_point():

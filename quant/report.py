@@ -12,12 +12,18 @@ import torch
 from torch import Tensor
 
 from quant.functional import QParams, Quantized
-from quant.metrics import five_numbers, per_channel_distinct, per_channel_zero_fraction, sqnr_db, squared_error
+from quant.clipping import sort_rows
+from quant.metrics import (
+    QUARTILES,
+    distinct_sorted,
+    five_numbers_sorted,
+    per_channel_distinct,
+    per_channel_zero_fraction,
+    sqnr_from,
+    squared_error,
+)
 from quant.plan import FLOAT_BITS, QuantPlan
 from quant.spec import QuantSpec
-
-_QUARTILES = ("min", "q1", "median", "q3", "max")
-
 
 def _summary(values: Tensor) -> dict[str, float]:
     values = values.to(torch.float64)
@@ -56,8 +62,9 @@ class LayerReport:
     @classmethod
     def measure(cls, name: str, weight: Tensor, quantized: Tensor, spec: QuantSpec | None, residual: bool) -> LayerReport:
         """Compare ``weight`` with its quantized version; ``spec`` None means the layer stayed float."""
-        zero_per_channel = per_channel_zero_fraction(quantized)
-        distinct_per_channel = per_channel_distinct(quantized)
+        before = sort_rows(weight.detach().to(torch.float32).reshape(1, -1))[0]
+        after = sort_rows(quantized.detach().to(torch.float32).reshape(1, -1))[0]
+        error = squared_error(weight, quantized)
         return cls(
             name=name,
             shape=tuple(weight.shape),
@@ -66,14 +73,14 @@ class LayerReport:
             scheme="float" if spec is None else spec.scheme,
             tag="float32" if spec is None else spec.tag + ("-residual" if residual else ""),
             residual=residual,
-            mse=squared_error(weight, quantized) / weight.numel(),
-            sqnr_db=sqnr_db(weight, quantized),
-            before=five_numbers(weight),
-            after=five_numbers(quantized),
-            zero_fraction=float((quantized == 0).to(torch.float64).mean()),
-            distinct_levels=int(torch.unique(quantized).numel()),
-            zero_fraction_per_channel=tuple(zero_per_channel.tolist()),
-            distinct_per_channel=tuple(int(v) for v in distinct_per_channel.tolist()),
+            mse=error / weight.numel(),
+            sqnr_db=sqnr_from(weight, error),
+            before=five_numbers_sorted(before),
+            after=five_numbers_sorted(after),
+            zero_fraction=float((after == 0).sum()) / after.numel(),
+            distinct_levels=int(distinct_sorted(after)),
+            zero_fraction_per_channel=tuple(per_channel_zero_fraction(quantized).tolist()),
+            distinct_per_channel=tuple(per_channel_distinct(quantized).tolist()),
         )
 
     def with_activation(self, params: QParams) -> LayerReport:
@@ -117,7 +124,7 @@ class LayerReport:
             "sqnr_db": self.sqnr_db,
         }
         for when, stats in (("before", self.before), ("after", self.after)):
-            out.update({f"{when}_{k}": stats[k] for k in _QUARTILES})
+            out.update({f"{when}_{k}": stats[k] for k in QUARTILES})
         out["zero_fraction"] = self.zero_fraction
         out.update({f"zero_fraction_ch_{k}": v for k, v in _summary(torch.tensor(self.zero_fraction_per_channel)).items()})
         out["distinct_levels"] = self.distinct_levels

@@ -15,11 +15,6 @@ from torch import Tensor
 
 EPS = torch.finfo(torch.float32).tiny
 
-# Levels a*2^-k with k beyond this are below float32's smallest subnormal for every
-# finite a (a < 2^128), so they all read as zero; capping k keeps tables small for
-# pow2 at 9..16 bits without changing any result.
-_POW2_MAX_SHIFT = 300
-
 
 @dataclass(frozen=True)
 class Grid:
@@ -29,6 +24,7 @@ class Grid:
     ``symmetric`` ``[-(2^(b-1)-1), 2^(b-1)-1]`` (or ``-2^(b-1)`` at the bottom when not
     narrow), ``pow2`` ``[-L, L]`` with ``L = 2^(b-1)-1``: code 0 is zero and code ``+-i``
     is the level ``+-a*2^-(L-i)``, so codes grow with the value like the affine ones.
+    Codes are stored in the smallest integer dtype holding ``[qmin, qmax]``.
     """
 
     scheme: str
@@ -48,9 +44,12 @@ class Grid:
         raise ValueError(f"unknown scheme {scheme!r}")
 
     @property
-    def pow2_levels(self) -> int:
-        """``L``: number of nonzero magnitudes of the pow2 grid."""
-        return self.qmax
+    def code_dtype(self) -> torch.dtype:
+        for dtype in (torch.uint8, torch.int8, torch.int16):
+            info = torch.iinfo(dtype)
+            if info.min <= self.qmin and self.qmax <= info.max:
+                return dtype
+        return torch.int32
 
     def params(self, lo: Tensor, hi: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
         """Scale (float32) and zero point (int32) for the clip range ``[lo, hi]`` with ``lo <= 0 <= hi``.
@@ -73,26 +72,33 @@ class Grid:
         return (_round_up_pow2(a) if pow2_scale else a), zero_point
 
     def quantize(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-        """int32 codes of ``x`` (float32) for per-row ``scale`` / ``zero_point`` shaped ``(..., 1)``."""
+        """Integer codes of ``x`` (float32) for per-row ``scale`` / ``zero_point`` shaped ``(..., 1)``."""
         if self.scheme == "pow2":
-            index = _pow2_index(x.abs(), scale, self.pow2_levels)
-            return (torch.sign(x).to(torch.int32) * index).to(torch.int32)
+            return _pow2_codes(x, scale, self.qmax).to(self.code_dtype)
         # round(x * (1/s)) with the reciprocal in float32, then clamp, exactly as
         # torch.fake_quantize_per_*_affine do; clamping the step before adding z is the
-        # same integer arithmetic and avoids one pass.
-        steps = torch.round(x * torch.reciprocal(scale))
+        # same integer arithmetic.
+        steps = x * torch.reciprocal(scale)
+        steps.round_()
         steps.clamp_(min=(self.qmin - zero_point).to(steps.dtype), max=(self.qmax - zero_point).to(steps.dtype))
-        return steps.add_(zero_point).to(torch.int32)
+        return steps.add_(zero_point).to(self.code_dtype)
 
     def dequantize(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-        """float32 values of int codes, parameters broadcasting as in :meth:`quantize`."""
+        """float32 values of integer codes, parameters broadcasting as in :meth:`quantize`."""
         if self.scheme == "pow2":
-            magnitude = _pow2_magnitude(codes.abs(), scale, self.pow2_levels)
-            return magnitude * torch.sign(codes).to(magnitude.dtype)
-        return (codes - zero_point).to(torch.float32) * scale
+            table = _pow2_table(scale, self.qmax)
+            index = codes.to(torch.int64).add_(self.qmax)
+            return torch.gather(table.expand(*index.shape[:-1], table.shape[-1]), -1, index)
+        values = codes.to(torch.float32)
+        if torch.broadcast_shapes(values.shape, scale.shape) != values.shape:
+            return (values - zero_point) * scale
+        # (q - z) * s: q - z is an exact small integer in float32, as in torch's kernel.
+        return values.sub_(zero_point).mul_(scale)
 
     def levels(self, scale: Tensor, zero_point: Tensor) -> Tensor:
-        """Every representable value, ascending, along a new last dimension ``qmax-qmin+1``."""
+        """Every representable value, ascending, along a new last dimension of ``qmax-qmin+1``."""
+        if self.scheme == "pow2":
+            return _pow2_table(scale, self.qmax)
         codes = torch.arange(self.qmin, self.qmax + 1, dtype=torch.int32, device=scale.device)
         return self.dequantize(codes, scale, zero_point)
 
@@ -103,48 +109,55 @@ def _round_up_pow2(a: Tensor) -> Tensor:
     return torch.where(mantissa == 0.5, a, torch.ldexp(torch.ones_like(a), exponent))
 
 
-def _exact_pow2_f64(shift: Tensor) -> Tensor:
-    """``2.0**-shift`` in float64, built from the exponent bits so it is exact."""
-    shift = shift.to(torch.int64).clamp(0, _POW2_MAX_SHIFT)
-    return ((1023 - shift) << 52).view(torch.float64)
+def _pow2_magnitudes(a: Tensor, levels: int) -> Tensor:
+    """``a * 2^-k`` for ``k = L-1, ..., 0`` (ascending), exact in float64."""
+    shifts = torch.arange(levels - 1, -1, -1, device=a.device, dtype=torch.int64)
+    powers = ((1023 - shifts) << 52).view(torch.float64)  # 2^-k from the exponent bits: exact
+    return a.to(torch.float64) * powers
 
 
-def _pow2_magnitude(index: Tensor, a: Tensor, levels: int) -> Tensor:
-    """``fl32(a * 2^-(L-index))`` for index >= 1, 0 for index 0 (one rounding, in float64)."""
-    exact = a.to(torch.float64) * _exact_pow2_f64(levels - index)
-    return torch.where(index > 0, exact.to(torch.float32), 0.0)
+def _pow2_table(a: Tensor, levels: int) -> Tensor:
+    """The ``2L+1`` pow2 values per row, ascending: ``-a, ..., -a*2^-(L-1), 0, a*2^-(L-1), ..., a``.
 
-
-def _pow2_thresholds(a: Tensor, levels: int) -> tuple[Tensor, int]:
-    """Decision thresholds between adjacent magnitudes, ascending, as float32 rounded up.
-
-    The midpoints are ``a*2^-L`` (between 0 and the smallest level) and ``0.75*a*2^-k``
-    (between ``a*2^-k`` and ``a*2^-(k+1)``). For a float32 ``v`` and a real ``m``,
-    ``v >= m`` iff ``v >= roundup32(m)``, so comparing with the rounded-up thresholds is
-    the exact nearest-level decision (ties go to the larger magnitude). Thresholds below
-    every float32 are not materialized: they are returned as a count, passed by any v > 0.
+    Each is ``a * 2^-k`` rounded once to float32 (exact unless it is subnormal).
     """
-    a64 = a.to(torch.float64)
-    kept = min(levels - 1, _POW2_MAX_SHIFT - 1)  # how many 0.75*a*2^-k thresholds to build
-    shifts = torch.arange(kept - 1, -1, -1, device=a.device)
-    exact = 0.75 * a64 * _exact_pow2_f64(shifts)
-    collapsed = levels - 1 - kept
-    if collapsed == 0:
-        exact = torch.cat([a64 * _exact_pow2_f64(torch.tensor(levels, device=a.device)), exact], dim=-1)
-    else:
-        collapsed += 1  # the bottom threshold a*2^-L is among the collapsed ones
-    rounded = exact.to(torch.float32)
-    rounded = torch.where(rounded.to(torch.float64) < exact, torch.nextafter(rounded, torch.tensor(torch.inf)), rounded)
-    return rounded, collapsed
+    positive = _pow2_magnitudes(a, levels).to(torch.float32)
+    zero = torch.zeros((*positive.shape[:-1], 1), dtype=torch.float32, device=a.device)
+    return torch.cat([-positive.flip(-1), zero, positive], dim=-1)
 
 
-def _pow2_index(ax: Tensor, a: Tensor, levels: int) -> Tensor:
-    """Magnitude index in ``[0, L]`` of the nearest pow2 level to ``ax = |x|`` (int32)."""
-    thresholds, collapsed = _pow2_thresholds(a, levels)
-    shape = torch.broadcast_shapes(ax.shape[:-1], thresholds.shape[:-1])
-    thresholds = thresholds.expand(*shape, thresholds.shape[-1]).contiguous()
-    values = ax.expand(*shape, ax.shape[-1]).contiguous()
-    index = torch.searchsorted(thresholds, values, right=True, out_int32=True)
-    if collapsed:
-        index += (values > 0).to(torch.int32) * collapsed
-    return index
+def _round_up_f32(exact: Tensor) -> Tensor:
+    """The smallest float32 >= each float64 value."""
+    nearest = exact.to(torch.float32)
+    return torch.where(nearest.to(torch.float64) < exact, torch.nextafter(nearest, torch.full_like(nearest, torch.inf)), nearest)
+
+
+def _pow2_codes(x: Tensor, a: Tensor, levels: int) -> Tensor:
+    """Signed pow2 codes (int32) of float32 ``x``: nearest level in the linear domain.
+
+    The decision thresholds between magnitudes are ``a*2^-L`` (between 0 and the
+    smallest level) and ``T_k = 0.75*a*2^-k`` (between ``a*2^-k`` and ``a*2^-(k+1)``).
+    For a float32 ``v`` and a real ``m``, ``v >= m`` iff ``v >= roundup32(m)``, and
+    ``roundup32(0.75*a*2^-k) = roundup32(0.75*a) * 2^-k`` while it stays normal. The bit
+    pattern of a non-negative float is monotone in its value and the one of ``T * 2^-k``
+    is ``bits(T) - k*2^23``, so the number of thresholds ``T_k <= |x|`` is
+    ``clamp(L-1 + (bits(|x|) - bits(T_0)) >> 23, 0, L-1)``: exact, vectorized, no search.
+    Rows whose smallest threshold would be subnormal are first scaled by a power of two
+    (exact; a value pushed to inf is beyond ``a`` and still gets the top code). Ties go
+    to the larger magnitude on both sides, so ``Q(-x) = -Q(x)``.
+    """
+    exponent = torch.bitwise_right_shift(a.view(torch.int32), 23)  # a >= EPS is normal
+    shift = torch.clamp(levels + 1 - exponent, min=0)
+    if bool(shift.any()):
+        factor = torch.bitwise_left_shift(shift + 127, 23).view(torch.float32)  # 2^shift, exact
+        x, a = x * factor, a * factor
+    t0 = _round_up_f32(a.to(torch.float64) * 0.75).view(torch.int32)
+    bottom = a.view(torch.int32) - (levels << 23)  # bits of a*2^-L, normal by construction
+    bits = x.contiguous().view(torch.int32)
+    negative = torch.bitwise_right_shift(bits, 31)  # -1 where the sign bit is set, else 0
+    magnitude = torch.bitwise_and(bits, 0x7FFFFFFF)
+    count = torch.bitwise_right_shift(magnitude - t0, 23)
+    count.add_(levels - 1).clamp_(0, levels - 1)
+    count.add_(magnitude >= bottom)
+    # Two's-complement negation where negative: (c ^ -1) - (-1) = -c.
+    return count.bitwise_xor_(negative).sub_(negative)

@@ -12,6 +12,7 @@ SCHEMES = ("asymmetric", "symmetric", "pow2")
 GRANULARITIES = ("per_tensor", "per_channel")
 CLIPPINGS = ("minmax", "mse", "percentile")
 MIN_BITS, MAX_BITS = 2, 16
+POW2_MAX_BITS = 8  # exponents 2^0..2^-126 already span float32's normal range
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class QuantSpec:
         ``asymmetric``: uniform grid with an integer zero point; ``symmetric``: uniform
         grid centred on 0; ``pow2``: levels ``{0} U {+-a*2^-j}`` (see DESIGN.md).
     bits : int, default 8
-        Code width, 2..16.
+        Code width, 2..16 (2..8 for ``pow2``: 8 bits already reach ``a*2^-126``).
     granularity : {"per_tensor", "per_channel"}, default "per_channel"
         One scale for the whole tensor, or one per slice along axis 0 (output channels).
     clipping : {"minmax", "mse", "percentile"}, default "minmax"
@@ -80,6 +81,11 @@ class QuantSpec:
         if not self.narrow_range and self.scheme != "symmetric":
             raise ValueError(
                 f"QuantSpec.narrow_range=False is invalid for scheme={self.scheme!r}; allowed: only with scheme='symmetric'"
+            )
+        if self.scheme == "pow2" and self.bits > POW2_MAX_BITS:
+            # 8 bits already reach a*2^-126; wider codes would only add levels that underflow to 0.
+            raise ValueError(
+                f"QuantSpec.bits={self.bits} is invalid for scheme='pow2'; allowed: an integer in [{MIN_BITS}, {POW2_MAX_BITS}]"
             )
         if self.pow2_scale and self.scheme != "pow2":
             raise ValueError(
