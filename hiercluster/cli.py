@@ -161,7 +161,8 @@ def cmd_hierarchy(args: argparse.Namespace) -> int:
     check_run_dir(out)
     prep = prepare(cfg, out, progress=not args.quiet)
     write_hierarchy_files(prep, out)
-    print(f"class hierarchy from {cfg.hierarchy.embedding} ({cfg.hierarchy.linkage} linkage, {cfg.hierarchy.metric}):")
+    h = prep.hierarchy
+    print(f"class hierarchy from {cfg.hierarchy.embedding} ({h.linkage} linkage, {h.metric} metric):")
     for name, (k, _, kind) in prep.levels.items():
         if kind == "learned":
             print(f"  k={k}: " + "; ".join(prep.hierarchy.superclass_names(k)))
@@ -234,7 +235,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         json.dumps({"checkpoint": str(ckpt), "spec": spec.to_dict(), "plan": plan.to_dict(), "sizes": sizes,
                     "report": report.to_dict()}, indent=2, default=str) + "\n"
     )
-    print(f"{spec.tag} (plan {plan.name}) of {ckpt}: average {report.average_bits:.2f} bits per weight")
+    print(f"{spec.tag} (plan {plan.name}) of {ckpt}: average {report.avg_bits:.2f} bits per weight")
     print(
         f"  fp32 {sizes['fp32_bytes'] / 1024:.1f} KB -> packed {sizes['packed_bytes'] / 1024:.1f} KB "
         f"(gzip {sizes['gzip_bytes'] / 1024:.1f} KB, xz {sizes['xz_bytes'] / 1024:.1f} KB)"

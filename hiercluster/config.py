@@ -67,15 +67,17 @@ class TrainConfig:
 class HierarchyConfig:
     """Section ``hierarchy``: how the class hierarchy is built and which levels are reported.
 
-    ``levels`` lists the k (number of superclasses) to evaluate; empty means every k from
+    ``linkage``/``metric`` default to the embedding's own (ward on L2-normalized vectors
+    for ``fc_weights`` and ``centroids``; average linkage on ``1 - similarity`` for
+    ``confusion``). ``levels`` lists the k (number of superclasses) to evaluate; empty means every k from
     the number of classes down to 2. ``reference`` is a YAML grouping
     ``{superclass: [class names]}`` evaluated beside the learned levels; ``names`` gives
     superclasses readable names (``{Footwear: [Sandal, Sneaker, Ankle boot]}``).
     """
 
     embedding: str = "fc_weights"
-    linkage: str = "ward"
-    metric: str = "cosine"
+    linkage: str | None = None
+    metric: str | None = None
     split: str = "train"
     levels: tuple[int, ...] = ()
     reference: str | None = None
@@ -179,7 +181,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("onecycle", "cosine"),
     "hierarchy.embedding": ("fc_weights", "centroids", "confusion"),
     "hierarchy.linkage": ("ward", "average", "complete", "single"),
-    "hierarchy.metric": ("cosine", "euclidean"),
+    "hierarchy.metric": ("cosine", "euclidean", "precomputed"),
     "hierarchy.split": ("train", "test"),
     "eval.reduction": ("prob_sum", "mean_logit", "argmax_then_map"),
 }
@@ -258,7 +260,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             raise HierclusterError(f"unknown config key {path!r}{hint} Valid keys here: {', '.join(names)}")
         value = _coerce(value, hints[key], path)
-        if path in _CHOICES and value not in _CHOICES[path]:
+        if path in _CHOICES and value is not None and value not in _CHOICES[path]:
             raise HierclusterError(f"config key {path}: {value!r} is not one of {', '.join(_CHOICES[path])}")
         if path in _POSITIVE and value is not None and value <= 0:
             raise HierclusterError(f"config key {path}: must be > 0, got {value!r}")

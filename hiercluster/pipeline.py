@@ -200,10 +200,7 @@ def _build_hierarchy(
     if h.embedding != "fc_weights":
         split_set = load_dataset(cfg.data.dataset, root, h.split, cfg.data.download)
         loader = make_loader(split_set, cfg.data.batch_size, num_workers=cfg.data.workers)
-    hierarchy = build_hierarchy(model, h.embedding, loader, class_names, linkage=h.linkage, metric=h.metric)
-    if h.names:
-        hierarchy.set_names(h.names)
-    return hierarchy
+    return build_hierarchy(model, h.embedding, loader, class_names, linkage=h.linkage, metric=h.metric, names=h.names)
 
 
 def _grid_key(point: GridPoint, prep: Prepared) -> str:
@@ -268,7 +265,7 @@ def evaluate_point(point: GridPoint, prep: Prepared, key: str) -> dict[str, Any]
         "granularity": point.spec.granularity,
         "plan": point.plan.name,
         "activation_bits": point.activation.bits if point.activation else None,
-        "avg_bits": qreport.average_bits,
+        "avg_bits": qreport.avg_bits,
         "fine_acc": accuracy(qlogits, prep.labels),
         **{k: sizes[k] for k in ("fp32_bytes", "packed_bytes", "gzip_bytes", "xz_bytes")},
         "quantize_s": t1 - t0,
@@ -369,8 +366,8 @@ def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[st
         "tolerance": cfg.eval.tolerance,
         "hierarchy": {
             "embedding": cfg.hierarchy.embedding,
-            "linkage": cfg.hierarchy.linkage,
-            "metric": cfg.hierarchy.metric,
+            "linkage": prep.hierarchy.linkage,
+            "metric": prep.hierarchy.metric,
         },
         "levels": {
             name: {"k": k, "kind": kind, "assignment": a.tolist(), "names": _group_names(prep, name, k, a)}

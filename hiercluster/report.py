@@ -157,7 +157,7 @@ def bias_choice(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and its plots into ``run_dir``; returns the report path."""
-    from hiercluster import plots
+    from hiercluster import plots, report_plots
 
     run_dir = Path(run_dir)
     info, rows, store = load_run(run_dir)
@@ -171,10 +171,10 @@ def write_report(run_dir: str | Path) -> Path:
 
             fig["dendrogram"] = plots.plot_dendrogram(ClassHierarchy.from_json(run_dir / "hierarchy.json"), run_dir / "dendrogram.png")
         if rows:
-            fig["accuracy_vs_bits"] = plots.plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png")
-            fig["pareto"] = plots.plot_pareto(rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info))
+            fig["accuracy_vs_bits"] = report_plots.plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png")
+            fig["pareto"] = report_plots.plot_pareto(rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info))
             details = {key: store.spec_details(key) for key in dict.fromkeys(r["spec_key"] for r in rows)}
-            fig["quartiles"] = plots.plot_quartiles(details, run_dir / "quartiles.png")
+            fig["quartiles"] = report_plots.plot_quartiles(details, run_dir / "quartiles.png")
             chosen = bias_choice(rows)
             if chosen is not None:
                 share_q = details[chosen["spec_key"]]["prediction_share"]

@@ -1,0 +1,199 @@
+"""End-to-end `hiercluster run` on digits: database, CSV and report checked against direct recomputation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.cluster.hierarchy import fcluster, linkage
+from sklearn.metrics import adjusted_rand_score
+
+import quant
+from hiercluster import pipeline
+from hiercluster.cli import main
+from hiercluster.models import load_checkpoint
+
+TIMING_COLUMNS = {"quantize_s", "eval_s", "metrics_s", "size_s"}
+LEVELS = [10, 5, 3, 2]
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "r8.pt"
+    assert main(["train", "configs/digits.yaml", "--out", str(out), "--set", "train.epochs=4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def config_file(digits_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cfg")
+    reference = folder / "ref.yaml"
+    reference.write_text(yaml.safe_dump({"round": ["0", "6", "8", "9"], "straight": ["1", "4", "7"], "curly": ["2", "3", "5"]}))
+    cfg = {
+        "data": {"dataset": "digits", "batch_size": 128},
+        "model": {"checkpoint": str(digits_checkpoint)},
+        "hierarchy": {"embedding": "fc_weights", "levels": LEVELS, "reference": str(reference)},
+        "quant": {
+            "schemes": ["asymmetric", "pow2"],
+            "bits": [8, 4, 2],
+            "clipping": ["minmax"],
+            "plans": [{"name": "full"}, {"name": "first8", "first_layer_bits": 8, "bits": [2]}],
+        },
+        "eval": {"random_seeds": 5, "seed": 0, "tolerance": 1.0},
+    }
+    path = folder / "digits_run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+N_SPECS = 2 * 3 + 2  # full plan: 2 schemes x 3 bit widths; first8 plan: 2 schemes at 2 bits
+N_LEVELS = len(LEVELS) + 1  # plus the reference grouping
+
+
+@pytest.fixture(scope="module")
+def run_dir(config_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "digits"
+    assert main(["run", str(config_file), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _csv_rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_run_writes_database_csv_report_and_plots(run_dir):
+    with sqlite3.connect(run_dir / "results.sqlite") as con:
+        n_rows = con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        n_specs = con.execute("SELECT COUNT(DISTINCT spec_key) FROM results").fetchone()[0]
+    assert n_specs == N_SPECS and n_rows == N_SPECS * N_LEVELS
+    assert len(_csv_rows(run_dir / "results.csv")) == N_SPECS * N_LEVELS
+    report = (run_dir / "report.md").read_text()
+    for heading in ("Fewest bits per hierarchy level", "Accuracy and size per precision", "Grouped accuracy per level",
+                    "Learned hierarchy vs reference grouping", "Biased inference"):
+        assert heading in report
+    for png in ("dendrogram", "accuracy_vs_bits", "quartiles", "prediction_share", "pareto"):
+        assert (run_dir / f"{png}.png").stat().st_size > 1000
+        assert f"({png}.png)" in report
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["quant"]["bits"] == [8, 4, 2]
+    manifest = json.loads((run_dir / "models" / "manifest.json").read_text())
+    for level in manifest["levels"].values():
+        assert (run_dir / "models" / level["model"]).is_file() and (run_dir / "models" / level["groups"]).is_file()
+
+
+def test_hierarchy_matches_scipy(run_dir, digits_checkpoint):
+    model, _ = load_checkpoint(digits_checkpoint)
+    w = model.fc.weight.detach().numpy().astype(np.float64)
+    z = linkage(w / np.linalg.norm(w, axis=1, keepdims=True), method="ward")
+    info = json.loads((run_dir / "run.json").read_text())
+    for k in LEVELS:
+        ours = info["levels"][f"k={k}"]["assignment"]
+        assert adjusted_rand_score(fcluster(z, k, criterion="maxclust"), ours) == pytest.approx(1.0)
+
+
+def test_results_match_direct_recomputation(run_dir, digits_checkpoint):
+    """Quantize one spec by hand and recompute fine and grouped accuracy without the pipeline."""
+    info = json.loads((run_dir / "run.json").read_text())
+    rows = [r for r in _csv_rows(run_dir / "results.csv") if r["scheme"] == "asymmetric" and r["bits"] == "4"]
+    assert len(rows) == N_LEVELS
+    model, _ = load_checkpoint(digits_checkpoint)
+    test = load_dataset("digits", split="test")
+    spec = quant.QuantSpec(scheme="asymmetric", bits=4, granularity="per_channel", clipping="minmax")
+    qmodel, _ = quant.quantize_model(model, spec)
+    with torch.no_grad():
+        x, y = test.batch(slice(None))
+        p_float = torch.softmax(model(x), 1).numpy()
+        p_quant = torch.softmax(qmodel(x), 1).numpy()
+    y = y.numpy()
+    fine = float((p_quant.argmax(1) == y).mean())
+    for r in rows:
+        assert float(r["fine_acc"]) == pytest.approx(fine, abs=1e-6)
+        a = np.asarray(info["levels"][r["level"]]["assignment"])
+        onehot = np.eye(a.max() + 1)[a]  # C x k
+        acc_q = float(((p_quant @ onehot).argmax(1) == a[y]).mean())
+        acc_f = float(((p_float @ onehot).argmax(1) == a[y]).mean())
+        assert float(r["acc_quant"]) == pytest.approx(acc_q, abs=1e-6)
+        assert float(r["acc_float"]) == pytest.approx(acc_f, abs=1e-6)
+        assert float(r["drop"]) == pytest.approx(100 * (acc_f - acc_q), abs=1e-6)
+        assert float(r["advantage"]) == pytest.approx(float(r["random_drop_mean"]) - float(r["drop"]), abs=1e-6)
+
+
+def test_headline_is_the_fewest_bits_within_tolerance(run_dir):
+    rows = _csv_rows(run_dir / "results.csv")
+    report = (run_dir / "report.md").read_text()
+    for level in {r["level"] for r in rows}:
+        ok = [int(r["bits"]) for r in rows if r["level"] == level and float(r["drop"]) <= 1.0]
+        expected = str(min(ok)) if ok else "none in grid"
+        line = next(l for l in report.splitlines() if l.startswith(f"| {level} |"))
+        assert line.split("|")[3].strip() == expected
+
+
+def test_report_command_reproduces_the_report(run_dir):
+    before = (run_dir / "report.md").read_text()
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.md").read_text() == before
+
+
+def test_resume_after_interruption_is_identical_and_skips_done_specs(config_file, run_dir, tmp_path, monkeypatch):
+    calls = []
+    real = pipeline.evaluate_point
+
+    def interrupt_after_three(point, prep, key):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(point.tag)
+        return real(point, prep, key)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(pipeline, "evaluate_point", interrupt_after_three)
+    assert main(["run", str(config_file), "--out", str(out), "--quiet"]) == 130
+    with sqlite3.connect(out / "results.sqlite") as con:
+        assert con.execute("SELECT COUNT(*) FROM specs").fetchone()[0] == 3
+
+    resumed = []
+
+    def counting(point, prep, key):
+        resumed.append(point.tag)
+        return real(point, prep, key)
+
+    monkeypatch.setattr(pipeline, "evaluate_point", counting)
+    assert main(["run", str(config_file), "--out", str(out), "--quiet"]) == 0
+    assert len(resumed) == N_SPECS - 3 and not set(resumed) & set(calls)
+
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]  # noqa: E731
+    key = lambda r: (r["spec_key"], r["level"])  # noqa: E731
+    assert sorted(strip(_csv_rows(out / "results.csv")), key=key) == sorted(strip(_csv_rows(run_dir / "results.csv")), key=key)
+
+    resumed.clear()
+    assert main(["run", str(config_file), "--out", str(out), "--quiet"]) == 0
+    assert resumed == []  # nothing left to do
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("quant.bitz=[4]", "unknown config key 'quant.bitz'; did you mean 'quant.bits'"),
+        ("eval.random_seeds=many", "eval.random_seeds: expected int"),
+        ("model.checkpoint=/nonexistent/model.pt", "model.checkpoint: file not found: /nonexistent/model.pt"),
+        ("hierarchy.reference=/nonexistent/ref.yaml", "hierarchy.reference: file not found"),
+        ("quant.schemes=[asymetric]", "asymetric"),
+        ("hierarchy.levels=[11]", "hierarchy.levels: k=11 is outside 1..10"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line(config_file, tmp_path, override, message, capsys):
+    assert main(["run", str(config_file), "--out", str(tmp_path / "x"), "--quiet", "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_refuses_a_folder_that_is_not_a_run(config_file, tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("precious")
+    assert main(["run", str(config_file), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "not a hiercluster run directory" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "precious"
