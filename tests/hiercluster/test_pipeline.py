@@ -16,6 +16,7 @@ from sklearn.metrics import adjusted_rand_score
 import quant
 from hiercluster import pipeline
 from hiercluster.cli import main
+from hiercluster.data import load_dataset
 from hiercluster.models import load_checkpoint
 
 TIMING_COLUMNS = {"quantize_s", "eval_s", "metrics_s", "size_s"}
