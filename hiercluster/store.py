@@ -137,7 +137,7 @@ class ResultsStore:
 
     def results(self, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Rows of ``results`` as dicts (only those of ``keys`` when given), in insertion order."""
-        cur = self._con.execute(f"SELECT * FROM results ORDER BY rowid")
+        cur = self._con.execute("SELECT * FROM results ORDER BY rowid")
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, r)) for r in cur]
         if keys is not None:
