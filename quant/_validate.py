@@ -26,12 +26,12 @@ def boolean(owner: str, field: str, value: Any) -> None:
 def number_in(owner: str, field: str, value: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
-        value = float(value)
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        number = float(value)
+        ok = (number > lo if lo_open else number >= lo) and (number < hi if hi_open else number <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise ValueError(f"{owner}.{field}={value!r} is invalid; allowed: a number in {interval}")
-    return value
+    return number
 
 
 def known_keys(owner: str, data: Mapping[str, Any], valid: Iterable[str]) -> None:

@@ -129,6 +129,8 @@ def choose_qparams(x: Tensor, spec: QuantSpec) -> QParams:
     """
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     per_channel = spec.granularity == "per_channel" and x.dim() > 0
     rows = _rows(x, per_channel)
     grid = Grid.make(spec.scheme, spec.bits, spec.narrow_range)
