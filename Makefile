@@ -20,12 +20,14 @@ data:
 
 demo: setup data
 	$(VENV)/bin/hiercluster evaluate-checkpoint data/checkpoints/fashion_mnist_resnet20.pt
+	$(VENV)/bin/hiercluster run $(CONFIG)
 
 test: setup data
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup data
 	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_pipeline.py $(CONFIG)
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info

@@ -71,7 +71,8 @@ class HierarchyConfig:
     for ``fc_weights`` and ``centroids``; average linkage on ``1 - similarity`` for
     ``confusion``). ``levels`` lists the k (number of superclasses) to evaluate; empty means every k from
     the number of classes down to 2. ``reference`` is a YAML grouping
-    ``{superclass: [class names]}`` evaluated beside the learned levels; ``names`` gives
+    ``{superclass: [class names]}`` evaluated beside the learned levels (``dataset:coarse``
+    takes CIFAR-100's 20 coarse superclasses from the dataset files); ``names`` gives
     superclasses readable names (``{Footwear: [Sandal, Sneaker, Ankle boot]}``).
     """
 

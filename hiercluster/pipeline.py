@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import quant
 from hiercluster.config import RunConfig, read_yaml, resolve_path, save_config
-from hiercluster.data import dataset_info, load_dataset, make_loader
+from hiercluster.data import cifar100_coarse_groups, dataset_info, load_dataset, make_loader
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
 from hiercluster.heads import as_assignment
@@ -145,7 +145,17 @@ def _levels(cfg: RunConfig, hierarchy: ClassHierarchy, class_names: list[str]) -
     return levels
 
 
+DATASET_COARSE = "dataset:coarse"
+
+
 def _read_grouping(value: str, cfg: RunConfig, key: str) -> dict[str, Any]:
+    """A ``{superclass: [class names]}`` grouping from a YAML file, or the dataset's coarse labels."""
+    if value == DATASET_COARSE:
+        root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
+        dataset = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
+        if "coarse_targets" not in getattr(dataset, "extras", {}):
+            raise HierclusterError(f"config key {key}: {DATASET_COARSE} needs a dataset with coarse labels (cifar100)")
+        return cifar100_coarse_groups(dataset)
     path = resolve_path(value, cfg.source)
     if not path.is_file():
         raise HierclusterError(f"config key {key}: file not found: {path}")
