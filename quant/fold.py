@@ -25,11 +25,11 @@ BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _compatible(layer: nn.Module, bn: nn.Module) -> bool:
+    if not isinstance(layer, FOLDABLE) or not isinstance(bn, BATCHNORMS):
+        return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     return (
-        isinstance(layer, FOLDABLE)
-        and isinstance(bn, BATCHNORMS)
-        and bn.num_features == out
+        bn.num_features == out
         and bn.running_mean is not None  # track_running_stats=False has nothing to fold
         and bn.running_var is not None
     )
