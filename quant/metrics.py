@@ -13,8 +13,8 @@ QUARTILES = ("min", "q1", "median", "q3", "max")
 
 
 def _energy(x: Tensor) -> float:
-    x = x.detach().reshape(-1)
-    return float(torch.sum(x * x, dtype=torch.float64))
+    x = x.detach().reshape(-1).to(torch.float64)
+    return float(torch.dot(x, x))
 
 
 def squared_error(x: Tensor, x_hat: Tensor) -> float:
