@@ -4,7 +4,7 @@ Times the quantization of every Conv/Linear weight (per channel, 4 bits by defau
 choosing parameters (with the clipping search), integer codes, and the fake-quantized
 values, i.e. what :func:`quant.quantize_model` does per layer. BatchNorm folding, the
 deep copy, the report statistics and the whole ``quantize_model`` call are timed
-separately. Each figure is the median of ``--repeat`` runs.
+separately, as are ``model_size`` and the packed file's save and load. Each figure is the median of ``--repeat`` runs.
 
 Targets (issue 3, on 2 CPU cores): minmax < 0.2 s, mse < 3 s.
 
@@ -21,6 +21,7 @@ import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +92,25 @@ def main() -> None:
         spec = quant.QuantSpec(bits=args.bits, clipping=clipping)
         seconds = median_time(lambda: quant.quantize_model(model, spec), max(1, args.repeat // 2))
         print(f"whole quantize_model (asymmetric, {clipping}; copy + fold + weights + report): {seconds:.3f} s")
+
+    qmodel, report = quant.quantize_model(model, quant.QuantSpec(bits=args.bits))
+    start = time.perf_counter()
+    sizes = quant.model_size(qmodel, report)
+    t_size = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "resnet18.qpk"
+        start = time.perf_counter()
+        quant.save_packed(path, qmodel, report)
+        t_save = time.perf_counter() - start
+        start = time.perf_counter()
+        quant.load_packed(path, model)
+        t_load = time.perf_counter() - start
+    print(f"model_size {t_size:.3f} s (gzip -9 and xz -6 of the payload included) | save_packed {t_save:.3f} s | "
+          f"load_packed {t_load:.3f} s")
+    mib = {k: v / 2**20 for k, v in sizes.items()}
+    print(f"sizes (MiB): fp32 {mib['fp32_bytes']:.2f} | packed {mib['packed_bytes']:.2f} "
+          f"(codes {mib['codes_bytes']:.2f}, scales/zero points {mib['qparams_bytes']:.3f}, float {mib['float_bytes']:.3f}) | "
+          f"gzip {mib['gzip_bytes']:.2f} | xz {mib['xz_bytes']:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ a larger error than ``minmax``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ class _SortedErrors:
         return err.T
 
 
-def _choose_evaluator(rows: Tensor, grid: Grid):
+def _choose_evaluator(rows: Tensor, grid: Grid) -> Callable[[Tensor, Tensor, bool], Tensor]:
     n_levels = grid.qmax - grid.qmin + 1
     length = rows.shape[-1]
     # Rough per-candidate cost per row: a binary search per level vs ~4 passes over the row.

@@ -5,12 +5,17 @@ per slice along axis 0 (output channels of Conv/Linear weights). Arithmetic is f
 as in DESIGN.md "Quantizers"; for ``asymmetric`` and ``symmetric`` the values equal
 ``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``
 bit for bit given the same scale and zero point.
+
+Idempotence: ``quantize(dequantize(codes, params), params)`` gives back the same values
+exactly (reusing the parameters). Re-choosing parameters from ``Q(x)`` gives ``Q(x)``
+again exactly for ``pow2`` (``a`` is itself a level); for the affine schemes the fresh
+scale is computed from float32-rounded extremes and can differ in its last bit, so
+``Q(Q(x))`` then matches ``Q(x)`` to a few float32 steps of the scale.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor

@@ -38,7 +38,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from quant import activations
-from quant.bitpack import pack_bits, packed_size, unpack_bits
+from quant.bitpack import pack_bits, unpack_bits
 from quant.errors import QuantError
 from quant.fold import fold_batchnorm
 from quant.functional import QParams, dequantize_sum
@@ -91,7 +91,7 @@ def _check_report(state: dict[str, Tensor], report: QuantReport) -> dict[str, tu
         key = f"{layer}.weight" if layer else "weight"
         if key not in state:
             raise QuantError(f"the report's layer {layer!r} is not in this model; pass the model returned with the report")
-        if not torch.equal(dequantize_sum(parts).to(state[key].dtype), state[key].detach().cpu()):
+        if not torch.equal(dequantize_sum(parts).cpu().to(state[key].dtype), state[key]):
             raise QuantError(
                 f"layer {layer!r}: the model's weight is not the one the report's codes encode "
                 "(was the model changed after quantize_model?)"
@@ -314,6 +314,10 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     QuantError
         Not a packed file, a truncated or damaged file (checksum), or a file written
         for another architecture.
+
+    Examples
+    --------
+    See :func:`save_packed`.
     """
     path = Path(path)
     if sys.byteorder != "little":

@@ -9,7 +9,7 @@ import torchvision
 
 from quant import fold_batchnorm
 from quant.fold import find_conv_bn_pairs
-from quant_testing import SmallNet, randomize_batchnorm, relative_error
+from quant_testing import randomize_batchnorm, relative_error
 
 
 def assert_same_outputs(model: nn.Module, x: torch.Tensor) -> nn.Module:
