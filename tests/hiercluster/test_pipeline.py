@@ -198,3 +198,46 @@ def test_refuses_a_folder_that_is_not_a_run(config_file, tmp_path, capsys):
     assert main(["run", str(config_file), "--out", str(tmp_path), "--quiet"]) == 2
     assert "not a hiercluster run directory" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_quantize_evaluate_and_hierarchy_commands(config_file, run_dir, tmp_path, capsys):
+    packed = tmp_path / "m4.hcq"
+    args = ["quantize", str(config_file), "--bits", "4", "--scheme", "asymmetric", "--clipping", "minmax", "--out", str(packed)]
+    assert main(args) == 0
+    sizes = json.loads(packed.with_suffix(".json").read_text())["sizes"]
+    assert packed.is_file() and sizes["packed_bytes"] < sizes["fp32_bytes"] / 6  # 4-bit codes vs 32-bit floats
+    before = packed.read_bytes()
+    assert main(args) == 2 and packed.read_bytes() == before  # no silent overwrite
+    capsys.readouterr()
+
+    assert main(["evaluate", str(config_file), "--packed", str(packed), "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    # The same spec in the sweep (asymmetric, 4 bits, minmax, full plan) gave these grouped accuracies.
+    rows = [r for r in _csv_rows(run_dir / "results.csv")
+            if (r["scheme"], r["bits"], r["plan"]) == ("asymmetric", "4", "full")]
+    for r in rows:
+        line = next(l for l in printed.splitlines() if l.split() and l.split()[0] == r["level"])
+        assert f"{100 * float(r['acc_quant']):.2f}" in line
+
+    assert main(["hierarchy", str(config_file), "--out", str(tmp_path / "h"), "--quiet"]) == 0
+    assert "k=2:" in capsys.readouterr().out
+    assert (tmp_path / "h" / "hierarchy.json").is_file() and (tmp_path / "h" / "levels" / "k3.yaml").is_file()
+
+
+def test_dataset_coarse_reference_reads_cifar100_superclasses(tmp_path):
+    import pickle
+
+    from hiercluster.config import load_config
+
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    for split in ("train", "test"):
+        with open(base / split, "wb") as fh:
+            pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0, 1, 2, 3],
+                         b"coarse_labels": [1, 0, 1, 0]}, fh)
+    with open(base / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [b"apple", b"bus", b"pear", b"train"],
+                     b"coarse_label_names": [b"vehicles", b"fruit"]}, fh)
+    cfg = load_config(None, ["data.dataset=cifar100", f"data.root={tmp_path}"])
+    groups = pipeline._read_grouping("dataset:coarse", cfg, "hierarchy.reference")
+    assert groups == {"vehicles": ["bus", "train"], "fruit": ["apple", "pear"]}
