@@ -25,7 +25,7 @@ from quant.errors import QuantError
 from quant.schemes import Grid
 from quant.spec import QuantSpec
 
-#: One quantized tensor: its int32 codes and the parameters that give them values.
+#: One quantized tensor: its integer codes and the parameters that give them values.
 Quantized = tuple[Tensor, "QParams"]
 
 
@@ -161,7 +161,9 @@ def quantize(x: Tensor, spec: QuantSpec | QParams) -> Quantized:
     Returns
     -------
     codes : Tensor
-        int32, same shape as ``x``, in ``[params.qmin, params.qmax]``.
+        Same shape as ``x``, in ``[params.qmin, params.qmax]``, in the smallest integer
+        dtype holding that range: uint8 (asymmetric <= 8 bits), int8 (symmetric, pow2
+        <= 8 bits), int16, or int32 (asymmetric 16 bits).
     params : QParams
 
     Examples

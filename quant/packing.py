@@ -28,7 +28,7 @@ import lzma
 import os
 import struct
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -234,15 +234,16 @@ def save_packed(path: str | Path, qmodel: nn.Module, report: QuantReport, *, ove
         raise QuantError(f"{path} already exists; pass overwrite=True to replace it")
     header, payload = _encode(qmodel, report)
     front, rest = _serialize(header, payload)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    # A fresh name beside the target (not mkstemp, whose 0600 mode would ignore the umask),
+    # then an atomic rename: a crash never leaves a partial file under ``path``.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:
             handle.write(front)
             handle.write(rest)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -282,7 +283,7 @@ def _decode_term(term: dict[str, Any], body: memoryview, shape: list[int]) -> tu
     if term["axis"] is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
     params = QParams(term["scheme"], term["bits"], scale, zero_point, term["qmin"], term["qmax"], term["axis"])
-    return torch.from_numpy(codes.astype(np.int32)).reshape(shape), params
+    return torch.from_numpy(codes).to(params.grid.code_dtype).reshape(shape), params
 
 
 def _mismatch(file_arch: dict[str, Any], model_arch: list[list[Any]]) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 from hypothesis import strategies as st
@@ -110,7 +108,3 @@ def small_net() -> nn.Module:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-
-
-def ulp_tolerance(scale: float) -> float:
-    return scale * 2.0 ** -20 + math.ulp(0.0)
