@@ -61,6 +61,9 @@ def main() -> None:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"machine: os.cpu_count()={os.cpu_count()}, torch.get_num_threads()={torch.get_num_threads()}, "
           f"load average {load}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        print("note: the load average exceeds the core count, other processes compete for the cores; "
+              "torch's threads then wait on each other (compare with --threads 1)")
     print(f"model: torchvision resnet18, {n_params / 1e6:.2f} M parameters; per_channel, {args.bits} bits; "
           f"median of {args.repeat} runs")
 
