@@ -12,6 +12,7 @@ SCHEMES = ("asymmetric", "symmetric", "pow2")
 GRANULARITIES = ("per_tensor", "per_channel")
 CLIPPINGS = ("minmax", "mse", "percentile")
 MIN_BITS, MAX_BITS = 2, 16
+DEFAULT_PERCENTILE = 99.99
 POW2_MAX_BITS = 8  # exponents 2^0..2^-126 already span float32's normal range
 
 
@@ -39,6 +40,9 @@ class QuantSpec:
         For ``clipping="percentile"``: the percentile of the values (of ``|x|`` for the
         symmetric schemes) used as the range end, in (0, 100].
 
+    Options that do not apply to the chosen scheme or clipping are validated, then
+    stored at their defaults: specs that quantize alike are equal and share a tag.
+
     Raises
     ------
     ValueError
@@ -63,7 +67,7 @@ class QuantSpec:
     clipping: str = "minmax"
     narrow_range: bool = True
     pow2_scale: bool = False
-    percentile: float = 99.99
+    percentile: float = DEFAULT_PERCENTILE
 
     def __post_init__(self) -> None:
         owner = "QuantSpec"
@@ -77,20 +81,19 @@ class QuantSpec:
         object.__setattr__(
             self, "percentile", check.number_in(owner, "percentile", self.percentile, 0.0, 100.0, lo_open=True, hi_open=False)
         )
-        # An option that the scheme ignores is a silent mistake; refuse it instead.
-        if not self.narrow_range and self.scheme != "symmetric":
-            raise ValueError(
-                f"QuantSpec.narrow_range=False is invalid for scheme={self.scheme!r}; allowed: only with scheme='symmetric'"
-            )
         if self.scheme == "pow2" and self.bits > POW2_MAX_BITS:
             # 8 bits already reach a*2^-126; wider codes would only add levels that underflow to 0.
             raise ValueError(
                 f"QuantSpec.bits={self.bits} is invalid for scheme='pow2'; allowed: an integer in [{MIN_BITS}, {POW2_MAX_BITS}]"
             )
-        if self.pow2_scale and self.scheme != "pow2":
-            raise ValueError(
-                f"QuantSpec.pow2_scale=True is invalid for scheme={self.scheme!r}; allowed: only with scheme='pow2'"
-            )
+        # Options that do not apply are stored at their defaults, so that specs behaving
+        # alike compare equal and share a tag (a config may set them for a whole grid).
+        if self.scheme != "symmetric":
+            object.__setattr__(self, "narrow_range", True)
+        if self.scheme != "pow2":
+            object.__setattr__(self, "pow2_scale", False)
+        if self.clipping != "percentile":
+            object.__setattr__(self, "percentile", DEFAULT_PERCENTILE)
 
     @property
     def tag(self) -> str:

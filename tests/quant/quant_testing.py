@@ -54,12 +54,10 @@ def specs(draw, schemes=("asymmetric", "symmetric", "pow2"), clippings=("minmax"
         "granularity": draw(st.sampled_from(["per_tensor", "per_channel"])),
         "clipping": draw(st.sampled_from(clippings)),
     }
-    if scheme == "symmetric":
-        kwargs["narrow_range"] = draw(st.booleans())
-    if scheme == "pow2":
-        kwargs["pow2_scale"] = draw(st.booleans())
-    if kwargs["clipping"] == "percentile":
-        kwargs["percentile"] = draw(st.sampled_from([90.0, 99.0, 99.99, 100.0]))
+    # Options that do not apply are drawn too: the spec must store them at their defaults.
+    kwargs["narrow_range"] = draw(st.booleans())
+    kwargs["pow2_scale"] = draw(st.booleans())
+    kwargs["percentile"] = draw(st.sampled_from([90.0, 99.0, 99.99, 100.0]))
     return QuantSpec(**kwargs)
 
 

@@ -50,11 +50,18 @@ def test_invalid_field_names_field_value_and_allowed(field, value, allowed):
     assert allowed in message
 
 
-def test_options_that_the_scheme_ignores_are_refused():
-    with pytest.raises(ValueError, match="narrow_range=False.*scheme='symmetric'"):
-        QuantSpec(scheme="asymmetric", narrow_range=False)
-    with pytest.raises(ValueError, match="pow2_scale=True.*scheme='pow2'"):
-        QuantSpec(scheme="symmetric", pow2_scale=True)
+def test_options_that_do_not_apply_are_stored_at_their_defaults():
+    # A config may set narrow_range / pow2_scale / percentile once for a whole grid of schemes.
+    assert QuantSpec(scheme="asymmetric", narrow_range=False, pow2_scale=True, percentile=90) == QuantSpec()
+    assert QuantSpec(scheme="symmetric", pow2_scale=True).pow2_scale is False
+    assert QuantSpec(scheme="symmetric", narrow_range=False).narrow_range is False
+    assert QuantSpec(scheme="pow2", pow2_scale=True, narrow_range=False).narrow_range is True
+    assert QuantSpec(clipping="percentile", percentile=90).percentile == 90.0
+    with pytest.raises(ValueError, match="narrow_range"):  # still validated
+        QuantSpec(scheme="asymmetric", narrow_range="no")
+
+
+def test_pow2_is_limited_to_8_bits():
     with pytest.raises(ValueError, match=r"bits=9 is invalid for scheme='pow2'.*\[2, 8\]"):
         QuantSpec(scheme="pow2", bits=9)
 
