@@ -181,7 +181,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.eval_split": ("train", "test"),
     "train.schedule": ("onecycle", "cosine"),
     "hierarchy.embedding": ("fc_weights", "centroids", "confusion"),
-    "hierarchy.linkage": ("ward", "average", "complete", "single"),
+    "hierarchy.linkage": ("ward", "average", "complete", "single", "weighted"),
     "hierarchy.metric": ("cosine", "euclidean", "precomputed"),
     "hierarchy.split": ("train", "test"),
     "eval.reduction": ("prob_sum", "mean_logit", "argmax_then_map"),

@@ -49,7 +49,7 @@ def collect_logits(
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy as a fraction in [0, 1]."""
-    return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
+    return float((logits.argmax(1) == labels).double().mean()) if len(labels) else float("nan")
 
 
 # --- grouped accuracy, many groupings at once ------------------------------------------

@@ -30,7 +30,8 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -68,7 +69,7 @@ def plot_dendrogram(hierarchy: ClassHierarchy, path: str | Path, title: str | No
     kind = f"{hierarchy.linkage} linkage, {hierarchy.metric}" if hierarchy.linkage else "hand-made grouping"
     ax.set_title(title or f"Class hierarchy ({kind})")
     ax.spines[["top", "right", "left"]].set_visible(False)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def plot_prediction_share(
@@ -110,7 +111,7 @@ def plot_prediction_share(
     ax.set_title(title)
     ax.legend(frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 __all__ = ["plot_dendrogram", "plot_prediction_share"]

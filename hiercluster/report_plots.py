@@ -16,7 +16,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from hiercluster.plots import _save  # noqa: E402
+from hiercluster.plots import save_figure  # noqa: E402
 
 _STATS = ("min", "q1", "median", "q3", "max")
 
@@ -53,7 +53,7 @@ def plot_accuracy_vs_bits(rows: Sequence[Mapping[str, Any]], path: str | Path, d
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("grouped accuracy % (band: random grouping mean ± std)")
     axes[-1].legend(fontsize=7, loc="lower left", title="level")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def plot_pareto(
@@ -82,7 +82,7 @@ def plot_pareto(
     ax.set_ylabel("fine accuracy %")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def _pick_layers(names: Sequence[str], n: int = 3) -> list[str]:
@@ -108,7 +108,7 @@ def plot_quartiles(details: Mapping[str, Mapping[str, Any]], path: str | Path, b
             chosen.setdefault(d["spec"]["scheme"], d)
     fig = Figure(figsize=(11, 3.8), layout="constrained")
     if not chosen:
-        return _save(fig, path, dpi)
+        return save_figure(fig, path, dpi)
     first = next(iter(chosen.values()))
     quantized = [layer["name"] for layer in first["layers"] if layer.get("bits") and layer["bits"] < 32]
     layers = _pick_layers(quantized)
@@ -126,7 +126,7 @@ def plot_quartiles(details: Mapping[str, Mapping[str, Any]], path: str | Path, b
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("weight value (whiskers: min / max)")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def _box(layer: Mapping[str, Any], when: str, label: str) -> dict[str, Any]:

@@ -17,4 +17,5 @@ def test_shipped_checkpoint_accuracy():
     acc = accuracy(*collect_logits(model, make_loader(test_set, 128)))
     assert acc >= 0.92  # the floor for the default baseline
     recorded = json.loads(CHECKPOINT.with_suffix(".json").read_text())["test_accuracy"]
-    assert abs(acc - recorded) < 1e-9  # evaluation is deterministic: the metadata is what we measure
+    # Evaluation is deterministic: the metadata is what we measure (recorded as a float32 mean, hence 1e-6).
+    assert abs(acc - recorded) < 1e-6
