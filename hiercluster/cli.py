@@ -166,10 +166,8 @@ def cmd_hierarchy(args: argparse.Namespace) -> int:
     for name, (k, _, kind) in prep.levels.items():
         if kind == "learned":
             print(f"  k={k}: " + "; ".join(prep.hierarchy.superclass_names(k)))
-    if cfg.hierarchy.reference:
-        from hiercluster.pipeline import _read_grouping
-
-        cmp_ = prep.hierarchy.compare(_read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference"))
+    if prep.reference_groups is not None:
+        cmp_ = prep.hierarchy.compare(prep.reference_groups)
         print(f"  vs reference {cfg.hierarchy.reference}: ARI {cmp_['ari']:.3f}, NMI {cmp_['nmi']:.3f}")
     print(f"wrote {out / 'hierarchy.json'}, {out / 'levels'}/k*.yaml and {out / 'dendrogram.png'}")
     return EXIT_OK
@@ -248,8 +246,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import quant
 
     from hiercluster.config import load_config
-    from hiercluster.evaluate import collect_logits, evaluate_levels
-    from hiercluster.pipeline import check_run_dir, prepare
+    from hiercluster.evaluate import collect_logits
+    from hiercluster.pipeline import check_run_dir, level_metrics, prepare
 
     cfg = load_config(args.config, args.overrides)
     packed = Path(args.packed)
@@ -263,11 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except quant.QuantError as exc:
         raise HierclusterError(str(exc)) from None
     qlogits, _ = collect_logits(qmodel, prep.loader())
-    rows = []
-    for name, (k, assignment, _) in prep.levels.items():
-        (row,) = evaluate_levels(prep.float_logits, qlogits, prep.labels, {k: assignment}, n_random=cfg.eval.random_seeds,
-                                 seed=cfg.eval.seed, reduction=cfg.eval.reduction)
-        rows.append({**row, "level": name, "k": k})
+    rows = level_metrics(prep, qlogits)
     _print_levels_table(rows, f"{packed} against merged heads ({cfg.eval.reduction}, {cfg.eval.random_seeds} random groupings):")
     return EXIT_OK
 

@@ -24,7 +24,7 @@ from hiercluster.config import RunConfig, read_yaml, resolve_path, save_config
 from hiercluster.data import cifar100_coarse_groups, dataset_info, load_dataset, make_loader
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
-from hiercluster.heads import as_assignment
+from hiercluster.heads import as_assignment, group_names
 from hiercluster.hierarchy import ClassHierarchy, build_hierarchy
 from hiercluster.models import build_model, classifier_layer, load_checkpoint, metadata_path
 from hiercluster.store import ResultsStore, file_digest, spec_key
@@ -101,6 +101,7 @@ class Prepared:
     float_logits: torch.Tensor
     hierarchy: ClassHierarchy
     levels: dict[str, tuple[int, np.ndarray, str]] = field(default_factory=dict)
+    reference_groups: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def loader(self) -> Any:
@@ -132,15 +133,17 @@ def load_float_model(cfg: RunConfig, num_classes: int, in_channels: int) -> tupl
     return model.eval(), path
 
 
-def _levels(cfg: RunConfig, hierarchy: ClassHierarchy, class_names: list[str]) -> dict[str, tuple[int, np.ndarray, str]]:
+def _levels(
+    cfg: RunConfig, hierarchy: ClassHierarchy, class_names: list[str], reference: dict[str, Any] | None
+) -> dict[str, tuple[int, np.ndarray, str]]:
     c = len(class_names)
     ks = list(cfg.hierarchy.levels) or list(range(c, 1, -1))
     for k in ks:
         if not 1 <= k <= c:
             raise HierclusterError(f"config key hierarchy.levels: k={k} is outside 1..{c} (the number of classes)")
     levels = {f"k={k}": (k, hierarchy.cut(k=k), "learned") for k in sorted(set(ks), reverse=True)}
-    if cfg.hierarchy.reference:
-        ref = as_assignment(_read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference"), class_names)
+    if reference is not None:
+        ref = as_assignment(reference, class_names)
         levels["reference"] = (int(ref.max()) + 1, ref, "reference")
     return levels
 
@@ -196,15 +199,16 @@ def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Prepared:
     timings["float_eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    hierarchy = _build_hierarchy(cfg, model, class_names, root, logits, labels)
-    levels = _levels(cfg, hierarchy, class_names)
+    hierarchy = _build_hierarchy(cfg, model, class_names, root)
+    reference = _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference") if cfg.hierarchy.reference else None
+    levels = _levels(cfg, hierarchy, class_names, reference)
     timings["hierarchy_s"] = time.perf_counter() - t0
-    return Prepared(cfg, out_dir, model, digest, class_names, eval_set, labels, logits, hierarchy, levels, timings)
+    return Prepared(
+        cfg, out_dir, model, digest, class_names, eval_set, labels, logits, hierarchy, levels, reference, timings
+    )
 
 
-def _build_hierarchy(
-    cfg: RunConfig, model: nn.Module, class_names: list[str], root: Path | None, logits: torch.Tensor, labels: torch.Tensor
-) -> ClassHierarchy:
+def _build_hierarchy(cfg: RunConfig, model: nn.Module, class_names: list[str], root: Path | None) -> ClassHierarchy:
     h = cfg.hierarchy
     loader = None
     if h.embedding != "fc_weights":
@@ -242,26 +246,40 @@ def quantize_point(model: nn.Module, point: GridPoint, prep: Prepared) -> tuple[
         raise HierclusterError(f"quantizing with {point.tag}: {exc}") from None
 
 
+def level_metrics(prep: Prepared, quant_logits: torch.Tensor) -> list[dict[str, Any]]:
+    """Every level's metrics for one quantized model, from kept logits.
+
+    The learned levels (distinct k) go through one vectorized :func:`evaluate_levels`
+    call; the reference grouping, whose k may equal a learned level's, through another.
+    """
+    cfg = prep.cfg
+    rows: dict[str, dict[str, Any]] = {}
+    for kind in ("learned", "reference"):
+        names = [name for name, (_, _, level_kind) in prep.levels.items() if level_kind == kind]
+        if not names:
+            continue
+        results = evaluate_levels(
+            prep.float_logits,
+            quant_logits,
+            prep.labels,
+            {prep.levels[name][0]: prep.levels[name][1] for name in names},
+            n_random=cfg.eval.random_seeds,
+            seed=cfg.eval.seed,
+            reduction=cfg.eval.reduction,
+        )
+        for name, row in zip(names, results):
+            rows[name] = {**row, "level": name, "grouping": kind}
+    return [rows[name] for name in prep.levels]
+
+
 def evaluate_point(point: GridPoint, prep: Prepared, key: str) -> dict[str, Any]:
     """Quantize, run once, compute every level's metrics and the sizes; returns what the store needs."""
-    cfg = prep.cfg
     t0 = time.perf_counter()
     qmodel, qreport = quantize_point(prep.model, point, prep)
     t1 = time.perf_counter()
     qlogits, _ = collect_logits(qmodel, prep.loader())
     t2 = time.perf_counter()
-    level_rows = []
-    for name, (k, assignment, kind) in prep.levels.items():
-        (row,) = evaluate_levels(
-            prep.float_logits,
-            qlogits,
-            prep.labels,
-            {k: assignment},
-            n_random=cfg.eval.random_seeds,
-            seed=cfg.eval.seed,
-            reduction=cfg.eval.reduction,
-        )
-        level_rows.append({**row, "level": name, "grouping": kind, "k": k})
+    level_rows = level_metrics(prep, qlogits)
     share = prediction_share(qlogits, len(prep.class_names))
     t3 = time.perf_counter()
     sizes = quant.model_size(qmodel, qreport)
@@ -380,21 +398,20 @@ def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[st
             "metric": prep.hierarchy.metric,
         },
         "levels": {
-            name: {"k": k, "kind": kind, "assignment": a.tolist(), "names": _group_names(prep, name, k, a)}
+            name: {"k": k, "kind": kind, "assignment": a.tolist(), "names": level_names(prep, name)}
             for name, (k, a, kind) in prep.levels.items()
         },
         "grid": [{"key": key, "tag": p.tag} for p, key in zip(grid, keys)],
     }
-    if "reference" in prep.levels:
-        ref = _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference")
-        info["reference_comparison"] = prep.hierarchy.compare(ref)
+    if prep.reference_groups is not None:
+        info["reference_comparison"] = prep.hierarchy.compare(prep.reference_groups)
         info["reference_file"] = cfg.hierarchy.reference
     return info
 
 
-def _group_names(prep: Prepared, name: str, k: int, assignment: np.ndarray) -> list[str]:
-    if name != "reference":
+def level_names(prep: Prepared, name: str) -> list[str]:
+    """Superclass names of a reported level, in group-id order."""
+    k, _, kind = prep.levels[name]
+    if kind == "learned":
         return list(prep.hierarchy.superclass_names(k))
-    groups = _read_grouping(prep.cfg.hierarchy.reference, prep.cfg, "hierarchy.reference")
-    by_first = {as_assignment(groups, prep.class_names)[prep.class_names.index(members[0])]: g for g, members in groups.items()}
-    return [str(by_first[i]) for i in range(k)]
+    return list(group_names(prep.reference_groups, prep.class_names))

@@ -262,7 +262,7 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
     import quant
     import yaml
 
-    from hiercluster.pipeline import quantize_point
+    from hiercluster.pipeline import level_names, quantize_point
 
     model_dir = out_dir / "models"
     model_dir.mkdir(exist_ok=True)
@@ -279,11 +279,11 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
             path = model_dir / f"{point.tag}.hcq"
             quant.save_packed(path, qmodel, qreport, overwrite=True)
             written[w["spec_key"]] = path.name
-        k, assignment, _ = prep.levels[t["level"]]
-        level_names = prep.hierarchy.superclass_names(k) if t["grouping"] == "learned" else None
+        _, assignment, _ = prep.levels[t["level"]]
+        names = level_names(prep, t["level"])
         groups: dict[str, list[str]] = defaultdict(list)
         for cls, g in zip(prep.class_names, assignment.tolist()):
-            groups[level_names[g] if level_names else f"group{g}"].append(cls)
+            groups[names[g]].append(cls)
         group_file = model_dir / f"{t['level'].replace('=', '')}_groups.yaml"
         group_file.write_text(yaml.safe_dump(dict(groups), sort_keys=False))
         manifest["levels"][t["level"]] = {
