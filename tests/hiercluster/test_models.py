@@ -88,7 +88,7 @@ def test_damaged_and_unsafe_checkpoints(tmp_path):
 
     unsafe = tmp_path / "unsafe.pt"
     with open(unsafe, "wb") as fh:
-        pickle.dump({"fc.weight": Evil()}, fh)
+        pickle.dump({"fc.weight": Evil()}, fh, protocol=2)
     with pytest.raises(HierclusterError, match="cannot read checkpoint"):  # weights_only refuses it
         load_weights(build_model("resnet8", 10, 1), unsafe)
     with pytest.raises(HierclusterError, match="not found"):
