@@ -27,6 +27,7 @@ test: setup data
 
 bench: setup data
 	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_pipeline.py $(CONFIG)
 
 clean:

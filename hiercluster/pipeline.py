@@ -32,6 +32,7 @@ from hiercluster.store import ResultsStore, file_digest, spec_key
 RUN_FILE = "run.json"
 DB_FILE = "results.sqlite"
 LOGITS_FILE = "float_logits.pt"
+HIERARCHY_FILE = "hierarchy.json"
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,8 @@ def check_run_dir(out_dir: Path) -> None:
     """Refuse a non-empty folder that is not a hiercluster run (never overwrite a user's files)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise HierclusterError(f"--out {out_dir} is a file, not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / RUN_FILE).exists() and not (out_dir / DB_FILE).exists():
+    ours = (RUN_FILE, DB_FILE, LOGITS_FILE, HIERARCHY_FILE)  # any command writing a run directory leaves one
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / name).exists() for name in ours):
         raise HierclusterError(
             f"--out {out_dir} is a non-empty folder that is not a hiercluster run directory; choose another folder"
         )
@@ -369,7 +371,7 @@ def write_hierarchy_files(prep: Prepared, out_dir: Path) -> None:
     from hiercluster.plots import plot_dendrogram
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    prep.hierarchy.to_json(out_dir / "hierarchy.json")
+    prep.hierarchy.to_json(out_dir / HIERARCHY_FILE)
     level_dir = out_dir / "levels"
     level_dir.mkdir(exist_ok=True)
     for name, (k, _, kind) in prep.levels.items():

@@ -222,6 +222,8 @@ def test_quantize_evaluate_and_hierarchy_commands(config_file, run_dir, tmp_path
     assert main(["hierarchy", str(config_file), "--out", str(tmp_path / "h"), "--quiet"]) == 0
     assert "k=2:" in capsys.readouterr().out
     assert (tmp_path / "h" / "hierarchy.json").is_file() and (tmp_path / "h" / "levels" / "k3.yaml").is_file()
+    # The folder `hierarchy` wrote is a run directory that `run` continues in.
+    assert main(["run", str(config_file), "--out", str(tmp_path / "h"), "--quiet", "--set", "quant.bits=[8]"]) == 0
 
 
 def test_dataset_coarse_reference_reads_cifar100_superclasses(tmp_path):
