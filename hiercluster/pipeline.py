@@ -215,7 +215,10 @@ def _build_hierarchy(cfg: RunConfig, model: nn.Module, class_names: list[str], r
     if h.embedding != "fc_weights":
         split_set = load_dataset(cfg.data.dataset, root, h.split, cfg.data.download)
         loader = make_loader(split_set, cfg.data.batch_size, num_workers=cfg.data.workers)
-    return build_hierarchy(model, h.embedding, loader, class_names, linkage=h.linkage, metric=h.metric, names=h.names)
+    try:
+        return build_hierarchy(model, h.embedding, loader, class_names, linkage=h.linkage, metric=h.metric, names=h.names)
+    except HierclusterError as exc:
+        raise HierclusterError(f"config section hierarchy: {exc}") from None
 
 
 def _grid_key(point: GridPoint, prep: Prepared) -> str:
