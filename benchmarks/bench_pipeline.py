@@ -32,7 +32,7 @@ from hiercluster.pipeline import expand_grid, load_float_model
 
 def float_eval_seconds(cfg, repeats: int = 3) -> float:
     ds = load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.eval_split)
-    model, _ = load_float_model(cfg, len(ds.classes), int(ds[0][0].shape[0]))
+    model, _ = load_float_model(cfg, list(ds.classes), int(ds[0][0].shape[0]))
     collect_logits(model, make_loader(ds, cfg.data.batch_size))  # warm-up
     times = []
     for _ in range(repeats):

@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if p.exists():
                 raise HierclusterError(f"{p} exists; pass --overwrite to replace it, or --out another path")
     root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
-    train_set = load_dataset(cfg.data.dataset, root, "train", cfg.data.download)
+    train_set = load_dataset(cfg.data.dataset, root, "train", cfg.data.download, augment=True)
     test_set = load_dataset(cfg.data.dataset, root, "test", cfg.data.download)
     torch.manual_seed(cfg.train.seed)
     info_x, _ = train_set[0]
@@ -76,19 +76,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_checkpoint(args: argparse.Namespace) -> int:
-    from hiercluster.data import load_dataset, make_loader
+    from hiercluster.data import dataset_info, load_dataset, make_loader
     from hiercluster.evaluate import accuracy, collect_logits
-    from hiercluster.models import load_checkpoint
+    from hiercluster.models import check_fits_data, load_checkpoint, read_metadata
 
-    model, meta = load_checkpoint(args.checkpoint)
+    meta = read_metadata(args.checkpoint)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise HierclusterError(f"metadata of {args.checkpoint} names no dataset; pass --dataset NAME")
+    if args.root and not Path(args.root).exists():
+        raise HierclusterError(f"--root {args.root}: folder not found")
     test_set = load_dataset(dataset, args.root, args.split)
-    if len(test_set.classes) != int(meta["num_classes"]):
-        raise HierclusterError(
-            f"{dataset} has {len(test_set.classes)} classes but {args.checkpoint} was trained for {meta['num_classes']}"
-        )
+    check_fits_data(meta, args.checkpoint, dataset, list(test_set.classes), dataset_info(test_set)["in_channels"])
+    model, _ = load_checkpoint(args.checkpoint)
     start = time.perf_counter()
     acc = accuracy(*collect_logits(model, make_loader(test_set, args.batch_size)))
     elapsed = time.perf_counter() - start
@@ -154,12 +154,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_hierarchy(args: argparse.Namespace) -> int:
     from hiercluster.config import load_config
-    from hiercluster.pipeline import check_run_dir, prepare, write_hierarchy_files
+    from hiercluster.pipeline import check_run_dir, check_same_levels, prepare, write_hierarchy_files
 
     cfg = load_config(args.config, args.overrides)
     out = _run_dir(args, cfg)
     check_run_dir(out)
     prep = prepare(cfg, out, progress=not args.quiet)
+    check_same_levels(prep, out)
     write_hierarchy_files(prep, out)
     h = prep.hierarchy
     print(f"class hierarchy from {cfg.hierarchy.embedding} ({h.linkage} linkage, {h.metric} metric):")
@@ -209,19 +210,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from hiercluster.config import load_config, resolve_path
     from hiercluster.data import dataset_info, load_dataset
+    from hiercluster.models import metadata_path
     from hiercluster.pipeline import load_float_model
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    report_file = out.with_suffix(".json")
+    report_file = out.with_name(out.name + ".json")
+    if out.suffix in (".json", ".pt", ".pth", ".yaml"):
+        raise HierclusterError(f"--out {out}: use a name ending in .hcq for the packed model (not {out.suffix})")
     if not args.overwrite:
         for p in (out, report_file):
             if p.exists():
                 raise HierclusterError(f"{p} exists; pass --overwrite to replace it, or --out another path")
     spec, plan = _spec_from_args(args, cfg), _plan_from_args(args, cfg)
+    if cfg.model.checkpoint:
+        ckpt_path = resolve_path(cfg.model.checkpoint, cfg.source)
+        protected = {ckpt_path.resolve(), metadata_path(ckpt_path).resolve()}
+        for p in (out, report_file):
+            if p.resolve() in protected:
+                raise HierclusterError(f"--out {out} would write {p}, which belongs to the checkpoint; choose another name")
     root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
     info = dataset_info(load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download))
-    model, ckpt = load_float_model(cfg, len(info["classes"]), info["in_channels"])
+    model, ckpt = load_float_model(cfg, list(info["classes"]), info["in_channels"])
     try:
         qmodel, report = quant.quantize_model(model, spec, plan)
     except quant.QuantError as exc:
@@ -317,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("quantize", help="quantize the model with one spec; write the bit-packed model and size report",
                        description="Quantize the config's model with one spec and write the bit-packed model (OUT) "
-                       "and a JSON size and per-layer report beside it (OUT with .json).")
+                       "and a JSON size and per-layer report beside it (OUT.json, e.g. model-4b.hcq.json).")
     p.add_argument("config", help="YAML config file")
     _add_set(p)
     p.add_argument("--bits", type=int, required=True, help="weight bits, 2..16")

@@ -186,6 +186,16 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "hierarchy.split": ("train", "test"),
     "eval.reduction": ("prob_sum", "mean_logit", "argmax_then_map"),
 }
+# key path -> (lowest allowed, highest allowed or None, whether the highest is excluded)
+_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "train.label_smoothing": (0.0, 1.0, True),
+    "train.crop_padding": (0, None, False),
+    "train.momentum": (0.0, None, False),
+    "train.weight_decay": (0.0, None, False),
+    "train.threads": (1, None, False),
+    "data.workers": (0, None, False),
+    "eval.tolerance": (0.0, None, False),
+}
 _POSITIVE = {
     "data.batch_size",
     "train.epochs",
@@ -265,6 +275,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise HierclusterError(f"config key {path}: {value!r} is not one of {', '.join(_CHOICES[path])}")
         if path in _POSITIVE and value is not None and value <= 0:
             raise HierclusterError(f"config key {path}: must be > 0, got {value!r}")
+        if path in _RANGES and value is not None:
+            lo, hi, hi_open = _RANGES[path]
+            if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
+                upper = "" if hi is None else (f" and < {hi}" if hi_open else f" and <= {hi}")
+                raise HierclusterError(f"config key {path}: must be >= {lo}{upper}, got {value!r}")
         kwargs[key] = value
     try:
         return cls(**kwargs)

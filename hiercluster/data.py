@@ -14,6 +14,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,9 @@ def make_loader(
     )
 
 
-def load_dataset(name: str, root: str | Path | None = None, split: str = "test", download: bool = False) -> Dataset:
+def load_dataset(
+    name: str, root: str | Path | None = None, split: str = "test", download: bool = False, augment: bool = False
+) -> Dataset:
     """Load a dataset split with class names and standard normalization.
 
     Parameters
@@ -189,6 +192,9 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "test",
         ``imagefolder`` maps ``test`` to ``ROOT/val`` or ``ROOT/test`` when present.
     download : bool, default False
         Let torchvision download a missing dataset (needs network).
+    augment : bool, default False
+        Random crops and flips per item (``imagefolder`` only; the in-memory sets are
+        augmented per batch by the trainer). Evaluation always uses the fixed transform.
 
     Returns
     -------
@@ -221,7 +227,7 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "test",
         return _load_idx_dataset(name, root, split, download)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, root, split, download)
-    return _load_imagefolder(root, split)
+    return _load_imagefolder(root, split, augment)
 
 
 # --- IDX (MNIST-format) -------------------------------------------------------------
@@ -264,8 +270,8 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw = fh.read()
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise HierclusterError(f"cannot read IDX file {path}: {exc}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise HierclusterError(f"cannot read IDX file {path} (damaged? re-install or re-download it): {exc}") from None
     if len(raw) < 4:
         raise HierclusterError(f"IDX file {path} is truncated ({len(raw)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
@@ -427,14 +433,17 @@ def _load_cifar(name: str, root: str | Path | None, split: str, download: bool) 
     if len(images) != len(labels):
         raise HierclusterError(f"CIFAR files in {base} hold {len(images)} images but {len(labels)} labels")
     extras: dict[str, Any] = {}
-    if name == "cifar10":
-        classes = _decode_names(meta.get("label_names", CIFAR10_CLASSES))
-    else:
-        classes = _decode_names(meta["fine_label_names"])
-        extras["coarse_classes"] = _decode_names(meta["coarse_label_names"])
-        extras["coarse_targets"] = torch.from_numpy(
-            np.concatenate([np.asarray(b["coarse_labels"], dtype=np.int64) for b in batches])
-        )
+    try:
+        if name == "cifar10":
+            classes = _decode_names(meta.get("label_names", CIFAR10_CLASSES))
+        else:
+            classes = _decode_names(meta["fine_label_names"])
+            extras["coarse_classes"] = _decode_names(meta["coarse_label_names"])
+            extras["coarse_targets"] = torch.from_numpy(
+                np.concatenate([np.asarray(b["coarse_labels"], dtype=np.int64) for b in batches])
+            )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise HierclusterError(f"CIFAR files in {base} are damaged or of another format: missing {exc}") from None
     mean, std = NORMALIZATION[name]
     return ImageTensorDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), classes, mean, std, name, extras)
 
@@ -453,7 +462,7 @@ def cifar100_coarse_groups(dataset: ImageTensorDataset) -> dict[str, list[str]]:
 # --- ImageNet-style folders ---------------------------------------------------------
 
 
-def _load_imagefolder(root: str | Path | None, split: str) -> Dataset:
+def _load_imagefolder(root: str | Path | None, split: str, augment: bool) -> Dataset:
     if root is None:
         raise HierclusterError("dataset imagefolder needs a root (data.root): a folder with one sub-folder per class")
     import torchvision
@@ -465,7 +474,7 @@ def _load_imagefolder(root: str | Path | None, split: str) -> Dataset:
     if not base.is_dir():
         raise HierclusterError(f"imagefolder root {root} is not a folder")
     mean, std = NORMALIZATION["imagefolder"]
-    if split == "train":
+    if augment:
         tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     else:
         tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])

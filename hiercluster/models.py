@@ -315,8 +315,8 @@ def read_metadata(checkpoint: str | Path) -> dict[str, Any]:
     meta_file = metadata_path(checkpoint)
     if not meta_file.is_file():
         raise HierclusterError(
-            f"no metadata file {meta_file} beside checkpoint {checkpoint}; "
-            "give the model's arch, num_classes and in_channels explicitly (config section model)"
+            f"no metadata file {meta_file} beside checkpoint {checkpoint} (hiercluster train writes one); "
+            "without it the architecture must be given (config key model.arch)"
         )
     try:
         meta = json.loads(meta_file.read_text())
@@ -326,6 +326,30 @@ def read_metadata(checkpoint: str | Path) -> dict[str, Any]:
         if key not in meta:
             raise HierclusterError(f"metadata file {meta_file} lacks {key!r}")
     return meta
+
+
+def check_fits_data(
+    meta: dict[str, Any], checkpoint: str | Path, dataset: str, class_names: list[str], in_channels: int
+) -> None:
+    """Refuse to evaluate a checkpoint on data other than the kind it was trained on.
+
+    Compares the metadata's input channels, class count, class names and dataset name
+    (not for ``imagefolder``, whose name says nothing) with the evaluation data.
+    """
+    problems = []
+    if int(meta["in_channels"]) != in_channels:
+        problems.append(f"it takes {meta['in_channels']}-channel images, the data has {in_channels} channels")
+    if int(meta["num_classes"]) != len(class_names):
+        problems.append(f"it has {meta['num_classes']} classes, the data has {len(class_names)}")
+    elif meta.get("classes") and list(meta["classes"]) != list(class_names):
+        problems.append(f"its classes are {', '.join(meta['classes'][:4])}, ..., the data's are {', '.join(class_names[:4])}, ...")
+    if meta.get("dataset") and dataset != "imagefolder" and meta["dataset"] != dataset:
+        problems.append(f"it was trained on {meta['dataset']!r}, the data is {dataset!r}")
+    if problems:
+        raise HierclusterError(
+            f"checkpoint {checkpoint} does not fit the data: " + "; ".join(problems)
+            + ". Evaluate it on the dataset it was trained on, or use another checkpoint."
+        )
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

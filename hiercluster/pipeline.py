@@ -26,7 +26,7 @@ from hiercluster.errors import HierclusterError
 from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
 from hiercluster.heads import as_assignment, group_names
 from hiercluster.hierarchy import ClassHierarchy, build_hierarchy
-from hiercluster.models import build_model, classifier_layer, load_checkpoint, metadata_path
+from hiercluster.models import build_model, check_fits_data, classifier_layer, load_checkpoint, metadata_path, read_metadata
 from hiercluster.store import ResultsStore, file_digest, spec_key
 
 RUN_FILE = "run.json"
@@ -54,6 +54,10 @@ def expand_grid(cfg: RunConfig) -> list[GridPoint]:
     q = cfg.quant
     points: list[GridPoint] = []
     activation = None
+    names = [p.name for p in q.plans]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise HierclusterError(f"config key quant.plans: plan names must be unique; repeated: {', '.join(repeated)}")
     try:
         if q.activation_bits is not None:
             activation = quant.QuantSpec(
@@ -109,7 +113,7 @@ class Prepared:
         return make_loader(self.eval_set, self.cfg.data.batch_size, num_workers=self.cfg.data.workers)
 
 
-def load_float_model(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[nn.Module, Path]:
+def load_float_model(cfg: RunConfig, class_names: list[str], in_channels: int) -> tuple[nn.Module, Path]:
     """The float model of ``cfg.model``: rebuilt from the checkpoint's metadata, or ``arch`` + weights."""
     if not cfg.model.checkpoint:
         raise HierclusterError("config key model.checkpoint is required: the trained float model to quantize")
@@ -117,20 +121,24 @@ def load_float_model(cfg: RunConfig, num_classes: int, in_channels: int) -> tupl
     if not path.is_file():
         raise HierclusterError(f"config key model.checkpoint: file not found: {path}")
     if metadata_path(path).is_file():
-        model, meta = load_checkpoint(path)
+        meta = read_metadata(path)
         if cfg.model.arch and meta["arch"] != cfg.model.arch:
             raise HierclusterError(
                 f"config key model.arch is {cfg.model.arch!r} but {path} holds a {meta['arch']!r}; fix or remove model.arch"
             )
+        check_fits_data(meta, path, cfg.data.dataset, class_names, in_channels)
+        model, _ = load_checkpoint(path)
     elif cfg.model.arch:
-        model = build_model(cfg.model.arch, num_classes, in_channels, weights=path, width=cfg.model.width)
+        model = build_model(cfg.model.arch, len(class_names), in_channels, weights=path, width=cfg.model.width)
     else:
         raise HierclusterError(
             f"config key model.arch is required: {path} has no metadata file {metadata_path(path).name} beside it"
         )
     n_out = classifier_layer(model)[1].out_features
-    if n_out != num_classes:
-        raise HierclusterError(f"model {path} has {n_out} outputs but config key data.dataset has {num_classes} classes")
+    if n_out != len(class_names):
+        raise HierclusterError(
+            f"model {path} has {n_out} outputs but config key data.dataset has {len(class_names)} classes"
+        )
     return model.eval(), path
 
 
@@ -177,12 +185,18 @@ def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Prepared:
         raise HierclusterError(f"config key data.root: folder not found: {root}")
     eval_set = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
     class_names = list(eval_set.classes)
-    model, ckpt = load_float_model(cfg, len(class_names), int(dataset_info(eval_set)["in_channels"]))
+    model, ckpt = load_float_model(cfg, class_names, int(dataset_info(eval_set)["in_channels"]))
     digest = file_digest(ckpt)
     timings = {"load_s": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
-    data_id = {"dataset": cfg.data.dataset, "split": cfg.data.eval_split, "n": len(eval_set), "checkpoint": digest}
+    data_id = {
+        "dataset": cfg.data.dataset,
+        "root": cfg.data.root,
+        "split": cfg.data.eval_split,
+        "n": len(eval_set),
+        "checkpoint": digest,
+    }
     cache = out_dir / LOGITS_FILE
     logits = labels = None
     if cache.is_file():
@@ -228,9 +242,11 @@ def _grid_key(point: GridPoint, prep: Prepared) -> str:
             "spec": point.spec.to_dict(),
             "plan": point.plan.to_dict(),
             "activation": point.activation.to_dict() if point.activation else None,
-            "activation_batches": cfg.quant.activation_calibration_batches if point.activation else None,
+            "activation_batches": (
+                [cfg.quant.activation_calibration_batches, cfg.data.batch_size] if point.activation else None
+            ),
             "checkpoint": prep.checkpoint_digest,
-            "data": [cfg.data.dataset, cfg.data.eval_split, len(prep.labels)],
+            "data": [cfg.data.dataset, cfg.data.root, cfg.data.eval_split, len(prep.labels)],
             "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed],
             "levels": {name: a.tolist() for name, (_, a, _) in prep.levels.items()},
             "version": 1,
@@ -367,6 +383,27 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
     run_info["timings"]["total_s"] = time.perf_counter() - start
     (out_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
     return {"run_dir": str(out_dir), "report": str(report), "headline": headline(rows, cfg.eval.tolerance), **run_info}
+
+
+def check_same_levels(prep: Prepared, out_dir: Path) -> None:
+    """Refuse to replace the hierarchy files of a finished run with a different hierarchy.
+
+    ``hiercluster run`` may change its own directory's hierarchy (its report follows);
+    the ``hierarchy`` subcommand must not leave a run whose files disagree with its report.
+    """
+    run_file = out_dir / RUN_FILE
+    if not run_file.is_file():
+        return
+    try:
+        recorded = {name: lv["assignment"] for name, lv in json.loads(run_file.read_text())["levels"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        recorded = None
+    current = {name: a.tolist() for name, (_, a, _) in prep.levels.items()}
+    if recorded != current:
+        raise HierclusterError(
+            f"{out_dir} holds a run whose hierarchy differs from this one; writing it there would make the "
+            "run's files disagree with its report. Choose another --out."
+        )
 
 
 def write_hierarchy_files(prep: Prepared, out_dir: Path) -> None:

@@ -16,7 +16,16 @@ from hiercluster.errors import HierclusterError
 from hiercluster.evaluate import min_bits
 from hiercluster.store import ResultsStore
 
-FULL_PLAN = "full"
+
+
+def uniform_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of specs with every weight at the nominal bit width (no partial plan), else all rows.
+
+    Uniform means the average bits per weight equal the spec's bits: a plan that keeps
+    layers float or at other widths, or adds residual terms, changes the average.
+    """
+    uniform = [r for r in rows if abs(r["avg_bits"] - r["bits"]) < 1e-9]
+    return uniform or list(rows)
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], ResultsStore]:
@@ -26,10 +35,15 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).is_file() or not (run_dir / DB_FILE).is_file():
         raise HierclusterError(f"{run_dir} is not a hiercluster run directory (no {RUN_FILE} or {DB_FILE})")
-    info = json.loads((run_dir / RUN_FILE).read_text())
+    try:
+        info = json.loads((run_dir / RUN_FILE).read_text())
+        keys = [g["key"] for g in info["grid"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise HierclusterError(
+            f"{run_dir / RUN_FILE} is damaged ({type(exc).__name__}: {exc}); run `hiercluster run` again on this folder"
+        ) from None
     store = ResultsStore(run_dir / DB_FILE)
-    rows = store.results([g["key"] for g in info["grid"]])
-    return info, rows, store
+    return info, store.results(keys), store
 
 
 def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
@@ -59,8 +73,9 @@ def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str,
 def format_headline(table: Sequence[dict[str, Any]], names: dict[str, list[str]], tolerance: float) -> str:
     """The headline table as Markdown (also printed by ``hiercluster run``)."""
     lines = [
-        f"| level | k | fewest bits (drop <= {tolerance:g} pp) | scheme / clipping / plan | float acc % | quant acc % | drop pp | advantage pp | superclasses |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| level | k | fewest bits (drop <= {tolerance:g} pp) | avg bits | scheme / clipping / plan | float acc % | "
+        "quant acc % | drop pp | advantage pp | superclasses |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
         w = t["winner"]
@@ -68,10 +83,12 @@ def format_headline(table: Sequence[dict[str, Any]], names: dict[str, list[str]]
         if len(groups) > 90:
             groups = groups[:87] + "..."
         if w is None:
-            lines.append(f"| {t['level']} | {t['k']} | none in grid | - | {100 * t['acc_float']:.2f} | - | - | - | {groups} |")
+            lines.append(
+                f"| {t['level']} | {t['k']} | none in grid | - | - | {100 * t['acc_float']:.2f} | - | - | - | {groups} |"
+            )
             continue
         lines.append(
-            f"| {t['level']} | {t['k']} | {w['bits']} | {w['scheme']} / {w['clipping']} / {w['plan']} | "
+            f"| {t['level']} | {t['k']} | {w['bits']} | {w['avg_bits']:.2f} | {w['scheme']} / {w['clipping']} / {w['plan']} | "
             f"{100 * w['acc_float']:.2f} | {100 * w['acc_quant']:.2f} | {w['drop']:+.2f} | {w['advantage']:+.2f} | {groups} |"
         )
     return "\n".join(lines)
@@ -82,10 +99,10 @@ def _kb(n: float | None) -> str:
 
 
 def seed_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
-    """The seed paper's table: accuracy and size per precision and scheme (full plan, fine labels)."""
-    fine = [r for r in rows if r["plan"] == FULL_PLAN and r["level"] == _fine_level(info)]
+    """The seed paper's table: accuracy and size per precision and scheme (uniform precision, fine labels)."""
+    fine = [r for r in uniform_rows(rows) if r["level"] == _fine_level(info)]
     if not fine:
-        return "_No full-plan results at the fine level._"
+        return "_No results at the fine level._"
     fp32 = fine[0]["fp32_bytes"]
     acc0 = info["float_accuracy"]
     out = []
@@ -147,12 +164,12 @@ def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
 
 
 def bias_choice(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The spec shown in the bias analysis: the lowest bit width, first scheme, full plan."""
-    full = [r for r in rows if r["plan"] == FULL_PLAN] or list(rows)
-    if not full:
+    """The spec shown in the bias analysis: the lowest bit width, first scheme, uniform precision."""
+    candidates = uniform_rows(rows)
+    if not candidates:
         return None
-    low = min(r["bits"] for r in full)
-    return next(r for r in full if r["bits"] == low)
+    low = min(r["bits"] for r in candidates)
+    return next(r for r in candidates if r["bits"] == low)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -174,7 +191,10 @@ def write_report(run_dir: str | Path) -> Path:
             fig["accuracy_vs_bits"] = report_plots.plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png")
             fig["pareto"] = report_plots.plot_pareto(rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info))
             details = {key: store.spec_details(key) for key in dict.fromkeys(r["spec_key"] for r in rows)}
-            fig["quartiles"] = report_plots.plot_quartiles(details, run_dir / "quartiles.png")
+            uniform_keys = {r["spec_key"] for r in uniform_rows(rows)}
+            fig["quartiles"] = report_plots.plot_quartiles(
+                {k: d for k, d in details.items() if k in uniform_keys}, run_dir / "quartiles.png"
+            )
             chosen = bias_choice(rows)
             if chosen is not None:
                 share_q = details[chosen["spec_key"]]["prediction_share"]
@@ -267,8 +287,16 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
     model_dir = out_dir / "models"
     model_dir.mkdir(exist_ok=True)
     by_key = dict(zip(keys, grid))
+    manifest_path = model_dir / "manifest.json"
+    written: dict[str, str] = {}  # spec key -> file name; a resumed run reuses what is still there
+    if manifest_path.is_file():
+        try:
+            for entry in json.loads(manifest_path.read_text())["levels"].values():
+                if (model_dir / entry["model"]).is_file():
+                    written[entry["spec_key"]] = entry["model"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            written = {}
     manifest: dict[str, Any] = {"reduction": prep.cfg.eval.reduction, "levels": {}}
-    written: dict[str, str] = {}
     for t in headline(rows, prep.cfg.eval.tolerance):
         w = t["winner"]
         if w is None:
@@ -288,11 +316,11 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
         group_file.write_text(yaml.safe_dump(dict(groups), sort_keys=False))
         manifest["levels"][t["level"]] = {
             "model": written[w["spec_key"]],
+            "spec_key": w["spec_key"],
             "groups": group_file.name,
             "bits": w["bits"],
             "tag": w["tag"],
             "drop_pp": w["drop"],
         }
-    path = model_dir / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest_path

@@ -17,18 +17,14 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
 from hiercluster.plots import save_figure  # noqa: E402
+from hiercluster.report import uniform_rows  # noqa: E402
 
 _STATS = ("min", "q1", "median", "q3", "max")
 
 
-def _full_plan(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    full = [r for r in rows if r["plan"] == "full"]
-    return full or list(rows)
-
-
 def plot_accuracy_vs_bits(rows: Sequence[Mapping[str, Any]], path: str | Path, dpi: int = 110) -> Path:
     """Grouped accuracy vs bits, one panel per scheme, one line per level, a band for its random baseline."""
-    rows = _full_plan(rows)
+    rows = uniform_rows(rows)
     schemes = list(dict.fromkeys((r["scheme"], r["clipping"]) for r in rows))
     levels = list(dict.fromkeys(r["level"] for r in rows))
     fig = Figure(figsize=(4.2 * len(schemes), 4.2), layout="constrained")
@@ -94,12 +90,10 @@ def _pick_layers(names: Sequence[str], n: int = 3) -> list[str]:
 def plot_quartiles(details: Mapping[str, Mapping[str, Any]], path: str | Path, bits: int = 4, dpi: int = 110) -> Path:
     """Five-number summaries of a few layers' weights: FP32 and each scheme at ``bits`` (the seed's figure).
 
-    ``details`` maps spec keys to :meth:`ResultsStore.spec_details` dicts. The full plan at
-    ``bits`` is used, or the nearest bit width in the sweep.
+    ``details`` maps spec keys to :meth:`ResultsStore.spec_details` dicts (the caller picks
+    which specs); the one at ``bits`` is used per scheme, or the nearest bit width.
     """
-    specs = [d for d in details.values() if d and d["plan"].get("name", "full") == "full"] or [
-        d for d in details.values() if d
-    ]
+    specs = [d for d in details.values() if d]
     available = sorted({d["spec"]["bits"] for d in specs})
     chosen_bits = min(available, key=lambda b: (abs(b - bits), b)) if available else bits
     chosen = {}
@@ -111,6 +105,9 @@ def plot_quartiles(details: Mapping[str, Mapping[str, Any]], path: str | Path, b
         return save_figure(fig, path, dpi)
     first = next(iter(chosen.values()))
     quantized = [layer["name"] for layer in first["layers"] if layer.get("bits") and layer["bits"] < 32]
+    if not quantized:
+        fig.text(0.5, 0.5, "no quantized layers in these specs", ha="center", va="center")
+        return save_figure(fig, path, dpi)
     layers = _pick_layers(quantized)
     axes = fig.subplots(1, len(layers), squeeze=False)[0]
     for ax, name in zip(axes, layers):

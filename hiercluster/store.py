@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hiercluster.errors import HierclusterError
+
 # Column name -> SQLite type, in CSV order.
 SPEC_COLUMNS: dict[str, str] = {
     "spec_key": "TEXT",
@@ -90,12 +92,19 @@ class ResultsStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._con = sqlite3.connect(self.path)
         cols = ", ".join(f'"{c}" {t}' for c, t in {**SPEC_COLUMNS, **LEVEL_COLUMNS}.items())
-        with self._con:
-            self._con.execute(f"CREATE TABLE IF NOT EXISTS results ({cols}, PRIMARY KEY (spec_key, level))")
-            self._con.execute(
-                "CREATE TABLE IF NOT EXISTS specs (spec_key TEXT PRIMARY KEY, spec_json TEXT, plan_json TEXT, "
-                "prediction_share TEXT, layers TEXT)"
-            )
+        try:
+            with self._con:
+                self._con.execute(f"CREATE TABLE IF NOT EXISTS results ({cols}, PRIMARY KEY (spec_key, level))")
+                self._con.execute(
+                    "CREATE TABLE IF NOT EXISTS specs (spec_key TEXT PRIMARY KEY, spec_json TEXT, plan_json TEXT, "
+                    "prediction_share TEXT, layers TEXT)"
+                )
+            self._con.execute("SELECT spec_key FROM specs LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as exc:
+            self._con.close()
+            raise HierclusterError(
+                f"results database {self.path} is damaged ({exc}); move it away and run again to recompute"
+            ) from None
 
     def close(self) -> None:
         self._con.close()

@@ -69,6 +69,16 @@ def test_truncated_idx_is_a_clear_error(idx_root):
     assert str(path) in str(err.value)
 
 
+def test_corrupt_gzip_is_a_clear_error(idx_root):
+    path = idx_root / "t10k-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[20:60] = b"\xff" * 40  # damage the deflate stream, keep the gzip header
+    path.write_bytes(bytes(data))
+    with pytest.raises(HierclusterError, match="damaged") as err:
+        load_dataset("fashion_mnist", root=idx_root, split="test")
+    assert str(path) in str(err.value)
+
+
 def test_not_idx_is_a_clear_error(tmp_path):
     (tmp_path / "x").write_bytes(b"hello world, not idx")
     with pytest.raises(HierclusterError, match="magic"):

@@ -185,6 +185,10 @@ def test_resume_after_interruption_is_identical_and_skips_done_specs(config_file
         ("hierarchy.reference=/nonexistent/ref.yaml", "hierarchy.reference: file not found"),
         ("quant.schemes=[asymetric]", "asymetric"),
         ("hierarchy.levels=[11]", "hierarchy.levels: k=11 is outside 1..10"),
+        ("eval.tolerance=-1", "eval.tolerance: must be >= 0.0"),
+        ("quant.plans=[{name: a}, {name: a, first_layer_bits: 8}]", "plan names must be unique; repeated: a"),
+        ("data.dataset=fashion_mnist", "was trained on 'digits', the data is 'fashion_mnist'"),
+        ("hierarchy.metric=precomputed", "config section hierarchy:"),
     ],
 )
 def test_config_errors_exit_2_with_one_line(config_file, tmp_path, override, message, capsys):
@@ -204,7 +208,7 @@ def test_quantize_evaluate_and_hierarchy_commands(config_file, run_dir, tmp_path
     packed = tmp_path / "m4.hcq"
     args = ["quantize", str(config_file), "--bits", "4", "--scheme", "asymmetric", "--clipping", "minmax", "--out", str(packed)]
     assert main(args) == 0
-    sizes = json.loads(packed.with_suffix(".json").read_text())["sizes"]
+    sizes = json.loads((tmp_path / "m4.hcq.json").read_text())["sizes"]
     assert packed.is_file() and sizes["packed_bytes"] < sizes["fp32_bytes"] / 6  # 4-bit codes vs 32-bit floats
     before = packed.read_bytes()
     assert main(args) == 2 and packed.read_bytes() == before  # no silent overwrite
@@ -243,3 +247,37 @@ def test_dataset_coarse_reference_reads_cifar100_superclasses(tmp_path):
     cfg = load_config(None, ["data.dataset=cifar100", f"data.root={tmp_path}"])
     groups = pipeline._read_grouping("dataset:coarse", cfg, "hierarchy.reference")
     assert groups == {"vehicles": ["bus", "train"], "fruit": ["apple", "pear"]}
+
+
+def test_hierarchy_refuses_to_rewrite_another_runs_tree(config_file, run_dir, capsys):
+    before = (run_dir / "hierarchy.json").read_text()
+    args = ["hierarchy", str(config_file), "--out", str(run_dir), "--quiet", "--set", "hierarchy.linkage=average"]
+    assert main(args) == 2
+    assert "hierarchy differs" in capsys.readouterr().err
+    assert (run_dir / "hierarchy.json").read_text() == before
+
+
+def test_damaged_run_directory_is_one_clear_error(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "results.sqlite").write_bytes(b"not a database at all" * 100)
+    assert main(["report", str(copy)]) == 2
+    assert "results.sqlite is damaged" in capsys.readouterr().err
+    (copy / "run.json").write_text("{")
+    assert main(["report", str(copy)]) == 2
+    assert "run.json is damaged" in capsys.readouterr().err
+
+
+def test_quantize_never_writes_over_a_checkpoints_metadata(config_file, digits_checkpoint, capsys):
+    meta = digits_checkpoint.with_suffix(".json")
+    before = meta.read_text()
+    out = digits_checkpoint.with_suffix("")  # "r8": its report would be r8.json, the checkpoint's metadata
+    assert main(["quantize", str(config_file), "--bits", "4", "--out", str(out), "--overwrite"]) == 2
+    assert meta.read_text() == before and "belongs to the checkpoint" in capsys.readouterr().err
+    assert main(["quantize", str(config_file), "--bits", "4", "--out", str(meta), "--overwrite"]) == 2
+    assert meta.read_text() == before and ".hcq" in capsys.readouterr().err
+    hcq = digits_checkpoint.with_suffix(".hcq")  # beside the checkpoint, with its report as r8.hcq.json
+    assert main(["quantize", str(config_file), "--bits", "4", "--out", str(hcq)]) == 0
+    assert meta.read_text() == before and hcq.with_name("r8.hcq.json").is_file()
