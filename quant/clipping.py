@@ -7,6 +7,15 @@ al., 2019). Ratios are searched on a coarse grid (0.2..1.0, step 0.05), then on 
 grid (step 0.005) around each row's best coarse ratio. Ratio 1.0 is always a candidate
 and the winner is re-checked against it with the real quantizer, so ``mse`` never has
 a larger error than ``minmax``.
+
+The choice is deterministic and, for the sign-symmetric grids (``pow2`` and narrow-range
+``symmetric``, where ``Q(-x) = -Q(x)``), exactly sign-invariant: there the error depends
+only on ``|x|``, so the search runs on ``|x|`` and ``x`` and ``-x`` get the same range
+bit for bit. Candidates whose ranges give the same grid (same scale and zero point, e.g.
+several ratios rounding to one power of two with ``pow2_scale``) count as one, the
+widest; errors within a relative ``NEAR_TIE_RTOL`` of the smallest are ties, and ties
+go to the widest range (the largest ratio), so rounding noise in the float64 error
+formula cannot decide between grids that are equally good.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from quant.spec import QuantSpec
 COARSE_RATIOS = torch.linspace(1.0, 0.2, 17)  # descending: ties keep the wider range
 FINE_OFFSETS = torch.linspace(-0.05, 0.05, 21)
 MIN_RATIO = 0.2
+# Errors this close (relative) to the least one are ties, won by the widest range.
+NEAR_TIE_RTOL = 1e-12
 
 # Elements per evaluation chunk: a chunk of candidates x rows stays in the L2/L3 cache.
 _CHUNK_ELEMENTS = 1 << 20
@@ -106,20 +117,51 @@ def percentile_range(rows: Tensor, percentile: float, *, symmetric: bool) -> tup
 
 def mse_range(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, *, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
     """Shrink ``[lo, hi]`` per row by the ratio that minimizes the squared quantization error."""
-    evaluate = _choose_evaluator(rows, grid)
+    sign_symmetric = is_sign_symmetric(grid)
+    if sign_symmetric:
+        # Q(-x) = -Q(x), so ||x - Q(x)||^2 depends on |x| only: searching on |x| makes the
+        # choice for x and -x identical, whatever order the error sums run in.
+        rows = rows.abs()
+    evaluate = _choose_evaluator(rows, grid, nonnegative=sign_symmetric)
     ratios = COARSE_RATIOS.to(rows.device)[:, None].expand(-1, rows.shape[0])
     coarse = evaluate(lo * ratios, hi * ratios, pow2_scale)
-    best = ratios.gather(0, coarse.argmin(0, keepdim=True))
+    best = pick_ratio(ratios, coarse, lo, hi, grid, pow2_scale)
     fine_ratios = (best + FINE_OFFSETS.to(rows.device)[:, None]).clamp(MIN_RATIO, 1.0)
     fine = evaluate(lo * fine_ratios, hi * fine_ratios, pow2_scale)
-    all_ratios = torch.cat([ratios, fine_ratios])
-    winner = all_ratios.gather(0, torch.cat([coarse, fine]).argmin(0, keepdim=True))[0]
+    winner = pick_ratio(torch.cat([ratios, fine_ratios]), torch.cat([coarse, fine]), lo, hi, grid, pow2_scale)
     # The search may rank by a float64 formula; confirm against the real quantizer that
-    # the winner is no worse than the full range, so mse <= minmax holds exactly.
+    # the winner is no worse than the full range, so mse <= minmax holds exactly. A
+    # near-tie keeps the full range, as in the search.
     check = torch.stack([winner, torch.ones_like(winner)])
     exact = direct_errors(rows, lo * check, hi * check, grid, pow2_scale)
-    winner = torch.where(exact[0] <= exact[1], winner, 1.0)
+    better = exact[0] < exact[1] - NEAR_TIE_RTOL * exact[1].abs()
+    winner = torch.where(better, winner, 1.0)
     return lo * winner, hi * winner
+
+
+def is_sign_symmetric(grid: Grid) -> bool:
+    """Whether the grid's levels are symmetric about 0 (``pow2``, narrow-range ``symmetric``)."""
+    return grid.scheme == "pow2" or (grid.scheme == "symmetric" and grid.qmin == -grid.qmax)
+
+
+def pick_ratio(ratios: Tensor, errors: Tensor, lo: Tensor, hi: Tensor, grid: Grid, pow2_scale: bool) -> Tensor:
+    """Per row (``(C,)``), the ratio of least error among ``(K, C)`` candidates, deterministically.
+
+    Candidates are ranked widest first; consecutive ones whose ranges give the same
+    scale and zero point are one grid and all take the error of the widest. Among the
+    candidates within a relative ``NEAR_TIE_RTOL`` of the least error, the widest wins.
+    """
+    order = torch.sort(ratios, dim=0, descending=True, stable=True).indices
+    ratios, errors = ratios.gather(0, order), errors.gather(0, order)
+    scale, zero_point = grid.params(lo * ratios, hi * ratios, pow2_scale)
+    same = (scale[1:] == scale[:-1]) & (zero_point[1:] == zero_point[:-1])
+    index = torch.arange(ratios.shape[0], device=ratios.device)[:, None].expand_as(ratios)
+    first = torch.cat([index[:1], torch.where(same, 0, index[1:])]).cummax(dim=0).values
+    errors = errors.gather(0, first)
+    least = errors.min(dim=0).values
+    near = errors <= least + NEAR_TIE_RTOL * least.abs()
+    chosen = near.to(torch.uint8).argmax(dim=0, keepdim=True)  # the first, i.e. widest, near-tie
+    return ratios.gather(0, chosen)[0]
 
 
 def direct_errors(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, pow2_scale: bool) -> Tensor:
@@ -143,27 +185,33 @@ class _SortedErrors:
     ``sum (x - l_i)^2 = sum x^2 - 2 l_i S_i + n_i l_i^2`` with ``S_i``, ``n_i`` read off P
     at the midpoints' positions. A candidate then costs ``O(levels * log N)`` per row
     instead of ``O(N)``. Values exactly at a midpoint are equally far from both
-    levels, so the tie rule does not change the error.
+    levels, so the tie rule does not change the error. ``nonnegative``: the rows hold
+    no negative value (``|x|`` for a sign-symmetric grid), so only the levels ``>= 0``
+    are searched.
     """
 
-    def __init__(self, rows: Tensor, grid: Grid) -> None:
+    def __init__(self, rows: Tensor, grid: Grid, *, nonnegative: bool = False) -> None:
+        if nonnegative and not is_sign_symmetric(grid):
+            raise ValueError(f"nonnegative needs a sign-symmetric grid, got {grid}")
         self.grid = grid
+        # Levels >= 0 of a sign-symmetric grid: the last qmax + 1 (codes 0..qmax).
+        self.n_levels = grid.qmax + 1 if nonnegative else grid.qmax - grid.qmin + 1
         self.sorted = sort_rows(rows).to(torch.float64)
         prefix = torch.cumsum(self.sorted, dim=-1)
         self.prefix = torch.nn.functional.pad(prefix, (1, 0))
         self.sumsq = torch.linalg.vecdot(self.sorted, self.sorted)
 
     def __call__(self, lo: Tensor, hi: Tensor, pow2_scale: bool) -> Tensor:
-        n_levels = self.grid.qmax - self.grid.qmin + 1
-        step = max(1, _CHUNK_ELEMENTS // (lo.shape[-1] * n_levels))
+        step = max(1, _CHUNK_ELEMENTS // (lo.shape[-1] * self.n_levels))
         return torch.cat([self._chunk(lo[k : k + step], hi[k : k + step], pow2_scale) for k in range(0, lo.shape[0], step)])
 
     def _chunk(self, lo: Tensor, hi: Tensor, pow2_scale: bool) -> Tensor:
         scale, zero_point = self.grid.params(lo, hi, pow2_scale)
-        levels = self.grid.levels(scale[..., None], zero_point[..., None]).to(torch.float64)  # (K, C, n)
+        levels = self.grid.levels(scale[..., None], zero_point[..., None])[..., -self.n_levels :]
+        levels = levels.to(torch.float64)  # (K, C, n)
         k, c, n = levels.shape
         mids = (levels[..., 1:] + levels[..., :-1]) * 0.5
-        pos = torch.searchsorted(self.sorted, mids.permute(1, 0, 2).reshape(c, k * (n - 1)))
+        pos = torch.searchsorted(self.sorted, mids.permute(1, 0, 2).reshape(c, k * (n - 1)).contiguous())
         pos = pos.reshape(c, k, n - 1)
         edges = torch.cat(
             [pos.new_zeros(c, k, 1), pos, pos.new_full((c, k, 1), self.sorted.shape[-1])], dim=-1
@@ -175,10 +223,10 @@ class _SortedErrors:
         return err.T
 
 
-def _choose_evaluator(rows: Tensor, grid: Grid) -> Callable[[Tensor, Tensor, bool], Tensor]:
-    n_levels = grid.qmax - grid.qmin + 1
+def _choose_evaluator(rows: Tensor, grid: Grid, *, nonnegative: bool = False) -> Callable[[Tensor, Tensor, bool], Tensor]:
+    n_levels = grid.qmax + 1 if nonnegative else grid.qmax - grid.qmin + 1
     length = rows.shape[-1]
     # Rough per-candidate cost per row: a binary search per level vs ~4 passes over the row.
     if n_levels * math.log2(length + 1) < 4 * length:
-        return _SortedErrors(rows, grid)
+        return _SortedErrors(rows, grid, nonnegative=nonnegative)
     return lambda lo, hi, pow2_scale: direct_errors(rows, lo, hi, grid, pow2_scale)

@@ -21,7 +21,7 @@ from quant.functional import Quantized, dequantize_sum, quantize, quantize_resid
 from quant.metrics import sqnr_db
 from quant.plan import QuantPlan
 from quant.report import LayerReport, QuantReport
-from quant.spec import QuantSpec
+from quant.spec import QuantSpec, bits_range
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -90,8 +90,10 @@ def quantize_model(
     Raises
     ------
     QuantError
-        A weight holds NaN/Inf (the layer is named), the model has no Conv/Linear, or a
-        weight is not float32/float64.
+        A weight holds NaN/Inf (the layer is named), the model has no Conv/Linear, a
+        weight is not float32/float64, or ``plan`` gives a layer a bit width that
+        ``spec.scheme`` does not allow (the plan, the layer and the allowed range are
+        named; :meth:`QuantPlan.check` finds this without a model).
 
     Examples
     --------
@@ -124,12 +126,22 @@ def quantize_model(
     if unmatched:
         warnings.warn(f"plan {plan.name!r}: pattern(s) {unmatched} match no layer of {type(model).__name__}", stacklevel=2)
 
-    specs: dict[str, QuantSpec | None] = {}
+    lowest, highest = bits_range(spec.scheme)
+    widths: dict[str, int | None] = {}
+    not_allowed = []
     for i, (name, layer) in enumerate(layers):
         if layer.weight.dtype not in (torch.float32, torch.float64):
             raise QuantError(f"layer {name!r} weight is {layer.weight.dtype}; convert the model with .float() first")
-        bits = plan.bits_for(name, spec.bits, first=i == 0, last=i == len(layers) - 1)
-        specs[name] = None if bits is None else (spec if bits == spec.bits else spec.replace(bits=bits))
+        bits, rule = plan.rule_for(name, spec.bits, first=i == 0, last=i == len(layers) - 1)
+        widths[name] = bits
+        if bits is not None and not lowest <= bits <= highest:
+            not_allowed.append(f"layer {name!r} would get {bits} bits ({rule})")
+    if not_allowed:
+        # Checked before any weight is quantized; QuantPlan.check validates a plan without a model.
+        raise QuantError(f"plan {plan.name!r}: {'; '.join(not_allowed)}, but scheme {spec.scheme!r} allows {lowest}..{highest} bits")
+    specs: dict[str, QuantSpec | None] = {
+        name: None if bits is None else (spec if bits == spec.bits else spec.replace(bits=bits)) for name, bits in widths.items()
+    }
 
     weights = {name: layer.weight.detach().clone() for name, layer in layers}
     codes = {name: _quantize_layer(name, weights[name], s, 1) for name, s in specs.items() if s is not None}

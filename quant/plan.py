@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from quant import _validate as check
-from quant.spec import MAX_BITS, MIN_BITS
+from quant.errors import QuantError
+from quant.spec import MAX_BITS, MIN_BITS, QuantSpec, bits_range
 
 FLOAT_BITS = 32
 
@@ -38,6 +39,7 @@ class QuantPlan:
         Label used in reports.
     first_layer_bits, last_layer_bits : int or None
         Bit width (2..16) of the first / last quantizable layer; None keeps the spec's.
+        Every width must also suit the spec's scheme (2..8 for ``pow2``): see :meth:`check`.
     skip : sequence of str
         fnmatch patterns of layer names left float (e.g. ``"fc"``, ``"layer1.*"``).
     layer_bits : mapping of str to int
@@ -103,16 +105,56 @@ class QuantPlan:
 
     def bits_for(self, layer: str, default: int, *, first: bool, last: bool) -> int | None:
         """Bit width of ``layer`` under this plan, or None when it stays float."""
+        return self.rule_for(layer, default, first=first, last=last)[0]
+
+    def rule_for(self, layer: str, default: int, *, first: bool, last: bool) -> tuple[int | None, str]:
+        """:meth:`bits_for` and the field that decided it (``"skip"``, ``"layer_bits['conv*']"``,
+        ``"first_layer_bits"``, ``"last_layer_bits"``, or ``"default"`` for the spec's bits).
+
+        Examples
+        --------
+        >>> QuantPlan(layer_bits={"conv*": 6}).rule_for("conv1", 4, first=True, last=False)
+        (6, "layer_bits['conv*']")
+        """
         if self.is_skipped(layer):
-            return None
+            return None, "skip"
         for pattern, bits in self.layer_bits:
             if fnmatch.fnmatchcase(layer, pattern):
-                return bits
+                return bits, f"layer_bits[{pattern!r}]"
         if first and self.first_layer_bits is not None:
-            return self.first_layer_bits
+            return self.first_layer_bits, "first_layer_bits"
         if last and self.last_layer_bits is not None:
-            return self.last_layer_bits
-        return default
+            return self.last_layer_bits, "last_layer_bits"
+        return default, "default"
+
+    def bit_widths(self) -> list[tuple[str, int]]:
+        """``(field, bits)`` for every width this plan sets: first/last layer and each ``layer_bits`` entry."""
+        widths = [(key, getattr(self, key)) for key in ("first_layer_bits", "last_layer_bits")]
+        widths += [(f"layer_bits[{pattern!r}]", bits) for pattern, bits in self.layer_bits]
+        return [(key, bits) for key, bits in widths if bits is not None]
+
+    def check(self, spec: QuantSpec) -> None:
+        """Raise :class:`quant.QuantError` if a width of this plan does not suit ``spec``'s scheme.
+
+        Every width the plan sets is checked (``first_layer_bits``, ``last_layer_bits`` and
+        each ``layer_bits`` entry, whether or not it will match a layer), so a grid of
+        plans and specs can be validated before any model is touched.
+        :func:`quant.quantize_model` checks the widths its layers actually get.
+
+        Examples
+        --------
+        >>> QuantPlan(name="wide", first_layer_bits=12).check(QuantSpec(scheme="asymmetric"))
+        >>> QuantPlan(name="wide", first_layer_bits=12).check(QuantSpec(scheme="pow2"))
+        Traceback (most recent call last):
+        ...
+        quant.errors.QuantError: plan 'wide': first_layer_bits=12, but scheme 'pow2' allows 2..8 bits
+        """
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+        lowest, highest = bits_range(spec.scheme)
+        bad = [f"{key}={bits}" for key, bits in self.bit_widths() if not lowest <= bits <= highest]
+        if bad:
+            raise QuantError(f"plan {self.name!r}: {', '.join(bad)}, but scheme {spec.scheme!r} allows {lowest}..{highest} bits")
 
     def unmatched_patterns(self, layers: Sequence[str]) -> list[str]:
         """Patterns of ``skip`` and ``layer_bits`` that match none of ``layers`` (likely typos)."""

@@ -16,6 +16,18 @@ DEFAULT_PERCENTILE = 99.99
 POW2_MAX_BITS = 8  # exponents 2^0..2^-126 already span float32's normal range
 
 
+def bits_range(scheme: str) -> tuple[int, int]:
+    """``(lowest, highest)`` code width that ``scheme`` allows: 2..16, and 2..8 for ``pow2``.
+
+    Examples
+    --------
+    >>> bits_range("pow2"), bits_range("asymmetric")
+    ((2, 8), (2, 16))
+    """
+    check.one_of("QuantSpec", "scheme", scheme, SCHEMES)
+    return MIN_BITS, POW2_MAX_BITS if scheme == "pow2" else MAX_BITS
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How to quantize a tensor; validates itself on construction.
@@ -81,10 +93,11 @@ class QuantSpec:
         object.__setattr__(
             self, "percentile", check.number_in(owner, "percentile", self.percentile, 0.0, 100.0, lo_open=True, hi_open=False)
         )
-        if self.scheme == "pow2" and self.bits > POW2_MAX_BITS:
-            # 8 bits already reach a*2^-126; wider codes would only add levels that underflow to 0.
+        lowest, highest = bits_range(self.scheme)
+        if not lowest <= self.bits <= highest:
+            # pow2: 8 bits already reach a*2^-126; wider codes would only add levels that underflow to 0.
             raise ValueError(
-                f"QuantSpec.bits={self.bits} is invalid for scheme='pow2'; allowed: an integer in [{MIN_BITS}, {POW2_MAX_BITS}]"
+                f"QuantSpec.bits={self.bits} is invalid for scheme={self.scheme!r}; allowed: an integer in [{lowest}, {highest}]"
             )
         # Options that do not apply are stored at their defaults, so that specs behaving
         # alike compare equal and share a tag (a config may set them for a whole grid).

@@ -3,11 +3,20 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quant import QuantSpec, choose_qparams, fake_quantize
-from quant.clipping import COARSE_RATIOS, _SortedErrors, clip_range, direct_errors, minmax_range, percentile_range
+from quant.clipping import (
+    COARSE_RATIOS,
+    NEAR_TIE_RTOL,
+    _SortedErrors,
+    clip_range,
+    direct_errors,
+    minmax_range,
+    percentile_range,
+    pick_ratio,
+)
 from quant.schemes import Grid
 from quant_testing import make_tensor, rows_of, specs, tensors
 
@@ -19,8 +28,16 @@ def channel_errors(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return (diff * diff).sum(dim=1)
 
 
+# pow2_scale: ratios 1.0 and 0.95 give a = 2^28 and 2^27, errors equal to float64 rounding.
+TIED_POW2 = (
+    make_tensor(0, (3, 2, 4, 5), "wide_range"),
+    QuantSpec(scheme="pow2", bits=6, granularity="per_tensor", clipping="mse", pow2_scale=True),
+)
+
+
 @settings(max_examples=150, deadline=None)
 @given(tensors(max_len=60), specs(clippings=("mse",), max_bits=16))
+@example(*TIED_POW2)
 def test_mse_error_never_exceeds_minmax(x, spec):
     mse = channel_errors(x, spec)
     minmax = channel_errors(x, spec.replace(clipping="minmax"))
@@ -112,3 +129,91 @@ def test_minmax_symmetric_range_is_max_abs():
     assert lo.tolist() == [-3.0, -2.0] and hi.tolist() == [3.0, 2.0]
     lo, hi = minmax_range(torch.tensor([[-3.0, 1.0], [0.5, 2.0]]), symmetric=False)
     assert lo.tolist() == [-3.0, 0.0] and hi.tolist() == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------- MSE: sign invariance, ties
+
+
+def test_mse_pow2_scale_tie_is_sign_invariant_and_keeps_the_wider_range():
+    x, spec = TIED_POW2
+    a, b = choose_qparams(x, spec).scale, choose_qparams(-x, spec).scale
+    assert float(a) == float(b) == 2.0**28  # the wider of the two equally good grids
+    assert torch.equal(fake_quantize(-x, spec), -fake_quantize(x, spec))
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy", "wide_range", "small_ints", "zeros_mixed"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(scheme="symmetric", bits=4, clipping="mse"),
+        QuantSpec(scheme="symmetric", bits=8, clipping="mse", granularity="per_tensor"),
+        QuantSpec(scheme="pow2", bits=4, clipping="mse"),
+        QuantSpec(scheme="pow2", bits=6, clipping="mse", pow2_scale=True),
+        QuantSpec(scheme="pow2", bits=8, clipping="mse", pow2_scale=True, granularity="per_tensor"),
+    ],
+    ids=lambda s: s.tag,
+)
+def test_mse_parameters_of_minus_x_are_bit_identical(kind, spec):
+    # Rows long enough for the sorted (prefix-sum) evaluator as well as short ones.
+    for seed, shape in enumerate([(8, 3, 3, 3), (4, 500), (2, 7)]):
+        x = make_tensor(seed, shape, kind)
+        p, q = choose_qparams(x, spec), choose_qparams(-x, spec)
+        assert torch.equal(p.scale, q.scale)
+        assert torch.equal(fake_quantize(-x, spec), -fake_quantize(x, spec))
+
+
+@settings(max_examples=60, deadline=None)
+@given(tensors(max_len=80), st.sampled_from([("symmetric", True), ("pow2", False), ("pow2", True)]), st.integers(2, 8))
+def test_sorted_evaluator_on_abs_matches_the_real_quantizer_on_x(x, case, bits):
+    # For a sign-symmetric grid the error of x is the error of |x| on the levels >= 0.
+    scheme, pow2_scale = case
+    grid = Grid.make(scheme, bits)
+    rows = rows_of(x, True)
+    lo, hi = minmax_range(rows, symmetric=True)
+    ratios = torch.tensor([[1.0], [0.8], [0.5], [0.2]])
+    fast = _SortedErrors(rows.abs(), grid, nonnegative=True)(lo * ratios, hi * ratios, pow2_scale)
+    slow = direct_errors(rows, lo * ratios, hi * ratios, grid, pow2_scale)
+    assert torch.equal(direct_errors(rows.abs(), lo * ratios, hi * ratios, grid, pow2_scale), slow)
+    scale = float((rows.double() ** 2).sum(dim=1).max())
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-9 * scale + 1e-300)
+
+
+def test_sorted_evaluator_nonnegative_needs_a_sign_symmetric_grid():
+    with pytest.raises(ValueError, match="sign-symmetric"):
+        _SortedErrors(torch.ones(1, 4), Grid.make("asymmetric", 4), nonnegative=True)
+    with pytest.raises(ValueError, match="sign-symmetric"):
+        _SortedErrors(torch.ones(1, 4), Grid.make("symmetric", 4, narrow_range=False), nonnegative=True)
+
+
+def test_pick_ratio_near_ties_go_to_the_widest_range():
+    grid = Grid.make("symmetric", 4)
+    lo, hi = torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([1.0, 1.0, 1.0])
+    ratios = torch.tensor([[0.5, 0.5, 0.5], [0.9, 0.9, 0.9], [0.7, 0.7, 0.7]])  # any order
+    base = 1000.0
+    errors = torch.tensor(
+        [
+            [base, base, base],  # 0.5
+            [base * (1 + NEAR_TIE_RTOL / 4), base * (1 + 100 * NEAR_TIE_RTOL), base],  # 0.9
+            [base * (1 + NEAR_TIE_RTOL / 2), base * (1 - NEAR_TIE_RTOL / 8), base - 1.0],  # 0.7
+        ],
+        dtype=torch.float64,
+    )
+    # Row 0: all within the tolerance -> widest. Row 1: 0.9 is clearly worse, 0.7 and 0.5
+    # tie -> 0.7. Row 2: 0.7 is clearly best.
+    assert pick_ratio(ratios, errors, lo, hi, grid, False).tolist() == pytest.approx([0.9, 0.7, 0.7])
+    # A permutation of the candidates changes nothing.
+    perm = torch.tensor([2, 0, 1])
+    assert pick_ratio(ratios[perm], errors[perm], lo, hi, grid, False).tolist() == pytest.approx([0.9, 0.7, 0.7])
+
+
+def test_pick_ratio_counts_ratios_with_the_same_grid_once():
+    # pow2_scale: ratios 1.0, 0.8 and 0.7 of amax = 3 all round up to a = 4; 0.4 gives a = 2.
+    grid = Grid.make("pow2", 4)
+    lo, hi = torch.tensor([-3.0]), torch.tensor([3.0])
+    ratios = torch.tensor([[0.7], [1.0], [0.4], [0.8]])
+    # The same grid evaluated with rounding noise: the smallest copy must not win for its noise,
+    # and the grid is reported by its widest ratio.
+    errors = torch.tensor([[5.0 - 1e-9], [5.0], [7.0], [5.0 + 1e-9]], dtype=torch.float64)
+    assert pick_ratio(ratios, errors, lo, hi, grid, True).tolist() == [1.0]
+    errors = torch.tensor([[5.0], [5.0], [4.0], [5.0]], dtype=torch.float64)
+    assert pick_ratio(ratios, errors, lo, hi, grid, True).tolist() == [pytest.approx(0.4)]

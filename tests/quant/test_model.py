@@ -139,6 +139,36 @@ def test_model_errors():
         quantize_model(nn.Linear(3, 2), QuantSpec(), {"skip": ["x"]})
 
 
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        (
+            QuantPlan(name="p", first_layer_bits=12),
+            "plan 'p': layer 'conv1' would get 12 bits (first_layer_bits), but scheme 'pow2' allows 2..8 bits",
+        ),
+        (
+            QuantPlan(name="q", last_layer_bits=9, layer_bits={"conv2": 16}),
+            "plan 'q': layer 'conv2' would get 16 bits (layer_bits['conv2']); "
+            "layer 'fc' would get 9 bits (last_layer_bits), but scheme 'pow2' allows 2..8 bits",
+        ),
+    ],
+)
+def test_plan_width_the_scheme_does_not_allow_is_a_quant_error(small_net, plan, message):
+    with pytest.raises(QuantError) as info:
+        quantize_model(small_net, QuantSpec(scheme="pow2"), plan)
+    assert str(info.value) == message
+    with pytest.raises(QuantError, match="plan"):
+        plan.check(QuantSpec(scheme="pow2"))  # the same plan is refused up front too
+
+
+def test_plan_widths_only_checked_where_they_apply(small_net):
+    # A skipped layer or a width the spec's scheme allows is no error.
+    _, report = quantize_model(small_net, QuantSpec(scheme="pow2"), QuantPlan(skip=("fc",), layer_bits={"fc": 12}))
+    assert [r.bits for r in report.layers] == [8, 8, 32]
+    _, report = quantize_model(small_net, QuantSpec(scheme="asymmetric", bits=4), QuantPlan(first_layer_bits=12))
+    assert [r.bits for r in report.layers] == [12, 4, 4]
+
+
 def test_deterministic(small_net):
     a, ra = quantize_model(small_net, QuantSpec(bits=3, clipping="mse"))
     b, rb = quantize_model(small_net, QuantSpec(bits=3, clipping="mse"))

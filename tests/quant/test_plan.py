@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant import QuantPlan
+from quant import QuantError, QuantPlan, QuantSpec
 
 
 def test_defaults_change_nothing():
@@ -48,6 +48,35 @@ def test_layer_bits_first_matching_pattern_wins():
 def test_invalid_plans_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         QuantPlan(**kwargs)
+
+
+def test_check_against_a_spec_names_the_plan_the_fields_and_the_allowed_range():
+    plan = QuantPlan(name="p", first_layer_bits=12, last_layer_bits=8, layer_bits={"conv*": 10, "fc": 3})
+    plan.check(QuantSpec(scheme="asymmetric"))  # 2..16: fine
+    plan.check(QuantSpec(scheme="symmetric", bits=2))
+    with pytest.raises(QuantError) as info:
+        plan.check(QuantSpec(scheme="pow2"))
+    assert str(info.value) == "plan 'p': first_layer_bits=12, layer_bits['conv*']=10, but scheme 'pow2' allows 2..8 bits"
+    assert isinstance(info.value, ValueError)  # callers that catch ValueError still do
+
+
+def test_check_passes_for_every_width_the_scheme_allows_and_a_default_plan():
+    QuantPlan().check(QuantSpec(scheme="pow2", bits=2))
+    for bits in range(2, 9):
+        QuantPlan(first_layer_bits=bits, last_layer_bits=bits, layer_bits={"x": bits}).check(QuantSpec(scheme="pow2"))
+    with pytest.raises(QuantError, match=r"last_layer_bits=9, but scheme 'pow2' allows 2\.\.8 bits"):
+        QuantPlan(last_layer_bits=9).check(QuantSpec(scheme="pow2"))
+    with pytest.raises(TypeError, match="QuantSpec"):
+        QuantPlan().check("pow2")
+
+
+def test_rule_for_names_the_deciding_field():
+    plan = QuantPlan(first_layer_bits=8, last_layer_bits=6, skip=("fc",), layer_bits={"layer1.*": 3})
+    assert plan.rule_for("fc", 4, first=False, last=True) == (None, "skip")
+    assert plan.rule_for("layer1.conv", 4, first=True, last=False) == (3, "layer_bits['layer1.*']")
+    assert plan.rule_for("conv1", 4, first=True, last=False) == (8, "first_layer_bits")
+    assert plan.rule_for("head", 4, first=False, last=True) == (6, "last_layer_bits")
+    assert plan.rule_for("conv2", 4, first=False, last=False) == (4, "default")
 
 
 def test_dict_round_trip_and_unknown_key():
