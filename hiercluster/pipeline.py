@@ -82,6 +82,7 @@ def expand_grid(cfg: RunConfig) -> list[GridPoint]:
                                 pow2_scale=q.pow2_scale,
                                 percentile=q.percentile,
                             )
+                            plan.check(spec)
                             points.append(GridPoint(spec, plan, activation))
     except ValueError as exc:
         if isinstance(exc, HierclusterError):

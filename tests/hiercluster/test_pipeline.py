@@ -184,6 +184,7 @@ def test_resume_after_interruption_is_identical_and_skips_done_specs(config_file
         ("model.checkpoint=/nonexistent/model.pt", "model.checkpoint: file not found: /nonexistent/model.pt"),
         ("hierarchy.reference=/nonexistent/ref.yaml", "hierarchy.reference: file not found"),
         ("quant.schemes=[asymetric]", "asymetric"),
+        ("quant.plans=[{name: wide, first_layer_bits: 12}]", "plan 'wide': first_layer_bits=12, but scheme 'pow2' allows 2..8"),
         ("hierarchy.levels=[11]", "hierarchy.levels: k=11 is outside 1..10"),
         ("eval.tolerance=-1", "eval.tolerance: must be >= 0.0"),
         ("quant.plans=[{name: a}, {name: a, first_layer_bits: 8}]", "plan names must be unique; repeated: a"),
