@@ -88,7 +88,7 @@ def format_headline(table: Sequence[dict[str, Any]], names: dict[str, list[str]]
             )
             continue
         lines.append(
-            f"| {t['level']} | {t['k']} | {w['bits']} | {w['avg_bits']:.2f} | {w['scheme']} / {w['clipping']} / {w['plan']} | "
+            f"| {t['level']} | {t['k']} | {w['bits']} | {w['avg_bits']:.3f} | {w['scheme']} / {w['clipping']} / {w['plan']} | "
             f"{100 * w['acc_float']:.2f} | {100 * w['acc_quant']:.2f} | {w['drop']:+.2f} | {w['advantage']:+.2f} | {groups} |"
         )
     return "\n".join(lines)
