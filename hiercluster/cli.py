@@ -39,7 +39,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from hiercluster.config import load_config, resolve_path
+    from hiercluster.config import data_root, load_config, resolve_path
     from hiercluster.data import load_dataset
     from hiercluster.data import make_loader
     from hiercluster.evaluate import accuracy, collect_logits
@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for p in (out, metadata_path(out)):
             if p.exists():
                 raise HierclusterError(f"{p} exists; pass --overwrite to replace it, or --out another path")
-    root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
+    root = data_root(cfg)
     train_set = load_dataset(cfg.data.dataset, root, "train", cfg.data.download, augment=True)
     test_set = load_dataset(cfg.data.dataset, root, "test", cfg.data.download)
     torch.manual_seed(cfg.train.seed)
@@ -175,18 +175,12 @@ def cmd_hierarchy(args: argparse.Namespace) -> int:
 
 
 def _spec_from_args(args: argparse.Namespace, cfg):
-    import quant
+    from hiercluster.pipeline import grid_spec
 
     q = cfg.quant
     try:
-        return quant.QuantSpec(
-            scheme=args.scheme or q.schemes[0],
-            bits=args.bits,
-            granularity=args.granularity or q.granularity[0],
-            clipping=args.clipping or q.clipping[0],
-            narrow_range=q.narrow_range,
-            pow2_scale=q.pow2_scale,
-            percentile=q.percentile,
+        return grid_spec(
+            cfg, args.scheme or q.schemes[0], args.bits, args.clipping or q.clipping[0], args.granularity or q.granularity[0]
         )
     except ValueError as exc:
         raise HierclusterError(str(exc)) from None
@@ -208,7 +202,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     import quant
 
-    from hiercluster.config import load_config, resolve_path
+    from hiercluster.config import data_root, load_config, resolve_path
     from hiercluster.data import dataset_info, load_dataset
     from hiercluster.models import metadata_path
     from hiercluster.pipeline import load_float_model
@@ -229,8 +223,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for p in (out, report_file):
             if p.resolve() in protected:
                 raise HierclusterError(f"--out {out} would write {p}, which belongs to the checkpoint; choose another name")
-    root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
-    info = dataset_info(load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download))
+    info = dataset_info(load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download))
     model, ckpt = load_float_model(cfg, list(info["classes"]), info["in_channels"])
     try:
         qmodel, report = quant.quantize_model(model, spec, plan)

@@ -351,6 +351,16 @@ def resolve_path(value: str | Path, config_source: str | None) -> Path:
     return beside if beside.exists() else p
 
 
+def data_root(cfg: RunConfig) -> Path | None:
+    """``data.root`` resolved like every config path; a root that does not exist is an error."""
+    if not cfg.data.root:
+        return None
+    root = resolve_path(cfg.data.root, cfg.source)
+    if not root.exists():
+        raise HierclusterError(f"config key data.root: folder not found: {root}")
+    return root
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (the run's record of what was used)."""
     path = Path(path)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 import quant
-from hiercluster.config import RunConfig, read_yaml, resolve_path, save_config
+from hiercluster.config import RunConfig, data_root, read_yaml, resolve_path, save_config
 from hiercluster.data import cifar100_coarse_groups, dataset_info, load_dataset, make_loader
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
@@ -49,6 +49,20 @@ class GridPoint:
         return tag + (f"+a{self.activation.bits}" if self.activation else "")
 
 
+def grid_spec(cfg: RunConfig, scheme: str, bits: int, clipping: str, granularity: str) -> quant.QuantSpec:
+    """A weight spec with the grid's scheme-specific options (``quant.narrow_range``, ...)."""
+    q = cfg.quant
+    return quant.QuantSpec(
+        scheme=scheme,
+        bits=bits,
+        granularity=granularity,
+        clipping=clipping,
+        narrow_range=q.narrow_range,
+        pow2_scale=q.pow2_scale,
+        percentile=q.percentile,
+    )
+
+
 def expand_grid(cfg: RunConfig) -> list[GridPoint]:
     """Every grid point of ``cfg.quant``, in a fixed order (plan, scheme, clipping, granularity, bits)."""
     q = cfg.quant
@@ -73,15 +87,7 @@ def expand_grid(cfg: RunConfig) -> list[GridPoint]:
                         for bits in q.bits:
                             if plan_cfg.bits and bits not in plan_cfg.bits:
                                 continue
-                            spec = quant.QuantSpec(
-                                scheme=scheme,
-                                bits=bits,
-                                granularity=granularity,
-                                clipping=clipping,
-                                narrow_range=q.narrow_range,
-                                pow2_scale=q.pow2_scale,
-                                percentile=q.percentile,
-                            )
+                            spec = grid_spec(cfg, scheme, bits, clipping, granularity)
                             plan.check(spec)
                             points.append(GridPoint(spec, plan, activation))
     except ValueError as exc:
@@ -164,8 +170,7 @@ DATASET_COARSE = "dataset:coarse"
 def _read_grouping(value: str, cfg: RunConfig, key: str) -> dict[str, Any]:
     """A ``{superclass: [class names]}`` grouping from a YAML file, or the dataset's coarse labels."""
     if value == DATASET_COARSE:
-        root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
-        dataset = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
+        dataset = load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download)
         if "coarse_targets" not in getattr(dataset, "extras", {}):
             raise HierclusterError(f"config key {key}: {DATASET_COARSE} needs a dataset with coarse labels (cifar100)")
         return cifar100_coarse_groups(dataset)
@@ -181,9 +186,7 @@ def _read_grouping(value: str, cfg: RunConfig, key: str) -> dict[str, Any]:
 def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Prepared:
     """Load the model and data, get the float logits (cached) and build the hierarchy."""
     t0 = time.perf_counter()
-    root = resolve_path(cfg.data.root, cfg.source) if cfg.data.root else None
-    if root is not None and not root.exists():
-        raise HierclusterError(f"config key data.root: folder not found: {root}")
+    root = data_root(cfg)
     eval_set = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
     class_names = list(eval_set.classes)
     model, ckpt = load_float_model(cfg, class_names, int(dataset_info(eval_set)["in_channels"]))
