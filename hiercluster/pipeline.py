@@ -167,10 +167,14 @@ def _levels(
 DATASET_COARSE = "dataset:coarse"
 
 
-def _read_grouping(value: str, cfg: RunConfig, key: str) -> dict[str, Any]:
-    """A ``{superclass: [class names]}`` grouping from a YAML file, or the dataset's coarse labels."""
+def _read_grouping(value: str, cfg: RunConfig, key: str, dataset: Any = None) -> dict[str, Any]:
+    """A ``{superclass: [class names]}`` grouping from a YAML file, or the dataset's coarse labels.
+
+    ``dataset``: the evaluation set when the caller already holds it (``dataset:coarse``).
+    """
     if value == DATASET_COARSE:
-        dataset = load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download)
+        if dataset is None:
+            dataset = load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download)
         if "coarse_targets" not in getattr(dataset, "extras", {}):
             raise HierclusterError(f"config key {key}: {DATASET_COARSE} needs a dataset with coarse labels (cifar100)")
         return cifar100_coarse_groups(dataset)
@@ -219,7 +223,9 @@ def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Prepared:
 
     t0 = time.perf_counter()
     hierarchy = _build_hierarchy(cfg, model, class_names, root)
-    reference = _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference") if cfg.hierarchy.reference else None
+    reference = (
+        _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference", eval_set) if cfg.hierarchy.reference else None
+    )
     levels = _levels(cfg, hierarchy, class_names, reference)
     timings["hierarchy_s"] = time.perf_counter() - t0
     return Prepared(

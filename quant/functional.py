@@ -71,11 +71,6 @@ class QParams:
     def grid(self) -> Grid:
         return Grid(self.scheme, self.bits, self.qmin, self.qmax)
 
-    @property
-    def pow2_levels(self) -> int | None:
-        """``L``, the number of nonzero pow2 magnitudes (None for the affine schemes)."""
-        return self.qmax if self.scheme == "pow2" else None
-
     def levels(self) -> Tensor:
         """Every representable value, ascending: ``(C, n)`` per channel, ``(n,)`` per tensor."""
         return self.grid.levels(self.scale[..., None], self.zero_point[..., None])

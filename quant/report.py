@@ -87,11 +87,11 @@ class LayerReport:
         """This row plus the input (activation) quantizer of the layer."""
         return replace(self, act_bits=params.bits, act_scale=float(params.scale), act_zero_point=int(params.zero_point))
 
-    def to_dict(self) -> dict[str, Any]:
-        """All fields; tuples become lists."""
+    def _head(self, shape: Any) -> dict[str, Any]:
+        """The scalar fields both exports start with; ``shape`` in the export's own form."""
         return {
             "name": self.name,
-            "shape": list(self.shape),
+            "shape": shape,
             "numel": self.numel,
             "bits": self.bits,
             "scheme": self.scheme,
@@ -99,6 +99,12 @@ class LayerReport:
             "residual": self.residual,
             "mse": self.mse,
             "sqnr_db": self.sqnr_db,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields; tuples become lists."""
+        return {
+            **self._head(list(self.shape)),
             "before": dict(self.before),
             "after": dict(self.after),
             "zero_fraction": self.zero_fraction,
@@ -112,17 +118,7 @@ class LayerReport:
 
     def row(self) -> dict[str, Any]:
         """One flat row (scalars only; per-channel lists summarized as min/mean/max)."""
-        out: dict[str, Any] = {
-            "name": self.name,
-            "shape": "x".join(map(str, self.shape)),
-            "numel": self.numel,
-            "bits": self.bits,
-            "scheme": self.scheme,
-            "tag": self.tag,
-            "residual": self.residual,
-            "mse": self.mse,
-            "sqnr_db": self.sqnr_db,
-        }
+        out = self._head("x".join(map(str, self.shape)))
         for when, stats in (("before", self.before), ("after", self.after)):
             out.update({f"{when}_{k}": stats[k] for k in QUARTILES})
         out["zero_fraction"] = self.zero_fraction
