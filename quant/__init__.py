@@ -18,6 +18,7 @@ True
 True
 """
 
+from quant.calibrate import METHODS, needs_calibration
 from quant.errors import QuantError
 from quant.fold import fold_batchnorm
 from quant.functional import (
@@ -36,6 +37,7 @@ from quant.report import LayerReport, QuantReport
 from quant.spec import QuantSpec
 
 __all__ = [
+    "METHODS",
     "LayerReport",
     "QParams",
     "QuantError",
@@ -49,6 +51,7 @@ __all__ = [
     "fold_batchnorm",
     "load_packed",
     "model_size",
+    "needs_calibration",
     "quantize",
     "quantize_model",
     "quantize_residual",

@@ -128,6 +128,8 @@ def _encode(qmodel: nn.Module, report: QuantReport) -> tuple[dict[str, Any], _Pa
         },
         "spec": report.spec.to_dict(),
         "plan": report.plan.to_dict(),
+        "method": report.method,
+        "bn_reestimated": report.bn_reestimated,
         "biases": report.biases,
     }
     return header, payload

@@ -38,6 +38,10 @@ class LayerReport:
     (two-term) layer, 32 for a layer left float. ``zero_fraction`` and
     ``distinct_levels`` describe the quantized weight (the seed's "local sparsity"),
     also per output channel (``*_per_channel`` lists; ``*_channels`` min/mean/max).
+    ``method`` is how the weights were rounded (None for a float layer). For the
+    calibrated methods, ``output_mse_rtn`` and ``output_mse`` are the mean squared
+    errors of the layer's output (without bias) against the float weight's output on
+    the same calibration inputs, with round-to-nearest and with the method.
     """
 
     name: str
@@ -58,6 +62,9 @@ class LayerReport:
     act_bits: int | None = None
     act_scale: float | None = None
     act_zero_point: int | None = None
+    method: str | None = None
+    output_mse_rtn: float | None = None
+    output_mse: float | None = None
 
     @classmethod
     def measure(cls, name: str, weight: Tensor, quantized: Tensor, spec: QuantSpec | None, residual: bool) -> LayerReport:
@@ -81,11 +88,16 @@ class LayerReport:
             distinct_levels=int(distinct_sorted(after)),
             zero_fraction_per_channel=tuple(per_channel_zero_fraction(quantized).tolist()),
             distinct_per_channel=tuple(per_channel_distinct(quantized).tolist()),
+            method=None if spec is None else "rtn",
         )
 
     def with_activation(self, params: QParams) -> LayerReport:
         """This row plus the input (activation) quantizer of the layer."""
         return replace(self, act_bits=params.bits, act_scale=float(params.scale), act_zero_point=int(params.zero_point))
+
+    def with_calibration(self, info: Any) -> LayerReport:
+        """This row with the method and output errors of a :class:`quant.calibrate.LayerCalibration`."""
+        return replace(self, method=info.method, output_mse_rtn=info.output_mse_rtn, output_mse=info.output_mse)
 
     def _head(self, shape: Any) -> dict[str, Any]:
         """The scalar fields both exports start with; ``shape`` in the export's own form."""
@@ -97,6 +109,7 @@ class LayerReport:
             "scheme": self.scheme,
             "tag": self.tag,
             "residual": self.residual,
+            "method": self.method,
             "mse": self.mse,
             "sqnr_db": self.sqnr_db,
         }
@@ -114,6 +127,8 @@ class LayerReport:
             "act_bits": self.act_bits,
             "act_scale": self.act_scale,
             "act_zero_point": self.act_zero_point,
+            "output_mse_rtn": self.output_mse_rtn,
+            "output_mse": self.output_mse,
         }
 
     def row(self) -> dict[str, Any]:
@@ -126,6 +141,7 @@ class LayerReport:
         out["distinct_levels"] = self.distinct_levels
         out.update({f"distinct_ch_{k}": v for k, v in _summary(torch.tensor(self.distinct_per_channel)).items()})
         out.update(act_bits=self.act_bits, act_scale=self.act_scale, act_zero_point=self.act_zero_point)
+        out.update(output_mse_rtn=self.output_mse_rtn, output_mse=self.output_mse)
         return out
 
 
@@ -152,6 +168,10 @@ class QuantReport:
         :func:`quant.save_packed` and :func:`quant.model_size` read them from here.
     activations : dict
         Layer name -> ``QParams`` of its input quantizer (empty without ``act_spec``).
+    method : str
+        How the weights were rounded: ``"rtn"``, ``"gptq"`` or ``"adaround"``.
+    bn_reestimated, bias_corrected : bool
+        Whether output statistics were matched to the float model's after rounding.
 
     Examples
     --------
@@ -173,6 +193,9 @@ class QuantReport:
     fp32_bytes: int = 0
     codes: dict[str, tuple[Quantized, ...]] = field(default_factory=dict, repr=False)
     activations: dict[str, QParams] = field(default_factory=dict, repr=False)
+    method: str = "rtn"
+    bn_reestimated: bool = False
+    bias_corrected: bool = False
 
     @property
     def avg_bits(self) -> float:
@@ -198,6 +221,9 @@ class QuantReport:
             "spec_tag": self.spec.tag,
             "plan": self.plan.to_dict(),
             "act_spec": None if self.act_spec is None else self.act_spec.to_dict(),
+            "method": self.method,
+            "bn_reestimated": self.bn_reestimated,
+            "bias_corrected": self.bias_corrected,
             "biases": self.biases,
             "avg_bits_per_weight": self.avg_bits,
             "folded_batchnorm": [list(pair) for pair in self.folded],

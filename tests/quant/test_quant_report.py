@@ -16,12 +16,12 @@ from quant import QuantPlan, QuantSpec, fold_batchnorm, quantize_model
 from quant.metrics import five_numbers, per_channel_distinct, per_channel_zero_fraction, sqnr_db, squared_error
 
 COLUMNS = [
-    "name", "shape", "numel", "bits", "scheme", "tag", "residual", "mse", "sqnr_db",
+    "name", "shape", "numel", "bits", "scheme", "tag", "residual", "method", "mse", "sqnr_db",
     "before_min", "before_q1", "before_median", "before_q3", "before_max",
     "after_min", "after_q1", "after_median", "after_q3", "after_max",
     "zero_fraction", "zero_fraction_ch_min", "zero_fraction_ch_mean", "zero_fraction_ch_max",
     "distinct_levels", "distinct_ch_min", "distinct_ch_mean", "distinct_ch_max",
-    "act_bits", "act_scale", "act_zero_point",
+    "act_bits", "act_scale", "act_zero_point", "output_mse_rtn", "output_mse",
 ]
 
 
@@ -37,6 +37,9 @@ def test_rows_hold_every_column_and_every_layer(quantized):
     rows = report.rows()
     assert [r["name"] for r in rows] == ["conv1", "conv2", "fc"]
     assert list(rows[0]) == COLUMNS
+    # Round to nearest without data: no output errors; the skipped fc layer has no method.
+    assert [r["method"] for r in rows] == ["rtn", "rtn", None]
+    assert rows[0]["output_mse_rtn"] is None and rows[0]["output_mse"] is None
     assert rows[0]["shape"] == "8x1x3x3" and rows[0]["tag"] == "pow2-3b-minmax-per_channel"
 
 
