@@ -28,7 +28,7 @@ autograd; results are deterministic for a given seed.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from quant.errors import QuantError
-from quant.functional import QParams, Quantized, choose_qparams, dequantize, quantize
+from quant.functional import QParams, Quantized, choose_qparams, dequantize, dequantize_sum, quantize
 from quant.spec import QuantSpec
 
 #: Weight rounding methods: data-free round-to-nearest, and the two calibrated ones.
@@ -87,29 +87,86 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once the wanted layer has run."""
 
 
-def call_order(model: nn.Module, names: Sequence[str], batch: Tensor) -> tuple[list[str], dict[str, int]]:
-    """The order in which the named layers are first called on ``batch``, and how often each is called.
+#: Largest single layer input (bytes, whole calibration set) for which one forward pass
+#: over all calibration samples at once is used; above it, one pass per layer.
+ONE_PASS_BYTES = 512 << 20
 
-    Layers that are never called come last, in the order given.
+
+@dataclass(frozen=True)
+class LayerWalk:
+    """How to visit the quantized layers of a model on calibration data, in call order.
+
+    ``order``: the layers in the order they are first called (never-called ones last);
+    ``calls``: how often each is called per forward pass; ``input_bytes``: the largest
+    input any of them receives, in bytes per sample (float32).
+
+    :meth:`visit` calls ``work(name, inputs)`` for each layer, with the inputs it receives
+    from the model *as changed by the work on the layers before it*. When every layer is
+    called once and the largest input over all samples fits in :data:`ONE_PASS_BYTES`,
+    that is a single forward pass over all samples as one batch, the work done in a
+    pre-hook before each layer runs (cost: one forward pass). Otherwise each layer gets
+    its own passes over the batches, stopped right after the layer (cost: about half a
+    forward pass per layer, but memory bounded by one layer's inputs).
     """
-    order: list[str] = []
-    calls = dict.fromkeys(names, 0)
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            if calls[name] == 0:
-                order.append(name)
-            calls[name] += 1
+    order: tuple[str, ...]
+    calls: dict[str, int]
+    input_bytes: int
 
-        return record
+    @classmethod
+    def trace(cls, model: nn.Module, names: Sequence[str], batch: Tensor) -> LayerWalk:
+        """Record call order, call counts and input sizes of ``names`` on one batch."""
+        order: list[str] = []
+        calls = dict.fromkeys(names, 0)
+        largest = [0]
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        _run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return order + [n for n in names if calls[n] == 0], calls
+        def hook(name: str):
+            def record(module: nn.Module, args: tuple) -> None:
+                if calls[name] == 0:
+                    order.append(name)
+                calls[name] += 1
+                x = args[0]
+                largest[0] = max(largest[0], 4 * x.numel() // max(1, x.shape[0] if x.dim() else 1))
+
+            return record
+
+        handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+        try:
+            _run(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return cls(tuple(order + [n for n in names if calls[n] == 0]), calls, largest[0])
+
+    def one_pass(self, names: Sequence[str], samples: int) -> bool:
+        """Whether :meth:`visit` can run all ``samples`` through the model as one batch."""
+        return all(self.calls.get(n, 0) == 1 for n in names) and self.input_bytes * samples <= ONE_PASS_BYTES
+
+    def visit(self, model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], work: Callable[[str, list[Tensor]], None]) -> None:
+        """``work(name, inputs)`` for every called layer of ``names``, in call order (see the class doc)."""
+        wanted = [n for n in self.order if n in set(names) and self.calls.get(n, 0)]
+        if not wanted:
+            return
+        if self.one_pass(wanted, sum(len(b) for b in batches)):
+            todo = set(wanted)
+
+            def hook(name: str):
+                def run_work(module: nn.Module, args: tuple) -> None:
+                    if name in todo:
+                        todo.discard(name)
+                        work(name, [args[0].detach()])
+
+                return run_work
+
+            handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in wanted]
+            try:
+                _run(model, torch.cat(list(batches)))
+            finally:
+                for h in handles:
+                    h.remove()
+            return
+        for name in wanted:
+            work(name, layer_inputs(model, name, batches, self.calls[name]))
 
 
 @torch.no_grad()
@@ -150,41 +207,57 @@ def layer_inputs(model: nn.Module, name: str, batches: Sequence[Tensor], calls: 
     return seen
 
 
-def layer_outputs(model: nn.Module, name: str, batches: Sequence[Tensor], calls: int = 1) -> list[Tensor]:
-    """The outputs of layer ``name`` on each batch (one tensor per call), stopping after the layer."""
-    layer = model.get_submodule(name)
-    seen: list[Tensor] = []
+class _Moments:
+    """Running per-channel sum and sum of squares (float64) of a layer's outputs."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.square: Tensor | None = None
+        self.count = 0
+
+    def add(self, y: Tensor) -> None:
+        # Channels are axis 1 of a conv output and the last axis of a Linear's.
+        rows = y.detach().movedim(1, -1) if y.dim() > 2 else y.detach()
+        rows = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
+        s, q = rows.sum(0), torch.linalg.vecdot(rows.T, rows.T)
+        self.total = s if self.total is None else self.total + s
+        self.square = q if self.square is None else self.square + q
+        self.count += rows.shape[0]
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        mean = self.total / self.count
+        return mean, (self.square / self.count - mean * mean).clamp(min=0)
+
+
+def output_moments(
+    model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], stop_after: tuple[str, int] | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-channel mean and variance (float64) of each named layer's output over all batches.
+
+    ``stop_after=(name, calls)`` ends every forward pass after that layer's last call.
+    """
+    moments = {name: _Moments() for name in names}
     count = [0]
 
-    def grab(module: nn.Module, args: tuple, output: Any) -> None:
-        seen.append(output.detach())
-        count[0] += 1
-        if count[0] == calls:
-            raise _Stop
+    def hook(name: str):
+        def grab(module: nn.Module, args: tuple, output: Tensor) -> None:
+            moments[name].add(output)
+            if stop_after is not None and name == stop_after[0]:
+                count[0] += 1
+                if count[0] == stop_after[1]:
+                    raise _Stop
 
-    handle = layer.register_forward_hook(grab)
+        return grab
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         for batch in batches:
             count[0] = 0
             _run(model, batch)
     finally:
-        handle.remove()
-    return seen
-
-
-def _channel_moments(outputs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-channel (axis 1, or the last axis of a Linear's 2-D output) mean and variance, in float64."""
-    total = count = square = None
-    for y in outputs:
-        y = y.to(torch.float64)
-        rows = y.movedim(1, -1).reshape(-1, y.shape[1]) if y.dim() > 2 else y.reshape(-1, y.shape[-1])
-        s, q = rows.sum(0), (rows * rows).sum(0)
-        total = s if total is None else total + s
-        square = q if square is None else square + q
-        count = rows.shape[0] if count is None else count + rows.shape[0]
-    mean = total / count
-    var = (square / count - mean * mean).clamp(min=0)
-    return mean, var
+        for h in handles:
+            h.remove()
+    return {name: m.result() for name, m in moments.items() if m.count}
 
 
 @dataclass(frozen=True)
@@ -213,8 +286,7 @@ def _output_mse_from_hessian(delta: Tensor, hessian: Tensor) -> float:
 
 def round_layers(
     qmodel: nn.Module,
-    order: Sequence[str],
-    calls: dict[str, int],
+    walk: LayerWalk,
     specs: dict[str, QuantSpec],
     weights: dict[str, Tensor],
     batches: Sequence[Tensor],
@@ -223,12 +295,13 @@ def round_layers(
     seed: int = 0,
     options: Any = None,
 ) -> tuple[dict[str, tuple[Quantized, ...]], dict[str, LayerCalibration]]:
-    """Quantize each layer of ``specs`` with ``method``, in call ``order``, writing the weights into ``qmodel``.
+    """Quantize each layer of ``specs`` with ``method``, in call order, writing the weights into ``qmodel``.
 
     ``weights`` holds the float (folded) weights. Each layer's grid comes from its spec
     (scheme, bits, granularity, clipping), chosen on the float weight; the method only
     decides which level each weight rounds to. Returns the codes and, per layer, the
-    output errors of round-to-nearest and of the method on the captured inputs.
+    output errors of round-to-nearest and of the method on the captured inputs. A layer
+    the calibration data never reaches is rounded to nearest (with a warning).
     """
     from quant.adaround import AdaRoundOptions, adaround
     from quant.gptq import GPTQOptions, HessianAccumulator, gptq_layer_codes
@@ -237,44 +310,55 @@ def round_layers(
     codes: dict[str, tuple[Quantized, ...]] = {}
     info: dict[str, LayerCalibration] = {}
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    for name in order:
-        if name not in specs:
-            continue
-        layer = qmodel.get_submodule(name)
-        weight = weights[name].to(layer.weight.device, torch.float32)
+    params: dict[str, QParams] = {}
+    for name, spec in specs.items():
+        weight = weights[name].to(torch.float32)
         try:
-            params = choose_qparams(weight, specs[name])
+            params[name] = choose_qparams(weight, spec)
         except QuantError as err:
             raise QuantError(f"layer {name!r} weight: {err}") from None
-        rtn_codes, _ = quantize(weight, params)
-        if calls.get(name, 0) == 0:
-            warnings.warn(f"layer {name!r} is not called on the calibration data; it is rounded to nearest", stacklevel=3)
-            codes[name] = ((rtn_codes, params),)
-            info[name] = LayerCalibration("rtn")
-            _write(layer, dequantize(rtn_codes, params))
-            continue
-        inputs = layer_inputs(qmodel, name, batches, calls[name])
+
+    def work(name: str, inputs: list[Tensor]) -> None:
+        layer = qmodel.get_submodule(name)
+        weight = weights[name].to(layer.weight.device, torch.float32)
+        p = params[name].to(layer.weight.device)
+        rtn_codes, _ = quantize(weight, p)
         if method == "gptq":
             acc = HessianAccumulator(layer)
             for x in inputs:
-                acc.add(x)
+                for chunk in x.split(_CHUNK):  # bounds the im2col buffer
+                    acc.add(chunk)
             hessian = acc.hessian
-            new_codes = gptq_layer_codes(weight, hessian, params, getattr(layer, "groups", 1), options or GPTQOptions())
-            before = _output_mse_from_hessian(dequantize(rtn_codes, params) - weight, hessian)
-            after = _output_mse_from_hessian(dequantize(new_codes, params) - weight, hessian)
+            new_codes = gptq_layer_codes(weight, hessian, p, getattr(layer, "groups", 1), options or GPTQOptions())
+            before = _output_mse_from_hessian(dequantize(rtn_codes, p) - weight, hessian)
+            after = _output_mse_from_hessian(dequantize(new_codes, p) - weight, hessian)
         else:
             forward = weight_forward(layer)
-            x = torch.cat([t.reshape(-1, *t.shape[1:]) for t in inputs])
-            del inputs
+            x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
             with torch.no_grad():
                 target = forward(x, weight)
-            result = adaround(weight, params, x, target, forward, options or AdaRoundOptions(), generator)
+            with torch.enable_grad():
+                result = adaround(weight, p, x, target, forward, options or AdaRoundOptions(), generator)
             new_codes, before, after = result.codes, result.loss_before, result.loss_after
-            del x, target
-        codes[name] = ((new_codes, params),)
+        codes[name] = ((new_codes, p),)
         info[name] = LayerCalibration(method, before, after)
-        _write(layer, dequantize(new_codes, params))
+        _write(layer, dequantize(new_codes, p))
+
+    walk.visit(qmodel, list(specs), batches, work)
+    for name in specs:
+        if name not in codes:
+            warnings.warn(f"layer {name!r} is not called on the calibration data; it is rounded to nearest", stacklevel=3)
+            layer = qmodel.get_submodule(name)
+            p = params[name].to(layer.weight.device)
+            rtn_codes, _ = quantize(weights[name].to(layer.weight.device, torch.float32), p)
+            codes[name] = ((rtn_codes, p),)
+            info[name] = LayerCalibration("rtn")
+            _write(layer, dequantize(rtn_codes, p))
     return codes, info
+
+
+#: Samples per chunk when a layer's inputs are turned into im2col columns.
+_CHUNK = 128
 
 
 def _write(layer: nn.Module, values: Tensor) -> None:
@@ -285,8 +369,7 @@ def _write(layer: nn.Module, values: Tensor) -> None:
 def match_output_statistics(
     qmodel: nn.Module,
     float_model: nn.Module,
-    order: Sequence[str],
-    calls: dict[str, int],
+    walk: LayerWalk,
     codes: dict[str, tuple[Quantized, ...]],
     batches: Sequence[Tensor],
     *,
@@ -304,16 +387,17 @@ def match_output_statistics(
     cannot carry per-channel ratios. A layer without bias gets no shift. Returns the
     updated codes (same codes, new scales); ``qmodel`` is changed in place.
     """
-    float_stats = {}
-    for name in order:
-        if name in codes and calls.get(name, 0):
-            float_stats[name] = _channel_moments(layer_outputs(float_model, name, batches, calls[name]))
+    called = [name for name in walk.order if name in codes and walk.calls.get(name, 0)]
+    float_stats = output_moments(float_model, called, batches)  # one pass: the float model needs no order
     updated = dict(codes)
-    for name in order:
-        if name not in float_stats:
-            continue
+
+    def work(name: str, inputs: list[Tensor]) -> None:
         layer = qmodel.get_submodule(name)
-        mean_q, var_q = _channel_moments(layer_outputs(qmodel, name, batches, calls[name]))
+        moments = _Moments()
+        for x in inputs:
+            for chunk in x.split(_CHUNK):
+                moments.add(layer(chunk))
+        mean_q, var_q = moments.result()
         mean_f, var_f = float_stats[name]
         terms = codes[name]
         per_channel = all(p.axis == 0 for _, p in terms)
@@ -321,8 +405,6 @@ def match_output_statistics(
         if variance and per_channel:
             alive = (var_q > MIN_VARIANCE) & (var_f > MIN_VARIANCE)
             ratio = torch.where(alive, torch.sqrt(var_f / var_q.clamp(min=MIN_VARIANCE)), ratio)
-        bias = layer.bias
-        b = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(mean_q)
         if not torch.isfinite(ratio).all():
             raise QuantError(f"layer {name!r}: BN re-estimation produced a non-finite scale")
         new_terms = []
@@ -330,11 +412,14 @@ def match_output_statistics(
             scale = p.scale if not per_channel else (p.scale.to(torch.float64) * ratio.to(p.scale.device)).to(torch.float32)
             new_terms.append((c, QParams(p.scheme, p.bits, scale, p.zero_point, p.qmin, p.qmax, p.axis)))
         updated[name] = tuple(new_terms)
-        values = sum(dequantize(c, p) for c, p in new_terms)
-        _write(layer, values)
+        _write(layer, dequantize_sum(new_terms))
+        bias = layer.bias
         if bias is not None:
+            b = bias.detach().to(torch.float64)
             with torch.no_grad():
                 bias.copy_((mean_f - ratio * (mean_q - b)).to(bias.dtype))
+
+    walk.visit(qmodel, called, batches, work)
     return updated
 
 
@@ -342,10 +427,10 @@ __all__ = [
     "LayerCalibration",
     "METHODS",
     "batch_inputs",
-    "call_order",
+    "LayerWalk",
     "check_method",
     "layer_inputs",
-    "layer_outputs",
+    "output_moments",
     "match_output_statistics",
     "needs_calibration",
     "round_layers",

@@ -202,15 +202,14 @@ def quantize_model(
         codes[name] = _quantize_layer(name, weights[name], specs[name], 2)
 
     calibrated: dict[str, calibrate.LayerCalibration] = {}
-    walk = method != "rtn" or matching
-    order, calls = calibrate.call_order(qmodel, names, batches[0]) if walk else (names, {})
+    walk = calibrate.LayerWalk.trace(qmodel, names, batches[0]) if method != "rtn" or matching else None
     with torch.no_grad():
         for name in residual:  # the calibrated layers after them see their quantized output
             layers_by_name[name].weight.copy_(dequantize_sum(codes[name]).to(layers_by_name[name].weight.dtype))
     if method != "rtn":
         targets = {name: specs[name] for name in codes if name not in residual}
         new_codes, calibrated = calibrate.round_layers(
-            qmodel, order, calls, targets, weights, batches, method, seed=seed, options=options
+            qmodel, walk, targets, weights, batches, method, seed=seed, options=options
         )
         codes.update(new_codes)
     with torch.no_grad():
@@ -218,7 +217,7 @@ def quantize_model(
             layers_by_name[name].weight.copy_(dequantize_sum(parts).to(layers_by_name[name].weight.dtype))
     if matching:
         codes = calibrate.match_output_statistics(
-            qmodel, float_folded, order, calls, codes, batches, variance=bn_reestimate
+            qmodel, float_folded, walk, codes, batches, variance=bn_reestimate
         )
         del float_folded
 
