@@ -205,9 +205,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from hiercluster.config import data_root, load_config, resolve_path
     from hiercluster.data import dataset_info, load_dataset
     from hiercluster.models import metadata_path
-    from hiercluster.pipeline import load_float_model
+    from hiercluster.pipeline import GridPoint, calibration_settings, load_calibration, load_float_model
 
     cfg = load_config(args.config, args.overrides)
+    if args.method not in quant.METHODS:
+        raise HierclusterError(f"--method {args.method!r} is not a method; allowed: {', '.join(quant.METHODS)}")
     out = Path(args.out)
     report_file = out.with_name(out.name + ".json")
     if out.suffix in (".json", ".pt", ".pth", ".yaml"):
@@ -225,18 +227,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 raise HierclusterError(f"--out {out} would write {p}, which belongs to the checkpoint; choose another name")
     info = dataset_info(load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download))
     model, ckpt = load_float_model(cfg, list(info["classes"]), info["in_channels"])
+    point = GridPoint(spec, plan, method=args.method, bn_reestimate=args.bn_reestimate)
+    calibration = load_calibration(cfg, point.calibration_user) if point.needs_calibration else None
     try:
-        qmodel, report = quant.quantize_model(model, spec, plan)
+        qmodel, report = quant.quantize_model(
+            model, spec, plan, method=point.method, bn_reestimate=point.bn_reestimate, calibration=calibration,
+            seed=cfg.calibration.seed,
+        )
     except quant.QuantError as exc:
         raise HierclusterError(str(exc)) from None
     sizes = quant.model_size(qmodel, report)
     out.parent.mkdir(parents=True, exist_ok=True)
     quant.save_packed(out, qmodel, report, overwrite=args.overwrite)
     report_file.write_text(
-        json.dumps({"checkpoint": str(ckpt), "spec": spec.to_dict(), "plan": plan.to_dict(), "sizes": sizes,
-                    "report": report.to_dict()}, indent=2, default=str) + "\n"
+        json.dumps({"checkpoint": str(ckpt), "spec": spec.to_dict(), "plan": plan.to_dict(), "method": point.method,
+                    "bn_reestimate": point.bn_reestimate,
+                    "calibration": calibration_settings(cfg) if calibration is not None else None,
+                    "sizes": sizes, "report": report.to_dict()}, indent=2, default=str) + "\n"
     )
-    print(f"{spec.tag} (plan {plan.name}) of {ckpt}: average {report.avg_bits:.2f} bits per weight")
+    fitted = ""
+    if calibration is not None:
+        fitted = f", {point.method_label} on {sum(len(b) for b in calibration)} {cfg.calibration.split} images"
+    print(f"{spec.tag} (plan {plan.name}{fitted}) of {ckpt}: average {report.avg_bits:.2f} bits per weight")
     print(
         f"  fp32 {sizes['fp32_bytes'] / 1024:.1f} KB -> packed {sizes['packed_bytes'] / 1024:.1f} KB "
         f"(gzip {sizes['gzip_bytes'] / 1024:.1f} KB, xz {sizes['xz_bytes'] / 1024:.1f} KB)"
@@ -319,15 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_hierarchy,
     )
     p = sub.add_parser("quantize", help="quantize the model with one spec; write the bit-packed model and size report",
-                       description="Quantize the config's model with one spec and write the bit-packed model (OUT) "
-                       "and a JSON size and per-layer report beside it (OUT.json, e.g. model-4b.hcq.json).")
+                       description="Quantize the config's model with one spec and method and write the bit-packed "
+                       "model (OUT) and a JSON size and per-layer report beside it (OUT.json, e.g. model-4b.hcq.json). "
+                       "Calibrated methods fit on the config's section calibration (never the evaluation split).")
     p.add_argument("config", help="YAML config file")
     _add_set(p)
     p.add_argument("--bits", type=int, required=True, help="weight bits, 2..16")
     p.add_argument("--scheme", help="asymmetric, symmetric or pow2 (default: first of quant.schemes)")
-    p.add_argument("--clipping", help="minmax, mse or percentile (default: first of quant.clipping)")
+    p.add_argument("--clipping", help="weight range setting, e.g. minmax or mse (default: first of quant.clipping)")
     p.add_argument("--granularity", help="per_channel or per_tensor (default: first of quant.granularity)")
     p.add_argument("--plan", help="name of a plan in quant.plans (default: quantize every layer)")
+    p.add_argument("--method", default="rtn",
+                   help="rtn (round to nearest, no data), gptq or adaround (fit on the config's calibration section)")
+    p.add_argument("--bn-reestimate", action="store_true",
+                   help="re-estimate BN statistics after rounding, on the config's calibration section")
     p.add_argument("--out", required=True, help="packed model file to write, e.g. model-4b.hcq")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_quantize)

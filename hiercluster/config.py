@@ -114,13 +114,36 @@ class PlanConfig:
 
 
 @dataclass(frozen=True)
+class MethodConfig:
+    """One weight-rounding method of the grid (``quant.methods`` items).
+
+    An item is a method name (``rtn``, ``gptq``, ``adaround``; :data:`quant.METHODS`)
+    or a mapping with ``name`` and lists that replace the grid's own for this method:
+    ``bn_reestimate``, ``bits``, ``schemes``, ``clipping``; ``plans`` names the
+    ``quant.plans`` it is applied with. An empty list means the grid's list (all plans).
+    Several items may share a name (``gptq`` at 4-2 bits with MSE, and at 2 bits with
+    min-max); a grid point they both produce is run once.
+    """
+
+    name: str = "rtn"
+    bn_reestimate: tuple[bool, ...] = ()
+    bits: tuple[int, ...] = ()
+    schemes: tuple[str, ...] = ()
+    clipping: tuple[str, ...] = ()
+    plans: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class QuantGridConfig:
     """Section ``quant``: the grid of weight-quantization specs swept by ``run``.
 
-    Every combination of ``schemes`` x ``bits`` x ``clipping`` x ``granularity`` is run
-    with every plan (restricted by the plan's own ``bits``/``schemes``).
-    ``activation_bits`` (optional) also quantizes the input of every layer but the first,
-    calibrated on ``activation_calibration_batches`` batches of the evaluation data.
+    Every combination of ``methods`` x ``bn_reestimate`` x ``schemes`` x ``bits`` x
+    ``clipping`` x ``granularity`` is run with every plan (restricted by the plan's own
+    ``bits``/``schemes``, and by a method item's own lists). ``rtn`` (round to nearest)
+    needs no data; ``gptq``, ``adaround`` and ``bn_reestimate: true`` fit on the
+    section ``calibration``'s images. ``activation_bits`` (optional) also quantizes the
+    input of every layer but the first, calibrated on the first
+    ``activation_calibration_batches`` batches of that calibration set.
     """
 
     schemes: tuple[str, ...] = ("asymmetric", "symmetric", "pow2")
@@ -131,8 +154,29 @@ class QuantGridConfig:
     pow2_scale: bool = False
     percentile: float = 99.99
     plans: tuple[PlanConfig, ...] = (PlanConfig(),)
+    methods: tuple[MethodConfig, ...] = (MethodConfig(),)
+    bn_reestimate: tuple[bool, ...] = (False,)
     activation_bits: int | None = None
     activation_calibration_batches: int = 8
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Section ``calibration``: the unlabeled images that calibrated quantization fits on.
+
+    A fixed subset of ``samples`` images of ``split``, drawn with a generator seeded by
+    ``seed``, without augmentation, in batches of ``batch_size``; loaded once per run,
+    and only when some grid point needs it (a calibrated method, BN re-estimation or
+    activation quantization). It must not be the evaluation split (``data.eval_split``):
+    fitting on the images that are then scored inflates the result. ``allow_eval_split:
+    true`` permits it anyway, and the report then says so in its header.
+    """
+
+    split: str = "train"
+    samples: int = 1024
+    batch_size: int = 128
+    seed: int = 0
+    allow_eval_split: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,9 +210,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     quant: QuantGridConfig = field(default_factory=QuantGridConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     source: str | None = None
+
+    def __post_init__(self) -> None:
+        c = self.calibration
+        if c.split == self.data.eval_split and not c.allow_eval_split:
+            raise HierclusterError(
+                f"config key calibration.split is {c.split!r}, the same as data.eval_split: calibration data must "
+                "not come from the evaluation split; use another split, or set calibration.allow_eval_split: true"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every section (without ``source``), for saving next to results."""
@@ -184,6 +237,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "hierarchy.linkage": ("ward", "average", "complete", "single", "weighted"),
     "hierarchy.metric": ("cosine", "euclidean", "precomputed"),
     "hierarchy.split": ("train", "test"),
+    "calibration.split": ("train", "test"),
     "eval.reduction": ("prob_sum", "mean_logit", "argmax_then_map"),
 }
 # key path -> (lowest allowed, highest allowed or None, whether the highest is excluded)
@@ -204,7 +258,11 @@ _POSITIVE = {
     "model.width",
     "eval.random_seeds",
     "quant.activation_calibration_batches",
+    "calibration.samples",
+    "calibration.batch_size",
 }
+# Dataclasses an item of which may be written as a bare string: the string is this field.
+_SHORT_FORM: dict[type, str] = {MethodConfig: "name"}
 
 
 def _type_name(tp: Any) -> str:
@@ -229,6 +287,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise HierclusterError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
+        if tp in _SHORT_FORM and isinstance(value, str):
+            value = {_SHORT_FORM[tp]: value}
         return _build(tp, value, key)
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
@@ -283,6 +343,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         kwargs[key] = value
     try:
         return cls(**kwargs)
+    except HierclusterError:
+        raise  # a dataclass's own check already names its keys
     except (TypeError, ValueError) as exc:
         raise HierclusterError(f"config section {prefix or '(top level)'}: {exc}") from None
 

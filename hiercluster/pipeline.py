@@ -5,10 +5,15 @@ evaluation set (its logits are cached in the run directory), each quantized vari
 runs once, and every level, random baseline and metric is computed from kept logits.
 Each finished spec is written to the results store at once; a re-run skips the specs
 whose key (a hash of everything that affects them) is already there.
+
+Calibrated quantization (GPTQ, AdaRound, BN re-estimation, activation quantizers) fits
+on the section ``calibration``'s images: a fixed subset of a split that is never the
+evaluation split (unless the config says so explicitly), loaded once per run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,25 +32,70 @@ from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, pred
 from hiercluster.heads import as_assignment, group_names
 from hiercluster.hierarchy import ClassHierarchy, build_hierarchy
 from hiercluster.models import build_model, check_fits_data, classifier_layer, load_checkpoint, metadata_path, read_metadata
-from hiercluster.store import ResultsStore, file_digest, spec_key
+from hiercluster.store import ResultsStore, file_digest, method_label, spec_key
 
 RUN_FILE = "run.json"
 DB_FILE = "results.sqlite"
 LOGITS_FILE = "float_logits.pt"
 HIERARCHY_FILE = "hierarchy.json"
+PACKED_CACHE_DIR = "packed"  # bit-packed calibrated models of the sweep, by spec key, for export without refitting
+# Bumped whenever a stored result's meaning changes, so that results of older code are never reused.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
 class GridPoint:
-    """One weight-quantization setting of the sweep."""
+    """One weight-quantization setting of the sweep.
+
+    Examples
+    --------
+    >>> spec, plan = quant.QuantSpec(scheme="asymmetric", bits=2, clipping="mse"), quant.QuantPlan(name="full")
+    >>> GridPoint(spec, plan, method="gptq", bn_reestimate=True).tag
+    'asymmetric-2b-mse-per_channel+full+gptq+bn'
+    >>> GridPoint(spec, plan).tag  # round to nearest without BN re-estimation: no suffix
+    'asymmetric-2b-mse-per_channel+full'
+    """
 
     spec: quant.QuantSpec
     plan: quant.QuantPlan
     activation: quant.QuantSpec | None = None
+    method: str = "rtn"
+    bn_reestimate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in quant.METHODS:
+            raise ValueError(f"GridPoint method {self.method!r} is not one of {', '.join(quant.METHODS)}")
+
+    @property
+    def method_label(self) -> str:
+        """``"gptq+bn"``, ``"rtn"``, ...: the method and whether BN statistics were re-estimated."""
+        return method_label(self.method, self.bn_reestimate)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing this point fits anything on calibration data."""
+        return self.activation is not None or quant.needs_calibration(self.method, self.bn_reestimate)
+
+    @property
+    def calibration_user(self) -> str:
+        """What in this point needs calibration data, for error messages."""
+        if self.method != "rtn":
+            return f"method {self.method!r}"
+        if self.bn_reestimate:
+            return "BN re-estimation (quant.bn_reestimate)"
+        return "activation quantization (quant.activation_bits)"
+
+    @property
+    def calibration_use(self) -> str:
+        """What is fitted on calibration data, as a short label (``"gptq+bn"``, ``"a8"``, ``"gptq+a8"``)."""
+        parts = [self.method_label] if self.method_label != "rtn" else []
+        return "+".join(parts + ([f"a{self.activation.bits}"] if self.activation else []))
 
     @property
     def tag(self) -> str:
         tag = f"{self.spec.tag}+{self.plan.name}"
+        if self.method_label != "rtn":
+            tag += f"+{self.method_label}"
         return tag + (f"+a{self.activation.bits}" if self.activation else "")
 
 
@@ -63,40 +113,134 @@ def grid_spec(cfg: RunConfig, scheme: str, bits: int, clipping: str, granularity
     )
 
 
+def check_methods(cfg: RunConfig) -> None:
+    """Every ``quant.methods`` item names a known method and existing plans."""
+    plan_names = [p.name for p in cfg.quant.plans]
+    for i, m in enumerate(cfg.quant.methods):
+        if m.name not in quant.METHODS:
+            raise HierclusterError(
+                f"config key quant.methods[{i}]: unknown method {m.name!r}; allowed: {', '.join(quant.METHODS)}"
+            )
+        missing = [p for p in m.plans if p not in plan_names]
+        if missing:
+            raise HierclusterError(
+                f"config key quant.methods[{i}].plans: no plan named {', '.join(map(repr, missing))} in quant.plans "
+                f"(names: {', '.join(plan_names)})"
+            )
+
+
 def expand_grid(cfg: RunConfig) -> list[GridPoint]:
-    """Every grid point of ``cfg.quant``, in a fixed order (plan, scheme, clipping, granularity, bits)."""
+    """Every grid point of ``cfg.quant``, without duplicates, in a fixed order.
+
+    The order is method item, BN re-estimation, plan, scheme, clipping, granularity,
+    bits: round to nearest (listed first by default) finishes before the slower
+    calibrated methods start. A method item's non-empty lists replace the grid's.
+    """
     q = cfg.quant
     points: list[GridPoint] = []
+    seen: set[tuple[str, str, str, bool]] = set()
     activation = None
     names = [p.name for p in q.plans]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise HierclusterError(f"config key quant.plans: plan names must be unique; repeated: {', '.join(repeated)}")
+    check_methods(cfg)
     try:
         if q.activation_bits is not None:
             activation = quant.QuantSpec(
                 scheme="asymmetric", bits=q.activation_bits, granularity="per_tensor", clipping="minmax"
             )
-        for plan_cfg in q.plans:
-            plan = quant.QuantPlan.from_dict(plan_cfg.quant_plan_dict())
-            for scheme in q.schemes:
-                if plan_cfg.schemes and scheme not in plan_cfg.schemes:
-                    continue
-                for clipping in q.clipping:
-                    for granularity in q.granularity:
-                        for bits in q.bits:
-                            if plan_cfg.bits and bits not in plan_cfg.bits:
-                                continue
-                            spec = grid_spec(cfg, scheme, bits, clipping, granularity)
-                            plan.check(spec)
-                            points.append(GridPoint(spec, plan, activation))
+        plans = {p.name: quant.QuantPlan.from_dict(p.quant_plan_dict()) for p in q.plans}
+        for m in q.methods:
+            for bn in dict.fromkeys(m.bn_reestimate or q.bn_reestimate):
+                for plan_cfg in q.plans:
+                    if m.plans and plan_cfg.name not in m.plans:
+                        continue
+                    plan = plans[plan_cfg.name]
+                    for scheme in m.schemes or q.schemes:
+                        if plan_cfg.schemes and scheme not in plan_cfg.schemes:
+                            continue
+                        for clipping in m.clipping or q.clipping:
+                            for granularity in q.granularity:
+                                for bits in m.bits or q.bits:
+                                    if plan_cfg.bits and bits not in plan_cfg.bits:
+                                        continue
+                                    spec = grid_spec(cfg, scheme, bits, clipping, granularity)
+                                    plan.check(spec)
+                                    ident = (json.dumps(spec.to_dict(), sort_keys=True), plan_cfg.name, m.name, bn)
+                                    if ident not in seen:
+                                        seen.add(ident)
+                                        points.append(GridPoint(spec, plan, activation, m.name, bn))
     except ValueError as exc:
         if isinstance(exc, HierclusterError):
             raise
         raise HierclusterError(f"config section quant: {exc}") from None
     if not points:
-        raise HierclusterError("config section quant: the grid is empty (check quant.bits, quant.schemes and plan filters)")
+        raise HierclusterError(
+            "config section quant: the grid is empty (check quant.bits, quant.schemes, plan and method filters)"
+        )
     return points
+
+
+def calibration_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings of section ``calibration`` that change which images are used."""
+    c = cfg.calibration
+    return {"split": c.split, "samples": c.samples, "batch_size": c.batch_size, "seed": c.seed}
+
+
+def _has_split(dataset: str, root: Path | None, split: str) -> bool:
+    """Whether ``split`` exists as its own data (an image folder without ``train/`` has no training split)."""
+    if dataset != "imagefolder" or root is None:
+        return True  # the other datasets always come in both splits (a missing file is load_dataset's error)
+    subdirs = ["train"] if split == "train" else ["val", "test"]
+    return any((Path(root) / s).is_dir() for s in subdirs)
+
+
+def calibration_batches(dataset: Any, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The images of ``dataset`` at ``indices``, in that order, as batches of ``batch_size`` (labels dropped).
+
+    Examples
+    --------
+    >>> ds = load_dataset("digits", split="train")
+    >>> [tuple(b.shape) for b in calibration_batches(ds, torch.arange(5), 2)]
+    [(2, 1, 8, 8), (2, 1, 8, 8), (1, 1, 8, 8)]
+    """
+    out = []
+    for chunk in indices.split(batch_size):
+        if hasattr(dataset, "batch"):  # in-memory sets slice many images at once
+            out.append(dataset.batch(chunk)[0])
+        else:
+            out.append(torch.stack([dataset[int(i)][0] for i in chunk]))
+    return out
+
+
+def load_calibration(cfg: RunConfig, needed_by: str) -> list[torch.Tensor]:
+    """The calibration set of ``cfg.calibration``: ``samples`` images of ``split``, fixed by ``seed``.
+
+    No augmentation (``load_dataset``'s evaluation transform); ``needed_by`` names what
+    needs the data, for the error when the dataset has no such split.
+    """
+    c = cfg.calibration
+    root = data_root(cfg)
+    where = f"config key calibration.split is {c.split!r}"
+    if not _has_split(cfg.data.dataset, root, c.split):
+        raise HierclusterError(
+            f"{needed_by} needs calibration data, but dataset {cfg.data.dataset} at {root} has no {c.split!r} split "
+            f"({where}; an image folder needs {'train/' if c.split == 'train' else 'val/ or test/'})"
+        )
+    try:
+        dataset = load_dataset(cfg.data.dataset, root, c.split, cfg.data.download)
+    except HierclusterError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise HierclusterError(f"{needed_by} needs calibration data ({where}): {first}") from None
+    n = len(dataset)
+    if c.samples > n:
+        raise HierclusterError(
+            f"config key calibration.samples is {c.samples}, more than the {n} images of the {c.split!r} split "
+            f"of {cfg.data.dataset}; use at most {n}"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed))[: c.samples]
+    return calibration_batches(dataset, order, c.batch_size)
 
 
 @dataclass
@@ -115,9 +259,20 @@ class Prepared:
     levels: dict[str, tuple[int, np.ndarray, str]] = field(default_factory=dict)
     reference_groups: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    calibration: list[torch.Tensor] | None = None
+    packed_cache: Path | None = None
 
     def loader(self) -> Any:
+        """Batches of the evaluation set (scoring only: nothing is ever fitted on it)."""
         return make_loader(self.eval_set, self.cfg.data.batch_size, num_workers=self.cfg.data.workers)
+
+    def calibration_batches(self, needed_by: str) -> list[torch.Tensor]:
+        """The run's calibration batches, loaded on first use and kept."""
+        if self.calibration is None:
+            t0 = time.perf_counter()
+            self.calibration = load_calibration(self.cfg, needed_by)
+            self.timings["calibration_load_s"] = time.perf_counter() - t0
+        return self.calibration
 
 
 def load_float_model(cfg: RunConfig, class_names: list[str], in_channels: int) -> tuple[nn.Module, Path]:
@@ -187,8 +342,12 @@ def _read_grouping(value: str, cfg: RunConfig, key: str, dataset: Any = None) ->
     return groups
 
 
-def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Prepared:
-    """Load the model and data, get the float logits (cached) and build the hierarchy."""
+def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True, calibration_for: str | None = None) -> Prepared:
+    """Load the model and data, get the float logits (cached) and build the hierarchy.
+
+    ``calibration_for`` (what needs it, e.g. ``"method 'gptq'"``) also loads the
+    calibration set, before any long work, so that its errors come first.
+    """
     t0 = time.perf_counter()
     root = data_root(cfg)
     eval_set = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
@@ -196,6 +355,11 @@ def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Prepared:
     model, ckpt = load_float_model(cfg, class_names, int(dataset_info(eval_set)["in_channels"]))
     digest = file_digest(ckpt)
     timings = {"load_s": time.perf_counter() - t0}
+    calibration = None
+    if calibration_for is not None:
+        t0 = time.perf_counter()
+        calibration = load_calibration(cfg, calibration_for)
+        timings["calibration_load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     data_id = {
@@ -229,7 +393,8 @@ def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True) -> Prepared:
     levels = _levels(cfg, hierarchy, class_names, reference)
     timings["hierarchy_s"] = time.perf_counter() - t0
     return Prepared(
-        cfg, out_dir, model, digest, class_names, eval_set, labels, logits, hierarchy, levels, reference, timings
+        cfg, out_dir, model, digest, class_names, eval_set, labels, logits, hierarchy, levels, reference, timings,
+        calibration,
     )
 
 
@@ -245,33 +410,58 @@ def _build_hierarchy(cfg: RunConfig, model: nn.Module, class_names: list[str], r
         raise HierclusterError(f"config section hierarchy: {exc}") from None
 
 
+def code_version() -> dict[str, Any]:
+    """The versions of the code that computes a result: part of every resume key."""
+    import hiercluster
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "hiercluster": hiercluster.__version__,
+        # quant ships in the hiercluster distribution; it has a version of its own only if it declares one
+        "quant": getattr(quant, "__version__", hiercluster.__version__),
+        "torch": torch.__version__,
+    }
+
+
 def _grid_key(point: GridPoint, prep: Prepared) -> str:
     cfg = prep.cfg
     return spec_key(
         {
             "spec": point.spec.to_dict(),
             "plan": point.plan.to_dict(),
+            "method": point.method,
+            "bn_reestimate": point.bn_reestimate,
+            "calibration": calibration_settings(cfg) if point.needs_calibration else None,
             "activation": point.activation.to_dict() if point.activation else None,
-            "activation_batches": (
-                [cfg.quant.activation_calibration_batches, cfg.data.batch_size] if point.activation else None
-            ),
+            "activation_batches": cfg.quant.activation_calibration_batches if point.activation else None,
             "checkpoint": prep.checkpoint_digest,
             "data": [cfg.data.dataset, cfg.data.root, cfg.data.eval_split, len(prep.labels)],
             "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed],
             "levels": {name: a.tolist() for name, (_, a, _) in prep.levels.items()},
-            "version": 1,
+            "version": code_version(),
         }
     )
 
 
 def quantize_point(model: nn.Module, point: GridPoint, prep: Prepared) -> tuple[nn.Module, Any]:
-    """Quantize the float model for one grid point (weights once; activations if asked)."""
-    calibration = None
-    if point.activation is not None:
-        n = prep.cfg.quant.activation_calibration_batches
-        calibration = [x for i, (x, _) in zip(range(n), prep.loader())]
+    """Quantize the float model for one grid point (weights once; activations if asked).
+
+    Everything fitted (calibrated rounding, BN statistics, activation ranges) is fitted
+    on the calibration batches, never on the evaluation set.
+    """
+    calibration = prep.calibration_batches(point.calibration_user) if point.needs_calibration else None
     try:
-        return quant.quantize_model(model, point.spec, point.plan, act_spec=point.activation, calibration=calibration)
+        return quant.quantize_model(
+            model,
+            point.spec,
+            point.plan,
+            method=point.method,
+            bn_reestimate=point.bn_reestimate,
+            act_spec=point.activation,
+            calibration=calibration,
+            calibration_batches=prep.cfg.quant.activation_calibration_batches,
+            seed=prep.cfg.calibration.seed,
+        )
     except quant.QuantError as exc:
         raise HierclusterError(f"quantizing with {point.tag}: {exc}") from None
 
@@ -303,9 +493,16 @@ def level_metrics(prep: Prepared, quant_logits: torch.Tensor) -> list[dict[str, 
 
 
 def evaluate_point(point: GridPoint, prep: Prepared, key: str) -> dict[str, Any]:
-    """Quantize, run once, compute every level's metrics and the sizes; returns what the store needs."""
+    """Quantize, run once, compute every level's metrics and the sizes; returns what the store needs.
+
+    With ``prep.packed_cache`` set, a calibrated model is also saved there bit-packed
+    (``KEY.hcq``), so that exporting it later does not fit it again.
+    """
     t0 = time.perf_counter()
     qmodel, qreport = quantize_point(prep.model, point, prep)
+    if prep.packed_cache is not None and point.needs_calibration:
+        prep.packed_cache.mkdir(parents=True, exist_ok=True)
+        quant.save_packed(prep.packed_cache / f"{key}.hcq", qmodel, qreport, overwrite=True)
     t1 = time.perf_counter()
     qlogits, _ = collect_logits(qmodel, prep.loader())
     t2 = time.perf_counter()
@@ -322,6 +519,8 @@ def evaluate_point(point: GridPoint, prep: Prepared, key: str) -> dict[str, Any]
         "clipping": point.spec.clipping,
         "granularity": point.spec.granularity,
         "plan": point.plan.name,
+        "method": point.method,
+        "bn_reestimate": int(point.bn_reestimate),
         "activation_bits": point.activation.bits if point.activation else None,
         "avg_bits": qreport.avg_bits,
         "fine_acc": accuracy(qlogits, prep.labels),
@@ -363,7 +562,10 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
     check_run_dir(out_dir)
     grid = expand_grid(cfg)
     start = time.perf_counter()
-    prep = prepare(cfg, out_dir, progress=progress)
+    user = next((p.calibration_user for p in grid if p.needs_calibration), None)
+    prep = prepare(cfg, out_dir, progress=progress, calibration_for=user)
+    if cfg.output.export_models:
+        prep.packed_cache = out_dir / PACKED_CACHE_DIR
     save_config(cfg, out_dir / "config.yaml")
     write_hierarchy_files(prep, out_dir)
     keys = [_grid_key(p, prep) for p in grid]
@@ -454,6 +656,13 @@ def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[st
             for name, (k, a, kind) in prep.levels.items()
         },
         "grid": [{"key": key, "tag": p.tag} for p, key in zip(grid, keys)],
+        "calibration": {
+            **dataclasses.asdict(cfg.calibration),
+            "from_eval_split": cfg.calibration.split == cfg.data.eval_split,
+            "used_by": sorted({p.calibration_use for p in grid if p.needs_calibration}),
+            "images": sum(len(b) for b in prep.calibration) if prep.calibration is not None else 0,
+        },
+        "code_version": code_version(),
     }
     if prep.reference_groups is not None:
         info["reference_comparison"] = prep.hierarchy.compare(prep.reference_groups)

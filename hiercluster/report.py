@@ -14,18 +14,33 @@ from typing import Any
 
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluate import min_bits
-from hiercluster.store import ResultsStore
+from hiercluster.store import ResultsStore, method_label
 
+
+def row_method(row: dict[str, Any]) -> str:
+    """The method label of a result row (``"gptq+bn"``, ``"rtn"``)."""
+    return method_label(row.get("method"), row.get("bn_reestimate"))
 
 
 def uniform_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of specs with every weight at the nominal bit width (no partial plan), else all rows.
 
     Uniform means the average bits per weight equal the spec's bits: a plan that keeps
-    layers float or at other widths, or adds residual terms, changes the average.
+    layers float or at other widths, or adds residual terms, changes the average. The
+    rows keep every method; a table or plot of them groups by :func:`row_method`.
     """
     uniform = [r for r in rows if abs(r["avg_bits"] - r["bits"]) < 1e-9]
     return uniform or list(rows)
+
+
+def rtn_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of plain round-to-nearest specs (no calibration), else all rows.
+
+    The analyses that show one spec per scheme (bias, weight quartiles) describe the
+    data-free quantizer when the run has it, rather than mixing in calibrated methods.
+    """
+    plain = [r for r in rows if row_method(r) == "rtn"]
+    return plain or list(rows)
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], ResultsStore]:
@@ -73,7 +88,7 @@ def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str,
 def format_headline(table: Sequence[dict[str, Any]], names: dict[str, list[str]], tolerance: float) -> str:
     """The headline table as Markdown (also printed by ``hiercluster run``)."""
     lines = [
-        f"| level | k | fewest bits (drop <= {tolerance:g} pp) | avg bits | scheme / clipping / plan | float acc % | "
+        f"| level | k | fewest bits (drop <= {tolerance:g} pp) | avg bits | scheme / clipping / method / plan | float acc % | "
         "quant acc % | drop pp | advantage pp | superclasses |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -88,7 +103,8 @@ def format_headline(table: Sequence[dict[str, Any]], names: dict[str, list[str]]
             )
             continue
         lines.append(
-            f"| {t['level']} | {t['k']} | {w['bits']} | {w['avg_bits']:.3f} | {w['scheme']} / {w['clipping']} / {w['plan']} | "
+            f"| {t['level']} | {t['k']} | {w['bits']} | {w['avg_bits']:.3f} | "
+            f"{w['scheme']} / {w['clipping']} / {row_method(w)} / {w['plan']} | "
             f"{100 * w['acc_float']:.2f} | {100 * w['acc_quant']:.2f} | {w['drop']:+.2f} | {w['advantage']:+.2f} | {groups} |"
         )
     return "\n".join(lines)
@@ -99,30 +115,32 @@ def _kb(n: float | None) -> str:
 
 
 def seed_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
-    """The seed paper's table: accuracy and size per precision and scheme (uniform precision, fine labels)."""
+    """The seed paper's table: accuracy and size per precision and scheme (uniform precision, fine labels).
+
+    One row block per method (with or without BN re-estimation), scheme and clipping.
+    """
     fine = [r for r in uniform_rows(rows) if r["level"] == _fine_level(info)]
     if not fine:
         return "_No results at the fine level._"
     fp32 = fine[0]["fp32_bytes"]
     acc0 = info["float_accuracy"]
     out = []
-    for scheme in dict.fromkeys(r["scheme"] for r in fine):
-        for clipping in dict.fromkeys(r["clipping"] for r in fine if r["scheme"] == scheme):
-            out += [
-                f"**{scheme}, {clipping} clipping**",
-                "",
-                "| precision | acc % | -Δ acc pp | packed KB | Δ size % | gzip KB | xz KB | avg bits |",
-                "|---|---|---|---|---|---|---|---|",
-                f"| FP32 | {100 * acc0:.2f} | 0.00 | {_kb(fp32)} | 0.0 | - | - | 32 |",
-            ]
-            sel = [r for r in fine if r["scheme"] == scheme and r["clipping"] == clipping]
-            for r in sorted(sel, key=lambda r: -r["bits"]):
-                out.append(
-                    f"| {r['bits']}-bit | {100 * r['fine_acc']:.2f} | {100 * (acc0 - r['fine_acc']):.2f} | "
-                    f"{_kb(r['packed_bytes'])} | {100 * (1 - r['packed_bytes'] / fp32):.1f} | {_kb(r['gzip_bytes'])} | "
-                    f"{_kb(r['xz_bytes'])} | {r['avg_bits']:.2f} |"
-                )
-            out.append("")
+    for method, scheme, clipping in dict.fromkeys((row_method(r), r["scheme"], r["clipping"]) for r in fine):
+        out += [
+            f"**{scheme}, {clipping} clipping, {method}**",
+            "",
+            "| precision | acc % | -Δ acc pp | packed KB | Δ size % | gzip KB | xz KB | avg bits |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| FP32 | {100 * acc0:.2f} | 0.00 | {_kb(fp32)} | 0.0 | - | - | 32 |",
+        ]
+        sel = [r for r in fine if (row_method(r), r["scheme"], r["clipping"]) == (method, scheme, clipping)]
+        for r in sorted(sel, key=lambda r: -r["bits"]):
+            out.append(
+                f"| {r['bits']}-bit | {100 * r['fine_acc']:.2f} | {100 * (acc0 - r['fine_acc']):.2f} | "
+                f"{_kb(r['packed_bytes'])} | {100 * (1 - r['packed_bytes'] / fp32):.1f} | {_kb(r['gzip_bytes'])} | "
+                f"{_kb(r['xz_bytes'])} | {r['avg_bits']:.2f} |"
+            )
+        out.append("")
     return "\n".join(out)
 
 
@@ -132,14 +150,14 @@ def _fine_level(info: dict[str, Any]) -> str:
 
 
 def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
-    """Grouped accuracy per level x bits with the random baseline and the advantage, per scheme and plan."""
+    """Grouped accuracy per level x bits with the random baseline and the advantage, per scheme, method and plan."""
     out = []
-    combos = dict.fromkeys((r["scheme"], r["clipping"], r["plan"]) for r in rows)
-    for scheme, clipping, plan in combos:
-        sel = [r for r in rows if (r["scheme"], r["clipping"], r["plan"]) == (scheme, clipping, plan)]
+    combo = lambda r: (r["scheme"], r["clipping"], row_method(r), r["plan"])  # noqa: E731
+    for scheme, clipping, method, plan in dict.fromkeys(combo(r) for r in rows):
+        sel = [r for r in rows if combo(r) == (scheme, clipping, method, plan)]
         bits = sorted({r["bits"] for r in sel}, reverse=True)
         out += [
-            f"**{scheme}, {clipping} clipping, plan {plan}**: grouped accuracy % (drop pp) "
+            f"**{scheme}, {clipping} clipping, {method}, plan {plan}**: grouped accuracy % (drop pp) "
             "| random grouping of the same sizes: accuracy mean ± std | advantage pp",
             "",
             "| level | float acc % | " + " | ".join(f"{b}-bit" for b in bits) + " |",
@@ -164,8 +182,12 @@ def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
 
 
 def bias_choice(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The spec shown in the bias analysis: the lowest bit width, first scheme, uniform precision."""
-    candidates = uniform_rows(rows)
+    """The spec shown in the bias analysis: the lowest bit width, first scheme, uniform precision.
+
+    Round-to-nearest specs are preferred when the run has them (the bias of the
+    data-free quantizer is what the analysis is about); else any method.
+    """
+    candidates = uniform_rows(rtn_rows(rows))
     if not candidates:
         return None
     low = min(r["bits"] for r in candidates)
@@ -191,7 +213,7 @@ def write_report(run_dir: str | Path) -> Path:
             fig["accuracy_vs_bits"] = report_plots.plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png")
             fig["pareto"] = report_plots.plot_pareto(rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info))
             details = {key: store.spec_details(key) for key in dict.fromkeys(r["spec_key"] for r in rows)}
-            uniform_keys = {r["spec_key"] for r in uniform_rows(rows)}
+            uniform_keys = {r["spec_key"] for r in uniform_rows(rtn_rows(rows))}
             fig["quartiles"] = report_plots.plot_quartiles(
                 {k: d for k, d in details.items() if k in uniform_keys}, run_dir / "quartiles.png"
             )
@@ -227,6 +249,19 @@ def _markdown(
         f"- grid: {len(info['grid'])} quantization specs; biases stay float32; "
         "drop = float acc - quantized acc (pp); advantage = mean random drop - drop (pp)",
     ]
+    cal = info.get("calibration") or {}
+    if cal.get("used_by"):
+        lines.append(
+            f"- calibration: {cal['images']} unlabeled images of the `{cal['split']}` split (seed {cal['seed']}, "
+            f"batches of {cal['batch_size']}), for {', '.join(cal['used_by'])}; rtn = round to nearest, no data; "
+            "+bn = BN statistics re-estimated"
+        )
+        if cal.get("from_eval_split"):
+            lines[2:2] = [
+                "> **Warning: calibration data came from the evaluation split** (`calibration.allow_eval_split: true`): "
+                "the calibrated results were fitted on the images they are scored on, so they are optimistic.",
+                "",
+            ]
     if timings:
         lines.append(
             f"- timings: float evaluation {timings.get('float_eval_s', 0):.1f} s, sweep {timings.get('sweep_s', 0):.1f} s "
@@ -278,11 +313,15 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
     """Write each headline winner as a bit-packed model with its level's grouping under ``models/``.
 
     ``models/manifest.json`` maps every level to its model file, grouping file and reduction.
+    A calibrated winner is copied from the sweep's packed cache when it is there (GPTQ or
+    AdaRound are not fitted twice); the others are quantized again, which is cheap.
     """
+    import shutil
+
     import quant
     import yaml
 
-    from hiercluster.pipeline import level_names, quantize_point
+    from hiercluster.pipeline import PACKED_CACHE_DIR, level_names, quantize_point
 
     model_dir = out_dir / "models"
     model_dir.mkdir(exist_ok=True)
@@ -303,9 +342,13 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
             continue
         point = by_key[w["spec_key"]]
         if w["spec_key"] not in written:
-            qmodel, qreport = quantize_point(prep.model, point, prep)
             path = model_dir / f"{point.tag}.hcq"
-            quant.save_packed(path, qmodel, qreport, overwrite=True)
+            cached = out_dir / PACKED_CACHE_DIR / f"{w['spec_key']}.hcq"
+            if cached.is_file():  # a calibrated model the sweep saved: the same bytes, without fitting it again
+                shutil.copyfile(cached, path)
+            else:
+                qmodel, qreport = quantize_point(prep.model, point, prep)
+                quant.save_packed(path, qmodel, qreport, overwrite=True)
             written[w["spec_key"]] = path.name
         _, assignment, _ = prep.levels[t["level"]]
         names = level_names(prep, t["level"])
@@ -319,6 +362,7 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
             "spec_key": w["spec_key"],
             "groups": group_file.name,
             "bits": w["bits"],
+            "method": row_method(w),
             "tag": w["tag"],
             "drop_pp": w["drop"],
         }

@@ -17,22 +17,28 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
 from hiercluster.plots import save_figure  # noqa: E402
-from hiercluster.report import uniform_rows  # noqa: E402
+from hiercluster.report import row_method, uniform_rows  # noqa: E402
 
 _STATS = ("min", "q1", "median", "q3", "max")
 
 
 def plot_accuracy_vs_bits(rows: Sequence[Mapping[str, Any]], path: str | Path, dpi: int = 110) -> Path:
-    """Grouped accuracy vs bits, one panel per scheme, one line per level, a band for its random baseline."""
+    """Grouped accuracy vs bits, one panel per scheme and method, one line per level, a band for its random baseline."""
     rows = uniform_rows(rows)
-    schemes = list(dict.fromkeys((r["scheme"], r["clipping"]) for r in rows))
+    panel = lambda r: (r["scheme"], r["clipping"], row_method(r))  # noqa: E731
+    schemes = list(dict.fromkeys(panel(r) for r in rows))
     levels = list(dict.fromkeys(r["level"] for r in rows))
-    fig = Figure(figsize=(4.2 * len(schemes), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(schemes), squeeze=False, sharey=True)[0]
+    ncols = min(4, max(1, len(schemes)))  # wrap: a grid with several methods has many panels
+    nrows = -(-max(1, len(schemes)) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 4.2 * nrows), layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False, sharey=True).flat)
+    for ax in axes[len(schemes):]:
+        ax.set_visible(False)
+    axes = axes[: max(1, len(schemes))]
     cmap = matplotlib.colormaps["viridis"]
-    for ax, (scheme, clipping) in zip(axes, schemes):
+    for ax, (scheme, clipping, method) in zip(axes, schemes):
         for i, level in enumerate(levels):
-            sel = sorted((r for r in rows if (r["scheme"], r["clipping"], r["level"]) == (scheme, clipping, level)),
+            sel = sorted((r for r in rows if panel(r) == (scheme, clipping, method) and r["level"] == level),
                          key=lambda r: r["bits"])
             if not sel:
                 continue
@@ -43,11 +49,12 @@ def plot_accuracy_vs_bits(rows: Sequence[Mapping[str, Any]], path: str | Path, d
             hi = [100 * (r["random_acc_quant_mean"] + r["random_acc_quant_std"]) for r in sel]
             ax.plot(bits, acc, marker="o", color=color, label=level, linestyle="--" if level == "reference" else "-")
             ax.fill_between(bits, lo, hi, color=color, alpha=0.12, linewidth=0)
-        ax.set_title(f"{scheme} ({clipping})")
+        ax.set_title(f"{scheme} ({clipping}, {method})")
         ax.set_xlabel("weight bits")
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("grouped accuracy % (band: random grouping mean ± std)")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("grouped accuracy % (band: random grouping mean ± std)")
     axes[-1].legend(fontsize=7, loc="lower left", title="level")
     return save_figure(fig, path, dpi)
 
@@ -60,12 +67,12 @@ def plot_pareto(
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     markers = dict(zip(dict.fromkeys(r["plan"] for r in sel), "osD^v<>"))
-    for scheme in dict.fromkeys(r["scheme"] for r in sel):
+    for scheme, method in dict.fromkeys((r["scheme"], row_method(r)) for r in sel):
         for plan, marker in markers.items():
-            pts = [r for r in sel if r["scheme"] == scheme and r["plan"] == plan]
+            pts = [r for r in sel if (r["scheme"], row_method(r), r["plan"]) == (scheme, method, plan)]
             if pts:
                 ax.scatter([r["packed_bytes"] / 1024 for r in pts], [100 * r["fine_acc"] for r in pts],
-                           marker=marker, label=f"{scheme}, {plan}", alpha=0.8)
+                           marker=marker, label=f"{scheme}, {method}, {plan}", alpha=0.8)
                 for r in pts:
                     ax.annotate(str(r["bits"]), (r["packed_bytes"] / 1024, 100 * r["fine_acc"]), fontsize=6,
                                 xytext=(2, 2), textcoords="offset points")

@@ -29,6 +29,8 @@ SPEC_COLUMNS: dict[str, str] = {
     "clipping": "TEXT",
     "granularity": "TEXT",
     "plan": "TEXT",
+    "method": "TEXT",
+    "bn_reestimate": "INTEGER",
     "activation_bits": "INTEGER",
     "avg_bits": "REAL",
     "fine_acc": "REAL",
@@ -59,6 +61,19 @@ LEVEL_COLUMNS: dict[str, str] = {
     "advantage": "REAL",
 }
 RESULT_COLUMNS = list(SPEC_COLUMNS) + list(LEVEL_COLUMNS)
+
+
+def method_label(method: str | None, bn_reestimate: Any = False) -> str:
+    """How a spec's weights were rounded, as shown in tags and tables.
+
+    ``None`` (a row of a store written before methods existed) reads as ``rtn``.
+
+    Examples
+    --------
+    >>> method_label("gptq", True), method_label("rtn", 0), method_label(None)
+    ('gptq+bn', 'rtn', 'rtn')
+    """
+    return (method or "rtn") + ("+bn" if bn_reestimate else "")
 
 
 def spec_key(parts: dict[str, Any]) -> str:
@@ -99,12 +114,24 @@ class ResultsStore:
                     "CREATE TABLE IF NOT EXISTS specs (spec_key TEXT PRIMARY KEY, spec_json TEXT, plan_json TEXT, "
                     "prediction_share TEXT, layers TEXT)"
                 )
+                self._add_missing_columns()
             self._con.execute("SELECT spec_key FROM specs LIMIT 1").fetchall()
         except sqlite3.DatabaseError as exc:
             self._con.close()
             raise HierclusterError(
                 f"results database {self.path} is damaged ({exc}); move it away and run again to recompute"
             ) from None
+
+    def _add_missing_columns(self) -> None:
+        """Give a database written by older code the columns added since (their old rows stay NULL there).
+
+        Old rows are never read back for a current grid (the code version is part of every
+        spec key), but the file must still open and take new rows.
+        """
+        have = {row[1] for row in self._con.execute("PRAGMA table_info(results)")}
+        for name, sql_type in {**SPEC_COLUMNS, **LEVEL_COLUMNS}.items():
+            if name not in have:
+                self._con.execute(f'ALTER TABLE results ADD COLUMN "{name}" {sql_type}')
 
     def close(self) -> None:
         self._con.close()

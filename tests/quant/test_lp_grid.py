@@ -1,0 +1,247 @@
+"""Range setting "lp": valid integer-zero-point grids, never worse than min-max under its own
+objective, sign invariance, determinism, degenerate rows, hand-computed cases."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quant.lp_grid as lp
+from quant import QuantSpec, choose_qparams, fake_quantize
+from quant.clipping import clip_range, minmax_range
+from quant.lp_grid import _SortedMoments, candidate_ranges, coherent_error, grid_error, lp_range
+from quant.schemes import Grid
+from quant_testing import make_tensor, rows_of, specs, tensors
+
+
+def reference_j(x: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The documented objective per row, in numpy float64, from the quantized values alone."""
+    x, e = x.astype(np.float64), values.astype(np.float64) - x.astype(np.float64)
+    n = x.shape[-1]
+    sumsq = (x * x).sum(-1)
+    gain = np.where(sumsq > 0, (e * x).sum(-1) ** 2 / np.where(sumsq > 0, sumsq, 1.0), 0.0)
+    return (e * e).sum(-1) + lp.GAIN_WEIGHT * n * gain + lp.MEAN_WEIGHT * e.sum(-1) ** 2
+
+
+def lp_setup(x: torch.Tensor, spec: QuantSpec):
+    grid = Grid.make(spec.scheme, spec.bits, spec.narrow_range)
+    rows = rows_of(x, spec.granularity == "per_channel")
+    return grid, rows, *minmax_range(rows, symmetric=spec.scheme != "asymmetric")
+
+
+# ------------------------------------------------------------------ objective, evaluators
+
+
+def test_grid_error_matches_the_documented_objective_with_torch_fake_quant():
+    x = make_tensor(3, (6, 50), "heavy")
+    grid = Grid.make("asymmetric", 3)
+    lo, hi = minmax_range(x, symmetric=False)
+    scale, zp = grid.params(lo * 0.8, hi * 0.8)
+    values = torch.fake_quantize_per_channel_affine(x, scale, zp, 0, 0, 7)  # torch's kernel
+    ours = grid_error(x, lo * 0.8, hi * 0.8, grid)
+    assert np.allclose(ours.numpy(), reference_j(x.numpy(), values.numpy()), rtol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["asymmetric", "symmetric", "pow2"]), st.integers(2, 6), st.integers(0, 10_000))
+def test_sorted_moments_match_the_real_quantizer(scheme, bits, seed):
+    # Continuous random data: no value sits on a decision threshold, where the midpoint
+    # rule and float32 rounding could disagree.
+    x = make_tensor(seed, (4, 70), "normal") * 3
+    grid = Grid.make(scheme, bits)
+    lo, hi = minmax_range(x, symmetric=scheme != "asymmetric")
+    gen = torch.Generator().manual_seed(seed)
+    ratios = torch.rand(6, 4, generator=gen) + 0.5
+    shifts = torch.randint(-1, 2, (6, 4), generator=gen)
+    cand_lo, cand_hi = candidate_ranges(lo, hi, grid, ratios, shifts)
+    signed = lp.is_sign_symmetric(grid)
+    fast = _SortedMoments(x, grid, signed=signed)(cand_lo, cand_hi, False)
+    slow = grid_error(x, cand_lo, cand_hi, grid)
+    # The real quantizer rounds each error to float32 before summing: agreement to ~1e-7.
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-9)
+
+
+def test_coherent_error_weights_the_mean_and_gain_components():
+    # e = (1, -1): no mean, no gain component for x = (1, 1); all mean for e = (1, 1).
+    sq, n = torch.tensor([2.0], dtype=torch.float64), 2
+    sumsq = torch.tensor([2.0], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    assert float(coherent_error(sq, zero, zero, sumsq, n)) == 2.0
+    two = torch.tensor([2.0], dtype=torch.float64)
+    expected = 2.0 + lp.GAIN_WEIGHT * 2 * 4 / 2 + lp.MEAN_WEIGHT * 4
+    assert float(coherent_error(sq, two, two, sumsq, n)) == pytest.approx(expected, rel=1e-15)
+    # A row of zeros has no gain term (no NaN from 0/0).
+    assert float(coherent_error(zero, zero, zero, zero, n)) == 0.0
+
+
+# ------------------------------------------------------------------ valid grids
+
+
+@settings(max_examples=120, deadline=None)
+@given(tensors(max_len=60), specs(clippings=("lp",), max_bits=16))
+def test_lp_ranges_are_valid_grids(x, spec):
+    grid, rows, lo, hi = lp_setup(x, spec)
+    new_lo, new_hi = clip_range(rows, spec, grid)
+    assert new_lo.dtype == new_hi.dtype == torch.float32 and new_lo.shape == (rows.shape[0],)
+    assert bool((new_lo <= 0).all() and (new_hi >= 0).all())
+    assert bool(torch.isfinite(new_lo).all() and torch.isfinite(new_hi).all())
+    if spec.scheme != "asymmetric":
+        assert torch.equal(new_lo, -new_hi)
+    params = choose_qparams(x, spec)
+    assert params.zero_point.dtype == torch.int32
+    assert bool((params.zero_point >= grid.qmin).all() and (params.zero_point <= grid.qmax).all())
+    assert bool(torch.isfinite(params.scale).all() and (params.scale > 0).all())
+    values = fake_quantize(x, spec)
+    assert bool(torch.isfinite(values).all())
+    # At most 2^b values per channel, each a level of the chosen grid.
+    assert all(row.unique().numel() <= 2**spec.bits for row in rows_of(values, spec.granularity == "per_channel"))
+
+
+def test_asymmetric_ranges_map_back_to_the_searched_scale_and_zero_point():
+    # Every candidate is the range of an integer zero point z and a scale s; Grid.params
+    # must give back that very z (and s to float32 rounding), so what is ranked is stored.
+    x = make_tensor(5, (32, 40), "heavy")
+    for bits in (2, 3, 4, 8):
+        grid = Grid.make("asymmetric", bits)
+        lo, hi = minmax_range(x, symmetric=False)
+        scale0, zp0 = grid.params(lo, hi)
+        ratios = torch.linspace(0.5, 1.5, 11)[:, None].expand(-1, 32)
+        for shift in (-1, 0, 1):
+            cand_lo, cand_hi = candidate_ranges(lo, hi, grid, ratios, torch.full_like(ratios, shift, dtype=torch.int64))
+            scale, zp = grid.params(cand_lo, cand_hi)
+            assert torch.equal(zp, (zp0 + shift).clamp(grid.qmin, grid.qmax).expand_as(zp))
+            assert torch.allclose(scale, scale0 * ratios, rtol=4e-7)
+
+
+# ------------------------------------------------------------------ never worse than min-max
+
+
+@settings(max_examples=120, deadline=None)
+@given(tensors(max_len=60), specs(clippings=("lp",), max_bits=8))
+def test_lp_objective_never_exceeds_minmax(x, spec):
+    grid, rows, lo, hi = lp_setup(x, spec)
+    new_lo, new_hi = clip_range(rows, spec, grid)
+    chosen = reference_j(rows.numpy(), rows_of(fake_quantize(x, spec), spec.granularity == "per_channel").numpy())
+    minmax = reference_j(rows.numpy(), rows_of(fake_quantize(x, spec.replace(clipping="minmax")), spec.granularity == "per_channel").numpy())
+    assert bool((chosen <= minmax * (1 + 1e-9) + 1e-300).all())
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "pow2"])
+def test_lp_is_at_least_as_good_as_every_coarse_candidate(scheme):
+    # Independent re-evaluation (numpy objective, torch's own quantization) of every coarse
+    # candidate of the documented search space.
+    x = make_tensor(11, (8, 90), "heavy")
+    grid = Grid.make(scheme, 3)
+    lo, hi = minmax_range(x, symmetric=scheme != "asymmetric")
+    best = reference_j(x.numpy(), fake_quantize(x, QuantSpec(scheme=scheme, bits=3, clipping="lp")).numpy())
+    shifts = lp.ZERO_SHIFTS if scheme == "asymmetric" else (0,)
+    for ratio in lp.COARSE_RATIOS.tolist():
+        for shift in shifts:
+            r = torch.full((1, 8), ratio)
+            cand_lo, cand_hi = candidate_ranges(lo, hi, grid, r, torch.full((1, 8), shift))
+            scale, zp = grid.params(cand_lo[0], cand_hi[0])
+            values = grid.dequantize(grid.quantize(x, scale[:, None], zp[:, None]), scale[:, None], zp[:, None])
+            assert bool((best <= reference_j(x.numpy(), values.numpy()) * (1 + 1e-9)).all())
+
+
+def test_lp_removes_most_of_the_mean_error_at_two_bits():
+    # The point of the objective: per channel, the rounding error's mean and gain
+    # components shrink against min-max (and against MSE clipping's shrunken gain).
+    x = make_tensor(2, (64, 144), "normal") * 0.1
+    spec = QuantSpec(bits=2, clipping="lp")
+    errors = {c: fake_quantize(x, spec.replace(clipping=c)) - x for c in ("minmax", "mse", "lp")}
+    mean_err = {c: float(e.mean(1).abs().mean()) for c, e in errors.items()}
+    gain = {c: float(((e + x) * x).sum(1).div((x * x).sum(1)).sub(1).abs().mean()) for c, e in errors.items()}
+    assert mean_err["lp"] < 0.5 * mean_err["minmax"]
+    assert gain["lp"] < 0.5 * gain["mse"]
+
+
+# ------------------------------------------------------------------ invariances, determinism
+
+
+@settings(max_examples=80, deadline=None)
+@given(tensors(max_len=60), specs(schemes=("symmetric", "pow2"), clippings=("lp",)))
+def test_sign_symmetric_grids_are_sign_invariant(x, spec):
+    if spec.scheme == "symmetric" and not spec.narrow_range:
+        spec = spec.replace(narrow_range=True)
+    grid, rows, _, _ = lp_setup(x, spec)
+    lo_a, hi_a = clip_range(rows, spec, grid)
+    lo_b, hi_b = clip_range(-rows, spec, grid)
+    assert torch.equal(lo_a, lo_b) and torch.equal(hi_a, hi_b)
+    assert torch.equal(fake_quantize(-x, spec), -fake_quantize(x, spec))
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "pow2"])
+def test_deterministic(scheme):
+    x = make_tensor(4, (16, 3, 3, 3), "small_ints")  # exact ties and duplicates
+    spec = QuantSpec(scheme=scheme, bits=3, clipping="lp")
+    first = choose_qparams(x, spec)
+    torch.manual_seed(123)
+    second = choose_qparams(x.clone(), spec)
+    assert torch.equal(first.scale, second.scale) and torch.equal(first.zero_point, second.zero_point)
+
+
+# ------------------------------------------------------------------ granularity, degenerate rows
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "pow2"])
+def test_per_tensor(scheme):
+    x = make_tensor(8, (5, 7, 3), "heavy")
+    spec = QuantSpec(scheme=scheme, bits=3, clipping="lp", granularity="per_tensor")
+    params = choose_qparams(x, spec)
+    assert params.scale.shape == () and params.axis is None
+    chosen = reference_j(x.reshape(1, -1).numpy(), fake_quantize(x, spec).reshape(1, -1).numpy())
+    minmax = reference_j(x.reshape(1, -1).numpy(), fake_quantize(x, spec.replace(clipping="minmax")).reshape(1, -1).numpy())
+    assert chosen[0] <= minmax[0]
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "pow2"])
+@pytest.mark.parametrize("bits", [2, 4, 16])
+def test_constant_and_zero_rows(scheme, bits):
+    if scheme == "pow2" and bits > 8:
+        bits = 8
+    x = torch.tensor([[0.0] * 6, [0.75] * 6, [-2.5] * 6, [1e-40] * 6])  # zeros, constants, a subnormal
+    spec = QuantSpec(scheme=scheme, bits=bits, clipping="lp")
+    params = choose_qparams(x, spec)
+    values = fake_quantize(x, spec)
+    assert bool(torch.isfinite(params.scale).all() and torch.isfinite(values).all())
+    assert torch.equal(values[0], x[0])  # zeros stay zeros
+    # A constant row is (nearly) its own level; lp keeps an error no larger than min-max's.
+    minmax = fake_quantize(x, spec.replace(clipping="minmax"))
+    assert bool(((values - x).abs().amax(1) <= (minmax - x).abs().amax(1) + 1e-6 * x.abs().amax(1)).all())
+
+
+# ------------------------------------------------------------------ hand-computed cases
+
+
+def test_values_already_on_a_grid_keep_that_grid():
+    # Levels -0.5, 0, 0.5, 1 (s = 0.5, z = 1) hold every value: J = 0, nothing beats it.
+    x = torch.tensor([[-0.5, 0.0, 0.5, 1.0, 1.0, 0.5, 0.0, 0.5]])
+    spec = QuantSpec(bits=2, clipping="lp")
+    params = choose_qparams(x, spec)
+    assert params.scale.tolist() == [0.5] and params.zero_point.tolist() == [1]
+    assert torch.equal(fake_quantize(x, spec), x)
+
+
+def test_ternary_hand_case_trades_the_outlier_for_the_bulk():
+    # Symmetric 2 bits: levels {-a, 0, a}. x = (1, 1, 1, 1, 3), N = 5, sum x^2 = 13.
+    # min-max a = 3: the 1s round to 0, e = (-1, -1, -1, -1, 0):
+    #   J = 4 + 0.25 * 5 * 4^2 / 13 + 3 * 4^2 = 53.54.
+    # For 1 < a < 2 all round to a: e = (a-1, a-1, a-1, a-1, a-3), and
+    #   J(a) = 4(a-1)^2 + (a-3)^2 + 1.25 (7a-13)^2 / 13 + 3 (5a-7)^2
+    # is least at a = 1.425, below the smallest scale searched (0.5 * 3 = 1.5): a = 1.5,
+    #   J = 3.25 + 1.25 * 6.25 / 13 + 0.75 = 4.601. For a > 2 the 1s round to 0 again and
+    #   J >= 4 + 3 (a - 7)^2 > 4.601 for a <= 4.5.
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0]])
+    grid = Grid.make("symmetric", 2)
+    lo, hi = lp_range(x, torch.tensor([-3.0]), torch.tensor([3.0]), grid)
+    assert lo.tolist() == [-1.5] and hi.tolist() == [1.5]
+    assert float(grid_error(x, lo, hi, grid)) == pytest.approx(3.25 + 1.25 * 6.25 / 13 + 0.75, rel=1e-12)
+    assert float(grid_error(x, torch.tensor([-3.0]), torch.tensor([3.0]), grid)) == pytest.approx(4 + 20 / 13 + 48, rel=1e-12)
+
+
+def test_spec_accepts_lp():
+    spec = QuantSpec(bits=3, clipping="lp")
+    assert spec.tag == "asymmetric-3b-lp-per_channel"
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
