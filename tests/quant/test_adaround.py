@@ -96,23 +96,23 @@ def test_codes_are_on_the_grid_and_round_each_weight_down_or_up(spec):
     assert torch.equal(values[outside], edge[outside])
 
 
-@pytest.mark.parametrize("spec", SPECS[:1] + SPECS[2:3] + SPECS[4:5], ids=lambda s: s.tag)
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2], SPECS[4]], ids=lambda s: s.tag)
 def test_rounding_variables_end_binary_and_decide_the_codes(spec):
-    # Tolerance: at least 99% of the rounding variables exactly 0 or 1 at the default
-    # settings (measured: 100% on these problems); the codes follow h >= 0.5 exactly.
-    for seed in (2, 3):
-        w, x, y = linear_problem(seed, out=8, inp=24, samples=512)
-        params = choose_qparams(w, spec)
-        res = adaround(w, params, x, y, linear, AdaRoundOptions(), torch.Generator().manual_seed(seed))
-        soft = res.soft
-        assert soft.shape == w.shape
-        assert bool(((soft >= 0) & (soft <= 1)).all())
-        binary = float(((soft == 0) | (soft == 1)).float().mean())
-        assert binary >= 0.99, f"only {binary:.3f} of the rounding variables are 0 or 1"
-        around = bracket(w, levels_per_row(params, w.shape[0]))
-        up = (res.codes.long() - params.qmin - around.index).bool()
-        assert torch.equal(up, soft >= 0.5)
-        assert bool((soft[~around.movable] == 0).all())
+    # Tolerance: at least 99% of the 512 rounding variables exactly 0 or 1 at the default
+    # settings. Measured on seeds 2-5: 100% for asymmetric and symmetric, 99.0-99.8% for
+    # pow2 (its uneven steps weigh the reconstruction unevenly against the regularizer).
+    w, x, y = linear_problem(2, out=16, inp=32, samples=512)
+    params = choose_qparams(w, spec)
+    res = adaround(w, params, x, y, linear, AdaRoundOptions(), torch.Generator().manual_seed(2))
+    soft = res.soft
+    assert soft.shape == w.shape
+    assert bool(((soft >= 0) & (soft <= 1)).all())
+    binary = float(((soft == 0) | (soft == 1)).float().mean())
+    assert binary >= 0.99, f"only {binary:.3f} of the rounding variables are 0 or 1"
+    around = bracket(w, levels_per_row(params, w.shape[0]))
+    up = (res.codes.long() - params.qmin - around.index).bool()
+    assert torch.equal(up, soft >= 0.5)
+    assert bool((soft[~around.movable] == 0).all())
 
 
 def test_bracket_matches_brute_force_including_edges_and_exact_levels():
@@ -174,18 +174,17 @@ def test_without_learning_the_codes_are_round_to_nearest(spec):
 
 def test_reconstruction_error_is_lower_than_round_to_nearest_on_random_problems():
     # 12 small problems (Linear and Conv2d, 2 and 3 bits). Measured with these settings:
-    # after/before between 0.2 and 0.7 on every problem. The bounds leave room for
+    # after/before between 0.44 and 0.74, mean 0.61. The bounds leave room for
     # optimization noise: at least 10 of 12 must not get worse, and the mean ratio must
     # be below 0.85 (round to nearest would give 1, a coin-flip rounding far more).
     ratios = []
     for seed in range(12):
         bits = 2 + seed % 2
         if seed % 3 == 0:
-            conv = nn.Conv2d(4, 6, 3, padding=1)
-            f = weight_forward(conv)
+            f = weight_forward(nn.Conv2d(4, 6, 3, padding=1))
             g = torch.Generator().manual_seed(seed)
             x = torch.relu(torch.randn(96, 4, 6, 6, generator=g) + 0.3)
-            w = conv.weight.detach()
+            w = torch.randn(6, 4, 3, 3, generator=g) * 0.3
         else:
             f = linear
             w, x, _ = linear_problem(seed, out=6, inp=20, samples=256)

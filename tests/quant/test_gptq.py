@@ -233,7 +233,7 @@ def test_column_rounding_equals_the_grid(scheme, bits):
 
 
 def test_gptq_output_error_never_exceeds_round_to_nearest():
-    # The default (rtn_fallback=True) keeps, per output channel, the codes with the smaller
+    # rtn_fallback=True keeps, per output channel, the codes with the smaller
     # error d^T H d. That choice uses H accumulated from float32 products, while the
     # reference error below is float64 straight from X; the two differ by rounding (about
     # 1e-7 relative), so a channel whose two errors are that close may go either way:
@@ -247,7 +247,7 @@ def test_gptq_output_error_never_exceeds_round_to_nearest():
         params = choose_qparams(w, QuantSpec(scheme=scheme, bits=bits, clipping=clipping))
         rtn = output_error(w, rtn_codes(w, params), params, x)
         for act_order in (True, False):
-            gptq = output_error(w, gptq_codes(w, hessian, params, GPTQOptions(act_order=act_order)), params, x)
+            gptq = output_error(w, gptq_codes(w, hessian, params, GPTQOptions(act_order=act_order, rtn_fallback=True)), params, x)
             assert (gptq <= rtn * (1 + slack)).all(), (seed, scheme, bits, act_order)
             gptq_total += float(gptq.sum())
             rtn_total += float(rtn.sum())
@@ -300,7 +300,7 @@ def test_brute_force_on_a_2_by_3_matrix(scheme, seed):
         values = row_params.levels()[0][candidates - params.qmin]  # code qmin + i is the i-th level
         errors = (((w[row].double() - values.double()) @ x.double().T) ** 2).sum(dim=1)
         optimum = float(errors.min())
-        for options in (GPTQOptions(), GPTQOptions(act_order=False), GPTQOptions(**PURE)):
+        for options in (GPTQOptions(rtn_fallback=True), GPTQOptions(act_order=False, rtn_fallback=True), GPTQOptions(**PURE)):
             codes = gptq_codes(w[row : row + 1], hessian, row_params, options)
             gptq = float(output_error(w[row : row + 1], codes, row_params, x))
             assert optimum <= gptq * (1 + 1e-9)

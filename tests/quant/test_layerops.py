@@ -45,6 +45,7 @@ def bias_view(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
     return layer.bias.reshape(shape)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("seed", range(36))
 def test_conv_forward_plus_bias_equals_the_layer(seed):
     layer, x = random_conv(seed)

@@ -56,7 +56,7 @@ def test_sorted_moments_match_the_real_quantizer(scheme, bits, seed):
     shifts = torch.randint(-1, 2, (6, 4), generator=gen)
     cand_lo, cand_hi = candidate_ranges(lo, hi, grid, ratios, shifts)
     signed = lp.is_sign_symmetric(grid)
-    fast = _SortedMoments(x, grid, signed=signed)(cand_lo, cand_hi, False)
+    fast = _SortedMoments(x, x.double().pow(2).sum(1), grid, signed=signed)(cand_lo, cand_hi, False)
     slow = grid_error(x, cand_lo, cand_hi, grid)
     # The real quantizer rounds each error to float32 before summing: agreement to ~1e-7.
     assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-9)
@@ -225,20 +225,27 @@ def test_values_already_on_a_grid_keep_that_grid():
 
 
 def test_ternary_hand_case_trades_the_outlier_for_the_bulk():
-    # Symmetric 2 bits: levels {-a, 0, a}. x = (1, 1, 1, 1, 3), N = 5, sum x^2 = 13.
-    # min-max a = 3: the 1s round to 0, e = (-1, -1, -1, -1, 0):
-    #   J = 4 + 0.25 * 5 * 4^2 / 13 + 3 * 4^2 = 53.54.
-    # For 1 < a < 2 all round to a: e = (a-1, a-1, a-1, a-1, a-3), and
-    #   J(a) = 4(a-1)^2 + (a-3)^2 + 1.25 (7a-13)^2 / 13 + 3 (5a-7)^2
-    # is least at a = 1.425, below the smallest scale searched (0.5 * 3 = 1.5): a = 1.5,
-    #   J = 3.25 + 1.25 * 6.25 / 13 + 0.75 = 4.601. For a > 2 the 1s round to 0 again and
-    #   J >= 4 + 3 (a - 7)^2 > 4.601 for a <= 4.5.
+    # Symmetric 2 bits: levels {-a, 0, a}. x = (1, 1, 1, 1, 3): N = 5, sum x^2 = 13.
+    assert (lp.GAIN_WEIGHT, lp.MEAN_WEIGHT) == (0.5, 1.0), "the hand computation below uses these weights"
+    # min-max, a = 3: the 1s round to 0, e = (-1, -1, -1, -1, 0), sum e = sum e*x = -4:
+    #   J = 4 + 0.5 * 5 * 16 / 13 + 16.
+    # 1 < a < 2: all round to a, e = (a-1, a-1, a-1, a-1, a-3), sum e = 5a - 7, sum e*x = 7a - 13:
+    #   J(a) = 4(a-1)^2 + (a-3)^2 + 2.5 (7a-13)^2 / 13 + (5a-7)^2,
+    #   J'(a) = 0 at 1025 a = 1547: a* = 1.5093, J(a*) = 4.698.
+    # 2 < a <= 4.5 (the widest searched): the 1s round to 0, sum e = a - 7, J >= 4 + 2.5^2 = 10.25.
+    # So the search must land in 1 < a < 2 within half a fine step (3 * 0.0025) of a*.
     x = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0]])
     grid = Grid.make("symmetric", 2)
     lo, hi = lp_range(x, torch.tensor([-3.0]), torch.tensor([3.0]), grid)
-    assert lo.tolist() == [-1.5] and hi.tolist() == [1.5]
-    assert float(grid_error(x, lo, hi, grid)) == pytest.approx(3.25 + 1.25 * 6.25 / 13 + 0.75, rel=1e-12)
-    assert float(grid_error(x, torch.tensor([-3.0]), torch.tensor([3.0]), grid)) == pytest.approx(4 + 20 / 13 + 48, rel=1e-12)
+    a_star = 1547 / 1025
+
+    def j(a):
+        return 4 * (a - 1) ** 2 + (a - 3) ** 2 + 2.5 * (7 * a - 13) ** 2 / 13 + (5 * a - 7) ** 2
+
+    assert torch.equal(lo, -hi) and abs(float(hi) - a_star) <= 0.0075 + 1e-6
+    assert float(grid_error(x, lo, hi, grid)) == pytest.approx(j(float(hi)), rel=1e-6)
+    assert j(float(hi)) <= j(a_star) + 0.01
+    assert float(grid_error(x, torch.tensor([-3.0]), torch.tensor([3.0]), grid)) == pytest.approx(4 + 40 / 13 + 16, rel=1e-12)
 
 
 def test_spec_accepts_lp():
