@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -152,6 +153,7 @@ def hqq_worker(options: dict) -> None:
 
 def run_hqq(options: dict) -> dict:
     python = os.environ.get("HQQ_PYTHON", DEFAULT_HQQ_PYTHON)
+    python = shutil.which(python) or python
     if not Path(python).exists():
         return {"error": f"not installed (no interpreter {python}; set HQQ_PYTHON)"}
     done = subprocess.run(

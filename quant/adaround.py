@@ -382,7 +382,7 @@ def adaround(
     step = around.upper - around.lower
     # Fraction of the way from lower to upper, so that W_soft == W (clipped) at the start.
     rest = torch.where(movable, (rows - around.lower) / torch.where(movable, step, 1.0), 0.0).clamp_(0.0, 1.0)
-    logits = initial_logits(torch.full_like(rest, 0.3)).requires_grad_(True)
+    logits = initial_logits(rest).requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=options.lr)
 
     with torch.no_grad():
@@ -395,21 +395,23 @@ def adaround(
 
     samples = inputs.shape[0]
     batch = min(options.batch_size, samples)
-    for it in range(options.iters):
-        pick = torch.randperm(samples, generator=generator, device=generator.device)[:batch].to(inputs.device)
-        x = inputs[pick].to(device, torch.float32)
-        y = targets[pick.to(targets.device)].to(device, torch.float32)
-        h = rectified_sigmoid(logits)
-        diff = forward(x, (around.lower + h * step).reshape(weight.shape)) - y
-        loss = diff.pow(2).mean() / rec_unit
-        beta = beta_at(it, options)
-        if beta is not None and options.reg_weight > 0:
-            # Weights with no level above have nothing to decide: h = 0 adds 0 to the sum.
-            decided = torch.where(movable, h, 0.0)
-            loss = loss + options.reg_weight / n_movable * rounding_regularizer(decided, beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    # The caller may be under no_grad (an evaluation loop); the logits need gradients.
+    with torch.enable_grad():
+        for it in range(options.iters):
+            pick = torch.randperm(samples, generator=generator, device=generator.device)[:batch].to(inputs.device)
+            x = inputs[pick].to(device, torch.float32)
+            y = targets[pick.to(targets.device)].to(device, torch.float32)
+            h = rectified_sigmoid(logits)
+            diff = forward(x, (around.lower + h * step).reshape(weight.shape)) - y
+            loss = diff.pow(2).mean() / rec_unit
+            beta = beta_at(it, options)
+            if beta is not None and options.reg_weight > 0:
+                # Weights with no level above have nothing to decide: h = 0 adds 0 to the sum.
+                decided = torch.where(movable, h, 0.0)
+                loss = loss + options.reg_weight / n_movable * rounding_regularizer(decided, beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
     with torch.no_grad():
         soft = torch.where(movable, rectified_sigmoid(logits), 0.0)

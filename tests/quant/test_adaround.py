@@ -231,6 +231,15 @@ def test_inputs_and_weight_are_not_modified_and_results_live_on_the_weight_devic
     assert not res.soft.requires_grad
 
 
+def test_works_when_called_under_no_grad():
+    w, x, y = linear_problem(12)
+    params = choose_qparams(w, QuantSpec(bits=2, clipping="mse"))
+    expected = adaround(w, params, x, y, linear, FAST, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = adaround(w, params, x, y, linear, FAST, torch.Generator().manual_seed(0))
+    assert torch.equal(got.codes, expected.codes)
+
+
 def test_schedule_and_regularizer_reference_values():
     opts = AdaRoundOptions(iters=100, warmup=0.25, beta_start=20.0, beta_end=2.0)
     assert [beta_at(s, opts) for s in (0, 24)] == [None, None]
