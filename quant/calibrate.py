@@ -294,6 +294,8 @@ def round_layers(
     *,
     seed: int = 0,
     options: Any = None,
+    fixed: dict[str, tuple[Quantized, ...]] | None = None,
+    matcher: StatisticsMatcher | None = None,
 ) -> tuple[dict[str, tuple[Quantized, ...]], dict[str, LayerCalibration]]:
     """Quantize each layer of ``specs`` with ``method``, in call order, writing the weights into ``qmodel``.
 
@@ -302,6 +304,11 @@ def round_layers(
     decides which level each weight rounds to. Returns the codes and, per layer, the
     output errors of round-to-nearest and of the method on the captured inputs. A layer
     the calibration data never reaches is rounded to nearest (with a warning).
+
+    ``fixed`` layers (residual ones) keep their given terms. With a ``matcher``, every
+    layer's output statistics are matched right after it is rounded, so the layers after
+    it are fitted on the inputs of the corrected model (BN re-estimation interleaved
+    with rounding rather than after it).
     """
     from quant.adaround import AdaRoundOptions, adaround
     from quant.gptq import GPTQOptions, HessianAccumulator, gptq_layer_codes
@@ -312,13 +319,20 @@ def round_layers(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     params: dict[str, QParams] = {}
     for name, spec in specs.items():
+        if name in (fixed or {}):
+            continue
         weight = weights[name].to(torch.float32)
         try:
             params[name] = choose_qparams(weight, spec)
         except QuantError as err:
             raise QuantError(f"layer {name!r} weight: {err}") from None
 
+    fixed = dict(fixed or {})
+
     def work(name: str, inputs: list[Tensor]) -> None:
+        if name in fixed:
+            codes[name] = matcher(name, inputs, fixed[name]) if matcher is not None else fixed[name]
+            return
         layer = qmodel.get_submodule(name)
         weight = weights[name].to(layer.weight.device, torch.float32)
         p = params[name].to(layer.weight.device)
@@ -343,8 +357,12 @@ def round_layers(
         codes[name] = ((new_codes, p),)
         info[name] = LayerCalibration(method, before, after)
         _write(layer, dequantize(new_codes, p))
+        if matcher is not None:
+            codes[name] = matcher(name, inputs, codes[name])
 
-    walk.visit(qmodel, list(specs), batches, work)
+    walk.visit(qmodel, list(specs) + list(fixed), batches, work)
+    for name in fixed:
+        codes.setdefault(name, fixed[name])
     for name in specs:
         if name not in codes:
             warnings.warn(f"layer {name!r} is not called on the calibration data; it is rounded to nearest", stacklevel=3)
@@ -366,43 +384,35 @@ def _write(layer: nn.Module, values: Tensor) -> None:
         layer.weight.copy_(values.to(layer.weight.dtype))
 
 
-def match_output_statistics(
-    qmodel: nn.Module,
-    float_model: nn.Module,
-    walk: LayerWalk,
-    codes: dict[str, tuple[Quantized, ...]],
-    batches: Sequence[Tensor],
-    *,
-    variance: bool = True,
-) -> dict[str, tuple[Quantized, ...]]:
-    """BN re-estimation (``variance=True``) or bias correction (``variance=False``), layer by layer.
+class StatisticsMatcher:
+    """Matches one layer's per-channel output mean and variance to the float model's.
 
-    For every quantized layer in call order, the per-channel mean ``m_q`` and variance
-    ``v_q`` of its output in ``qmodel`` (with the layers before it already corrected) are
-    matched to those of the same layer in ``float_model`` (``m_f``, ``v_f``, from the
-    float model's own inputs): ``a = sqrt(v_f / v_q)`` multiplies the weight's
-    per-channel scale (every term of a residual layer), and the bias becomes
-    ``m_f - a (m_q - b)``, so the corrected output has mean ``m_f`` and variance ``v_f``
-    on the calibration data. A per-tensor grid keeps its scale (``a = 1``): one scale
-    cannot carry per-channel ratios. A layer without bias gets no shift. Returns the
-    updated codes (same codes, new scales); ``qmodel`` is changed in place.
+    ``matcher(name, inputs, terms)`` computes the layer's output on ``inputs`` (the
+    inputs it receives in the quantized model), and returns its weight terms with each
+    channel's scale multiplied by ``a = sqrt(v_f / v_q)``; the layer's weight is set to
+    them and its bias to ``m_f - a (m_q - b)``, so the corrected output has the float
+    mean ``m_f`` and variance ``v_f`` on those inputs. ``variance=False`` (bias
+    correction) keeps ``a = 1``. A per-tensor grid keeps its scale (one scale cannot
+    carry per-channel ratios); a layer without bias gets no shift.
     """
-    called = [name for name in walk.order if name in codes and walk.calls.get(name, 0)]
-    float_stats = output_moments(float_model, called, batches)  # one pass: the float model needs no order
-    updated = dict(codes)
 
-    def work(name: str, inputs: list[Tensor]) -> None:
-        layer = qmodel.get_submodule(name)
+    def __init__(self, qmodel: nn.Module, float_stats: dict[str, tuple[Tensor, Tensor]], *, variance: bool = True) -> None:
+        self.qmodel = qmodel
+        self.float_stats = float_stats
+        self.variance = variance
+
+    def __call__(self, name: str, inputs: list[Tensor], terms: tuple[Quantized, ...]) -> tuple[Quantized, ...]:
+        layer = self.qmodel.get_submodule(name)
         moments = _Moments()
-        for x in inputs:
-            for chunk in x.split(_CHUNK):
-                moments.add(layer(chunk))
+        with torch.no_grad():
+            for x in inputs:
+                for chunk in x.split(_CHUNK):
+                    moments.add(layer(chunk))
         mean_q, var_q = moments.result()
-        mean_f, var_f = float_stats[name]
-        terms = codes[name]
+        mean_f, var_f = self.float_stats[name]
         per_channel = all(p.axis == 0 for _, p in terms)
         ratio = torch.ones_like(mean_q)
-        if variance and per_channel:
+        if self.variance and per_channel:
             alive = (var_q > MIN_VARIANCE) & (var_f > MIN_VARIANCE)
             ratio = torch.where(alive, torch.sqrt(var_f / var_q.clamp(min=MIN_VARIANCE)), ratio)
         if not torch.isfinite(ratio).all():
@@ -411,15 +421,34 @@ def match_output_statistics(
         for c, p in terms:
             scale = p.scale if not per_channel else (p.scale.to(torch.float64) * ratio.to(p.scale.device)).to(torch.float32)
             new_terms.append((c, QParams(p.scheme, p.bits, scale, p.zero_point, p.qmin, p.qmax, p.axis)))
-        updated[name] = tuple(new_terms)
         _write(layer, dequantize_sum(new_terms))
         bias = layer.bias
         if bias is not None:
             b = bias.detach().to(torch.float64)
             with torch.no_grad():
                 bias.copy_((mean_f - ratio * (mean_q - b)).to(bias.dtype))
+        return tuple(new_terms)
 
-    walk.visit(qmodel, called, batches, work)
+
+def match_output_statistics(
+    qmodel: nn.Module,
+    walk: LayerWalk,
+    codes: dict[str, tuple[Quantized, ...]],
+    batches: Sequence[Tensor],
+    matcher: StatisticsMatcher,
+) -> dict[str, tuple[Quantized, ...]]:
+    """BN re-estimation or bias correction of already rounded layers, one layer after another.
+
+    Every quantized layer, in call order, is matched by ``matcher`` on the inputs it
+    receives with the layers before it already corrected. Returns the updated codes
+    (same codes, new scales); ``qmodel`` is changed in place.
+    """
+    updated = dict(codes)
+
+    def work(name: str, inputs: list[Tensor]) -> None:
+        updated[name] = matcher(name, inputs, codes[name])
+
+    walk.visit(qmodel, [name for name in walk.order if name in codes], batches, work)
     return updated
 
 
@@ -431,6 +460,7 @@ __all__ = [
     "check_method",
     "layer_inputs",
     "output_moments",
+    "StatisticsMatcher",
     "match_output_statistics",
     "needs_calibration",
     "round_layers",

@@ -203,23 +203,29 @@ def quantize_model(
 
     calibrated: dict[str, calibrate.LayerCalibration] = {}
     walk = calibrate.LayerWalk.trace(qmodel, names, batches[0]) if method != "rtn" or matching else None
-    with torch.no_grad():
-        for name in residual:  # the calibrated layers after them see their quantized output
-            layers_by_name[name].weight.copy_(dequantize_sum(codes[name]).to(layers_by_name[name].weight.dtype))
-    if method != "rtn":
-        targets = {name: specs[name] for name in codes if name not in residual}
-        new_codes, calibrated = calibrate.round_layers(
-            qmodel, walk, targets, weights, batches, method, seed=seed, options=options
-        )
-        codes.update(new_codes)
-    with torch.no_grad():
-        for name, parts in codes.items():
-            layers_by_name[name].weight.copy_(dequantize_sum(parts).to(layers_by_name[name].weight.dtype))
+    matcher = None
     if matching:
-        codes = calibrate.match_output_statistics(
-            qmodel, float_folded, walk, codes, batches, variance=bn_reestimate
-        )
+        # The float model's statistics need no order: one pass over the batches for all layers.
+        quantized = [name for name in walk.order if name in codes and walk.calls.get(name, 0)]
+        float_stats = calibrate.output_moments(float_folded, quantized, batches)
+        matcher = calibrate.StatisticsMatcher(qmodel, float_stats, variance=bool(bn_reestimate))
         del float_folded
+    if method != "rtn":
+        # Residual layers keep their round-to-nearest terms; the layers after them are fitted to their output.
+        with torch.no_grad():
+            for name in residual:
+                layers_by_name[name].weight.copy_(dequantize_sum(codes[name]).to(layers_by_name[name].weight.dtype))
+        targets = {name: specs[name] for name in codes if name not in residual}
+        codes, calibrated = calibrate.round_layers(
+            qmodel, walk, targets, weights, batches, method, seed=seed, options=options,
+            fixed={name: codes[name] for name in residual}, matcher=matcher,
+        )
+    else:
+        with torch.no_grad():
+            for name, parts in codes.items():
+                layers_by_name[name].weight.copy_(dequantize_sum(parts).to(layers_by_name[name].weight.dtype))
+        if matcher is not None:
+            codes = calibrate.match_output_statistics(qmodel, walk, codes, batches, matcher)
 
     rows = []
     for name, layer in layers:

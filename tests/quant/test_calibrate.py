@@ -43,16 +43,29 @@ def _outputs(model: nn.Module, names: list[str], batches: list[torch.Tensor]) ->
     return out
 
 
-@pytest.mark.parametrize("one_pass", [True, False])
-@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "pow2"])
-def test_bn_reestimation_matches_float_channel_statistics(monkeypatch, one_pass, scheme):
+@pytest.mark.parametrize(
+    "one_pass, scheme, method, plan",
+    [
+        (True, "asymmetric", "rtn", QuantPlan()),
+        (False, "asymmetric", "rtn", QuantPlan()),
+        (True, "symmetric", "rtn", QuantPlan()),
+        (True, "pow2", "rtn", QuantPlan()),
+        (False, "pow2", "rtn", QuantPlan()),
+        # Interleaved with rounding (each layer matched right after it is rounded), and a residual layer.
+        (True, "asymmetric", "gptq", QuantPlan()),
+        (False, "symmetric", "gptq", QuantPlan(residual_fraction=0.34)),
+        (True, "asymmetric", "gptq", QuantPlan(residual_fraction=0.34)),
+    ],
+)
+def test_bn_reestimation_matches_float_channel_statistics(monkeypatch, one_pass, scheme, method, plan):
     """After BN re-estimation, each layer's per-channel output mean and variance on the
     calibration data equal the float (folded) model's, to float rounding."""
     if not one_pass:
         monkeypatch.setattr(calibrate, "ONE_PASS_BYTES", 0)
     net, batches = small_net(), _batches()
     spec = QuantSpec(scheme=scheme, bits=2)
-    qnet, report = quantize_model(net, spec, calibration=batches, bn_reestimate=True)
+    qnet, report = quantize_model(net, spec, plan, method=method, calibration=batches, bn_reestimate=True)
+    assert any(row.residual for row in report.layers) == (plan.residual_fraction is not None)
     names = [n for n, _ in quantizable_layers(qnet)]
     got = _outputs(qnet, names, batches)
     want = _outputs(fold_batchnorm(net), names, batches)

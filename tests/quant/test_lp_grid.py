@@ -9,15 +9,20 @@ from hypothesis import strategies as st
 
 import quant.lp_grid as lp
 from quant import QuantSpec, choose_qparams, fake_quantize
-from quant.clipping import clip_range, minmax_range
+from quant.clipping import clip_range, is_sign_symmetric, minmax_range
 from quant.lp_grid import _SortedMoments, candidate_ranges, coherent_error, grid_error, lp_range
 from quant.schemes import Grid
 from quant_testing import make_tensor, rows_of, specs, tensors
 
 
 def reference_j(x: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """The documented objective per row, in numpy float64, from the quantized values alone."""
-    x, e = x.astype(np.float64), values.astype(np.float64) - x.astype(np.float64)
+    """The documented objective per row, in numpy float64, from the quantized values alone.
+
+    The error is rounded to float32 first, as the quantizer's own check does, so a grid
+    kept for a margin of 1e-12 is not undone by a different rounding here.
+    """
+    e = (values.astype(np.float32) - x.astype(np.float32)).astype(np.float64)
+    x = x.astype(np.float64)
     n = x.shape[-1]
     sumsq = (x * x).sum(-1)
     gain = np.where(sumsq > 0, (e * x).sum(-1) ** 2 / np.where(sumsq > 0, sumsq, 1.0), 0.0)
@@ -55,7 +60,7 @@ def test_sorted_moments_match_the_real_quantizer(scheme, bits, seed):
     ratios = torch.rand(6, 4, generator=gen) + 0.5
     shifts = torch.randint(-1, 2, (6, 4), generator=gen)
     cand_lo, cand_hi = candidate_ranges(lo, hi, grid, ratios, shifts)
-    signed = lp.is_sign_symmetric(grid)
+    signed = is_sign_symmetric(grid)
     fast = _SortedMoments(x, x.double().pow(2).sum(1), grid, signed=signed)(cand_lo, cand_hi, False)
     slow = grid_error(x, cand_lo, cand_hi, grid)
     # The real quantizer rounds each error to float32 before summing: agreement to ~1e-7.
@@ -78,7 +83,7 @@ def test_coherent_error_weights_the_mean_and_gain_components():
 # ------------------------------------------------------------------ valid grids
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(tensors(max_len=60), specs(clippings=("lp",), max_bits=16))
 def test_lp_ranges_are_valid_grids(x, spec):
     grid, rows, lo, hi = lp_setup(x, spec)
@@ -117,7 +122,7 @@ def test_asymmetric_ranges_map_back_to_the_searched_scale_and_zero_point():
 # ------------------------------------------------------------------ never worse than min-max
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(tensors(max_len=60), specs(clippings=("lp",), max_bits=8))
 def test_lp_objective_never_exceeds_minmax(x, spec):
     grid, rows, lo, hi = lp_setup(x, spec)
@@ -125,6 +130,19 @@ def test_lp_objective_never_exceeds_minmax(x, spec):
     chosen = reference_j(rows.numpy(), rows_of(fake_quantize(x, spec), spec.granularity == "per_channel").numpy())
     minmax = reference_j(rows.numpy(), rows_of(fake_quantize(x, spec.replace(clipping="minmax")), spec.granularity == "per_channel").numpy())
     assert bool((chosen <= minmax * (1 + 1e-9) + 1e-300).all())
+
+
+def test_the_real_quantizer_overrules_a_misranking_search(monkeypatch):
+    # The fast evaluator only ranks; if it ranked at random, the final check with the
+    # real quantizer must still never hand back a grid worse than min-max.
+    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(_SortedMoments, "__call__", lambda self, lo, hi, p2: torch.rand(lo.shape, generator=gen, dtype=torch.float64))
+    x = make_tensor(9, (32, 64), "heavy")
+    for scheme in ("asymmetric", "symmetric", "pow2"):
+        spec = QuantSpec(scheme=scheme, bits=3, clipping="lp")
+        chosen = reference_j(x.numpy(), fake_quantize(x, spec).numpy())
+        minmax = reference_j(x.numpy(), fake_quantize(x, spec.replace(clipping="minmax")).numpy())
+        assert bool((chosen <= minmax).all())
 
 
 @pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "pow2"])
@@ -160,7 +178,7 @@ def test_lp_removes_most_of_the_mean_error_at_two_bits():
 # ------------------------------------------------------------------ invariances, determinism
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(tensors(max_len=60), specs(schemes=("symmetric", "pow2"), clippings=("lp",)))
 def test_sign_symmetric_grids_are_sign_invariant(x, spec):
     if spec.scheme == "symmetric" and not spec.narrow_range:
