@@ -6,7 +6,7 @@ quantization error ``||x - Q(x)||^2`` is smallest (the MMSE criterion of Choukro
 al., 2019). Ratios are searched on a coarse grid (0.2..1.0, step 0.05), then on a fine
 grid (step 0.005) around each row's best coarse ratio. Ratio 1.0 is always a candidate
 and the winner is re-checked against it with the real quantizer, so ``mse`` never has
-a larger error than ``minmax``. ``lp`` (:mod:`quant.lp_grid`) searches the scale and
+a larger error than ``minmax``. ``coherent`` (:mod:`quant.coherent_grid`) searches the scale and
 the integer zero point for the grid whose rounding error is least coherent.
 
 The choice is deterministic and, for the sign-symmetric grids (``pow2`` and narrow-range
@@ -65,11 +65,11 @@ def clip_range(rows: Tensor, spec: QuantSpec, grid: Grid) -> tuple[Tensor, Tenso
         return percentile_range(rows, spec.percentile, symmetric=symmetric)
     if spec.clipping == "mse":
         return mse_range(rows, lo, hi, grid, pow2_scale=spec.pow2_scale)
-    if spec.clipping == "lp":
-        # Imported here: lp_grid builds on this module's helpers.
-        from quant.lp_grid import lp_range
+    if spec.clipping == "coherent":
+        # Imported here: coherent_grid builds on this module's helpers.
+        from quant.coherent_grid import coherent_range
 
-        return lp_range(rows, lo, hi, grid, pow2_scale=spec.pow2_scale)
+        return coherent_range(rows, lo, hi, grid, pow2_scale=spec.pow2_scale)
     return lo, hi
 
 

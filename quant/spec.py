@@ -10,7 +10,7 @@ from quant import _validate as check
 
 SCHEMES = ("asymmetric", "symmetric", "pow2")
 GRANULARITIES = ("per_tensor", "per_channel")
-CLIPPINGS = ("minmax", "mse", "percentile", "lp")
+CLIPPINGS = ("minmax", "mse", "percentile", "coherent")
 MIN_BITS, MAX_BITS = 2, 16
 DEFAULT_PERCENTILE = 99.99
 POW2_MAX_BITS = 8  # exponents 2^0..2^-126 already span float32's normal range
@@ -41,11 +41,11 @@ class QuantSpec:
         Code width, 2..16 (2..8 for ``pow2``: 8 bits already reach ``a*2^-126``).
     granularity : {"per_tensor", "per_channel"}, default "per_channel"
         One scale for the whole tensor, or one per slice along axis 0 (output channels).
-    clipping : {"minmax", "mse", "percentile", "lp"}, default "minmax"
+    clipping : {"minmax", "mse", "percentile", "coherent"}, default "minmax"
         How the range is chosen: the full min/max, the shrink ratio minimizing the
-        squared error, the ``percentile`` of the values, or ``lp``: the scale and
+        squared error, the ``percentile`` of the values, or ``coherent``: the scale and
         integer zero point whose rounding error is least coherent (mean and gain
-        errors weighted up; data-free, HQQ-like; see :mod:`quant.lp_grid`).
+        errors weighted up; data-free, HQQ-like; see :mod:`quant.coherent_grid`).
     narrow_range : bool, default True
         Symmetric only: codes ``[-(2^(b-1)-1), 2^(b-1)-1]``; False adds the code ``-2^(b-1)``.
     pow2_scale : bool, default False

@@ -1,4 +1,7 @@
-"""Range setting ``lp``: a data-free grid whose rounding error is least *coherent*.
+"""Range setting ``coherent``: a data-free grid whose rounding error is least *coherent*.
+
+(Issue 8 called this method the "data-free optimized grid", after HQQ's l_p objective;
+it is named for what it minimizes, because the l_p objective turned out not to be it.)
 
 The issue asked for HQQ's idea (an l_p, p < 1, error instead of the squared one) on our
 integer-zero-point grids. Measured on the shipped ResNet-20 (2 bits, per channel), the
@@ -11,7 +14,7 @@ clipping shrinks it to about 0.86 at 2 bits, and twenty layers compound that).
 
 Both are components of the error along fixed directions, and such components add up
 coherently over the ``N`` inputs of a channel, while the rest of the rounding noise adds
-only in power. So ``lp`` minimizes, per row ``x`` with error ``e = Q(x) - x``::
+only in power. So ``coherent`` minimizes, per row ``x`` with error ``e = Q(x) - x``::
 
     J = ||e||^2 + N * (GAIN_WEIGHT * <e, x/||x||>^2 + MEAN_WEIGHT * <e, 1/sqrt(N)>^2)
       = ||e||^2 + GAIN_WEIGHT * N * <e, x>^2 / ||x||^2 + MEAN_WEIGHT * (sum e)^2
@@ -19,11 +22,11 @@ only in power. So ``lp`` minimizes, per row ``x`` with error ``e = Q(x) - x``::
 over grids that the packed format can store: a float32 scale and an INTEGER zero point.
 (HQQ's float zero point lets it drop the level 0; ours always has it.) The weights
 ``GAIN_WEIGHT`` and ``MEAN_WEIGHT`` were chosen on 10,000 Fashion-MNIST *training*
-images, never the test split, among 0.1..1 and 0.5..10. The name ``lp`` is the issue's.
+images, never the test split, among 0.1..1 and 0.5..10.
 
-Measured (``benchmarks/bench_lp_grid.py``, test accuracy of the shipped ResNet-20,
+Measured (``benchmarks/bench_coherent_grid.py``, test accuracy of the shipped ResNet-20,
 asymmetric, per channel, 2/3/4 bits): min-max 77.24/92.64/93.72, MSE 44.99/92.84/93.86,
-HQQ 92.06/93.59/93.88, ``lp`` 92.35/93.84/93.92 (float 93.92); symmetric ``lp``
+HQQ 92.06/93.59/93.88, ``coherent`` 92.35/93.84/93.92 (float 93.92); symmetric ``coherent``
 85.08/93.09/93.78 against MSE's 21.94/91.24/92.54. It takes about 1.5 times as long as
 ``mse`` and about half as long as HQQ.
 
@@ -37,7 +40,7 @@ candidate, for each shift. Each candidate is handed on as the range
 same way. One sort of each row gives every candidate's three moments (``sum e^2``,
 ``sum e``, ``sum e*x``) from prefix sums in ``O(levels * log N)``; the min-max range is
 always a candidate and the winner is checked against it with the real quantizer, so
-``J(lp) <= J(minmax)`` holds exactly.
+``J(coherent) <= J(minmax)`` holds exactly.
 
 For the sign-symmetric grids (``pow2``, narrow-range ``symmetric``, where
 ``Q(-x) = -Q(x)``) the positive and negative parts of a row are sorted separately and
@@ -214,7 +217,7 @@ def candidate_ranges(lo: Tensor, hi: Tensor, grid: Grid, ratios: Tensor, shifts:
     return (grid.qmin - z) * s, (grid.qmax - z) * s
 
 
-def lp_range(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, *, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+def coherent_range(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, *, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
     """Per-row range ``(lo, hi)`` whose grid minimizes the coherent error ``J`` (module docstring).
 
     Parameters
@@ -237,7 +240,7 @@ def lp_range(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, *, pow2_scale: bo
     --------
     >>> rows = torch.tensor([[-0.9, -0.3, 0.1, 0.2, 0.4, 1.2]])
     >>> grid = Grid.make("asymmetric", 2)
-    >>> new_lo, new_hi = lp_range(rows, torch.tensor([-0.9]), torch.tensor([1.2]), grid)
+    >>> new_lo, new_hi = coherent_range(rows, torch.tensor([-0.9]), torch.tensor([1.2]), grid)
     >>> bool(grid_error(rows, new_lo, new_hi, grid) <= grid_error(rows, torch.tensor([-0.9]), torch.tensor([1.2]), grid))
     True
     """
@@ -270,7 +273,7 @@ def lp_range(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, *, pow2_scale: bo
     best = errors.argmin(dim=0, keepdim=True)
     win_lo, win_hi = cand_lo.gather(0, best)[0], cand_hi.gather(0, best)[0]
     # The search ranks by a float64 formula with midpoint decisions; confirm with the real
-    # quantizer that the winner beats the min-max range, so J(lp) <= J(minmax) exactly.
+    # quantizer that the winner beats the min-max range, so J(coherent) <= J(minmax) exactly.
     exact = _direct_error(rows, x, sumsq, torch.stack([win_lo, lo]), torch.stack([win_hi, hi]), grid, pow2_scale)
     better = exact[0] < exact[1] - NEAR_TIE_RTOL * exact[1].abs()
     return torch.where(better, win_lo, lo), torch.where(better, win_hi, hi)

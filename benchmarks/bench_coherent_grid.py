@@ -1,8 +1,8 @@
-"""Data-free "lp" grid vs min-max, MSE clipping and HQQ: accuracy and speed (figures, not a test).
+"""Data-free "coherent" grid vs min-max, MSE clipping and HQQ: accuracy and speed (figures, not a test).
 
 Accuracy: the shipped ResNet-20 on the Fashion-MNIST test split, weights only, per
 channel, every Conv/Linear at the same width (2, 3, 4 bits), BatchNorm folded first
-(``quant.quantize_model``), for clipping ``minmax``, ``mse`` and ``lp``, asymmetric and
+(``quant.quantize_model``), for clipping ``minmax``, ``mse`` and ``coherent``, asymmetric and
 symmetric. Speed: every Conv/Linear weight of torchvision's resnet18 (weights=None,
 BatchNorm folded), per channel, 4 bits: parameters + codes + values, median of
 ``--repeat`` runs, each also as a multiple of torch's per-channel kernel
@@ -22,7 +22,7 @@ It quantizes the same folded weights with ``hqq.core.quantize.Quantizer.quantize
 optimizer: l_p 0.7, beta 10, kappa 1.01, 20 iterations) and is evaluated the same way.
 Without it the table says "hqq: not installed".
 
-    python benchmarks/bench_lp_grid.py [--quick] [--threads N] [--repeat 3]
+    python benchmarks/bench_coherent_grid.py [--quick] [--threads N] [--repeat 3]
 
 ``--quick``: 2 bits only, asymmetric only, the first 2,000 test images, one timing run.
 Needs data/checkpoints/fashion_mnist_resnet20.pt and the Fashion-MNIST files
@@ -53,7 +53,7 @@ from quant.model import quantizable_layers  # noqa: E402
 
 CHECKPOINT = ROOT / "data" / "checkpoints" / "fashion_mnist_resnet20.pt"
 DEFAULT_HQQ_PYTHON = "/tmp/peers/bin/python"
-CLIPPINGS = ("minmax", "mse", "lp")
+CLIPPINGS = ("minmax", "mse", "coherent")
 TIMING_BITS = 4
 
 

@@ -1,4 +1,4 @@
-"""Range setting "lp": valid integer-zero-point grids, never worse than min-max under its own
+"""Range setting "coherent": valid integer-zero-point grids, never worse than min-max under its own
 objective, sign invariance, determinism, degenerate rows, hand-computed cases."""
 
 import numpy as np
@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import quant.lp_grid as lp
+import quant.coherent_grid as cg
 from quant import QuantSpec, choose_qparams, fake_quantize
 from quant.clipping import clip_range, is_sign_symmetric, minmax_range
-from quant.lp_grid import _SortedMoments, candidate_ranges, coherent_error, grid_error, lp_range
+from quant.coherent_grid import _SortedMoments, candidate_ranges, coherent_error, grid_error, coherent_range
 from quant.schemes import Grid
 from quant_testing import make_tensor, rows_of, specs, tensors
 
@@ -26,7 +26,7 @@ def reference_j(x: np.ndarray, values: np.ndarray) -> np.ndarray:
     n = x.shape[-1]
     sumsq = (x * x).sum(-1)
     gain = np.where(sumsq > 0, (e * x).sum(-1) ** 2 / np.where(sumsq > 0, sumsq, 1.0), 0.0)
-    return (e * e).sum(-1) + lp.GAIN_WEIGHT * n * gain + lp.MEAN_WEIGHT * e.sum(-1) ** 2
+    return (e * e).sum(-1) + cg.GAIN_WEIGHT * n * gain + cg.MEAN_WEIGHT * e.sum(-1) ** 2
 
 
 def lp_setup(x: torch.Tensor, spec: QuantSpec):
@@ -74,7 +74,7 @@ def test_coherent_error_weights_the_mean_and_gain_components():
     zero = torch.zeros(1, dtype=torch.float64)
     assert float(coherent_error(sq, zero, zero, sumsq, n)) == 2.0
     two = torch.tensor([2.0], dtype=torch.float64)
-    expected = 2.0 + lp.GAIN_WEIGHT * 2 * 4 / 2 + lp.MEAN_WEIGHT * 4
+    expected = 2.0 + cg.GAIN_WEIGHT * 2 * 4 / 2 + cg.MEAN_WEIGHT * 4
     assert float(coherent_error(sq, two, two, sumsq, n)) == pytest.approx(expected, rel=1e-15)
     # A row of zeros has no gain term (no NaN from 0/0).
     assert float(coherent_error(zero, zero, zero, zero, n)) == 0.0
@@ -84,8 +84,8 @@ def test_coherent_error_weights_the_mean_and_gain_components():
 
 
 @settings(max_examples=80, deadline=None)
-@given(tensors(max_len=60), specs(clippings=("lp",), max_bits=16))
-def test_lp_ranges_are_valid_grids(x, spec):
+@given(tensors(max_len=60), specs(clippings=("coherent",), max_bits=16))
+def test_coherent_ranges_are_valid_grids(x, spec):
     grid, rows, lo, hi = lp_setup(x, spec)
     new_lo, new_hi = clip_range(rows, spec, grid)
     assert new_lo.dtype == new_hi.dtype == torch.float32 and new_lo.shape == (rows.shape[0],)
@@ -123,7 +123,7 @@ def test_asymmetric_ranges_map_back_to_the_searched_scale_and_zero_point():
 
 
 @settings(max_examples=80, deadline=None)
-@given(tensors(max_len=60), specs(clippings=("lp",), max_bits=8))
+@given(tensors(max_len=60), specs(clippings=("coherent",), max_bits=8))
 def test_lp_objective_never_exceeds_minmax(x, spec):
     grid, rows, lo, hi = lp_setup(x, spec)
     new_lo, new_hi = clip_range(rows, spec, grid)
@@ -139,7 +139,7 @@ def test_the_real_quantizer_overrules_a_misranking_search(monkeypatch):
     monkeypatch.setattr(_SortedMoments, "__call__", lambda self, lo, hi, p2: torch.rand(lo.shape, generator=gen, dtype=torch.float64))
     x = make_tensor(9, (32, 64), "heavy")
     for scheme in ("asymmetric", "symmetric", "pow2"):
-        spec = QuantSpec(scheme=scheme, bits=3, clipping="lp")
+        spec = QuantSpec(scheme=scheme, bits=3, clipping="coherent")
         chosen = reference_j(x.numpy(), fake_quantize(x, spec).numpy())
         minmax = reference_j(x.numpy(), fake_quantize(x, spec.replace(clipping="minmax")).numpy())
         assert bool((chosen <= minmax).all())
@@ -152,9 +152,9 @@ def test_lp_is_at_least_as_good_as_every_coarse_candidate(scheme):
     x = make_tensor(11, (8, 90), "heavy")
     grid = Grid.make(scheme, 3)
     lo, hi = minmax_range(x, symmetric=scheme != "asymmetric")
-    best = reference_j(x.numpy(), fake_quantize(x, QuantSpec(scheme=scheme, bits=3, clipping="lp")).numpy())
-    shifts = lp.ZERO_SHIFTS if scheme == "asymmetric" else (0,)
-    for ratio in lp.COARSE_RATIOS.tolist():
+    best = reference_j(x.numpy(), fake_quantize(x, QuantSpec(scheme=scheme, bits=3, clipping="coherent")).numpy())
+    shifts = cg.ZERO_SHIFTS if scheme == "asymmetric" else (0,)
+    for ratio in cg.COARSE_RATIOS.tolist():
         for shift in shifts:
             r = torch.full((1, 8), ratio)
             cand_lo, cand_hi = candidate_ranges(lo, hi, grid, r, torch.full((1, 8), shift))
@@ -167,19 +167,19 @@ def test_lp_removes_most_of_the_mean_error_at_two_bits():
     # The point of the objective: per channel, the rounding error's mean and gain
     # components shrink against min-max (and against MSE clipping's shrunken gain).
     x = make_tensor(2, (64, 144), "normal") * 0.1
-    spec = QuantSpec(bits=2, clipping="lp")
-    errors = {c: fake_quantize(x, spec.replace(clipping=c)) - x for c in ("minmax", "mse", "lp")}
+    spec = QuantSpec(bits=2, clipping="coherent")
+    errors = {c: fake_quantize(x, spec.replace(clipping=c)) - x for c in ("minmax", "mse", "coherent")}
     mean_err = {c: float(e.mean(1).abs().mean()) for c, e in errors.items()}
     gain = {c: float(((e + x) * x).sum(1).div((x * x).sum(1)).sub(1).abs().mean()) for c, e in errors.items()}
-    assert mean_err["lp"] < 0.5 * mean_err["minmax"]
-    assert gain["lp"] < 0.5 * gain["mse"]
+    assert mean_err["coherent"] < 0.5 * mean_err["minmax"]
+    assert gain["coherent"] < 0.5 * gain["mse"]
 
 
 # ------------------------------------------------------------------ invariances, determinism
 
 
 @settings(max_examples=40, deadline=None)
-@given(tensors(max_len=60), specs(schemes=("symmetric", "pow2"), clippings=("lp",)))
+@given(tensors(max_len=60), specs(schemes=("symmetric", "pow2"), clippings=("coherent",)))
 def test_sign_symmetric_grids_are_sign_invariant(x, spec):
     if spec.scheme == "symmetric" and not spec.narrow_range:
         spec = spec.replace(narrow_range=True)
@@ -193,7 +193,7 @@ def test_sign_symmetric_grids_are_sign_invariant(x, spec):
 @pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "pow2"])
 def test_deterministic(scheme):
     x = make_tensor(4, (16, 3, 3, 3), "small_ints")  # exact ties and duplicates
-    spec = QuantSpec(scheme=scheme, bits=3, clipping="lp")
+    spec = QuantSpec(scheme=scheme, bits=3, clipping="coherent")
     first = choose_qparams(x, spec)
     torch.manual_seed(123)
     second = choose_qparams(x.clone(), spec)
@@ -206,7 +206,7 @@ def test_deterministic(scheme):
 @pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "pow2"])
 def test_per_tensor(scheme):
     x = make_tensor(8, (5, 7, 3), "heavy")
-    spec = QuantSpec(scheme=scheme, bits=3, clipping="lp", granularity="per_tensor")
+    spec = QuantSpec(scheme=scheme, bits=3, clipping="coherent", granularity="per_tensor")
     params = choose_qparams(x, spec)
     assert params.scale.shape == () and params.axis is None
     chosen = reference_j(x.reshape(1, -1).numpy(), fake_quantize(x, spec).reshape(1, -1).numpy())
@@ -220,12 +220,12 @@ def test_constant_and_zero_rows(scheme, bits):
     if scheme == "pow2" and bits > 8:
         bits = 8
     x = torch.tensor([[0.0] * 6, [0.75] * 6, [-2.5] * 6, [1e-40] * 6])  # zeros, constants, a subnormal
-    spec = QuantSpec(scheme=scheme, bits=bits, clipping="lp")
+    spec = QuantSpec(scheme=scheme, bits=bits, clipping="coherent")
     params = choose_qparams(x, spec)
     values = fake_quantize(x, spec)
     assert bool(torch.isfinite(params.scale).all() and torch.isfinite(values).all())
     assert torch.equal(values[0], x[0])  # zeros stay zeros
-    # A constant row is (nearly) its own level; lp keeps an error no larger than min-max's.
+    # A constant row is (nearly) its own level; coherent keeps an error no larger than min-max's.
     minmax = fake_quantize(x, spec.replace(clipping="minmax"))
     assert bool(((values - x).abs().amax(1) <= (minmax - x).abs().amax(1) + 1e-6 * x.abs().amax(1)).all())
 
@@ -236,7 +236,7 @@ def test_constant_and_zero_rows(scheme, bits):
 def test_values_already_on_a_grid_keep_that_grid():
     # Levels -0.5, 0, 0.5, 1 (s = 0.5, z = 1) hold every value: J = 0, nothing beats it.
     x = torch.tensor([[-0.5, 0.0, 0.5, 1.0, 1.0, 0.5, 0.0, 0.5]])
-    spec = QuantSpec(bits=2, clipping="lp")
+    spec = QuantSpec(bits=2, clipping="coherent")
     params = choose_qparams(x, spec)
     assert params.scale.tolist() == [0.5] and params.zero_point.tolist() == [1]
     assert torch.equal(fake_quantize(x, spec), x)
@@ -244,7 +244,7 @@ def test_values_already_on_a_grid_keep_that_grid():
 
 def test_ternary_hand_case_trades_the_outlier_for_the_bulk():
     # Symmetric 2 bits: levels {-a, 0, a}. x = (1, 1, 1, 1, 3): N = 5, sum x^2 = 13.
-    assert (lp.GAIN_WEIGHT, lp.MEAN_WEIGHT) == (0.5, 1.0), "the hand computation below uses these weights"
+    assert (cg.GAIN_WEIGHT, cg.MEAN_WEIGHT) == (0.5, 1.0), "the hand computation below uses these weights"
     # min-max, a = 3: the 1s round to 0, e = (-1, -1, -1, -1, 0), sum e = sum e*x = -4:
     #   J = 4 + 0.5 * 5 * 16 / 13 + 16.
     # 1 < a < 2: all round to a, e = (a-1, a-1, a-1, a-1, a-3), sum e = 5a - 7, sum e*x = 7a - 13:
@@ -254,7 +254,7 @@ def test_ternary_hand_case_trades_the_outlier_for_the_bulk():
     # So the search must land in 1 < a < 2 within half a fine step (3 * 0.0025) of a*.
     x = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0]])
     grid = Grid.make("symmetric", 2)
-    lo, hi = lp_range(x, torch.tensor([-3.0]), torch.tensor([3.0]), grid)
+    lo, hi = coherent_range(x, torch.tensor([-3.0]), torch.tensor([3.0]), grid)
     a_star = 1547 / 1025
 
     def j(a):
@@ -267,6 +267,6 @@ def test_ternary_hand_case_trades_the_outlier_for_the_bulk():
 
 
 def test_spec_accepts_lp():
-    spec = QuantSpec(bits=3, clipping="lp")
-    assert spec.tag == "asymmetric-3b-lp-per_channel"
+    spec = QuantSpec(bits=3, clipping="coherent")
+    assert spec.tag == "asymmetric-3b-coherent-per_channel"
     assert QuantSpec.from_dict(spec.to_dict()) == spec
