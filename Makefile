@@ -29,6 +29,7 @@ bench: setup data
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_pipeline.py $(CONFIG)
+	$(PY) benchmarks/bench_calibrated.py --config $(CONFIG)
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info
