@@ -75,8 +75,8 @@ def main() -> None:
     n_cal = sum(len(b) for b in calibration)
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}")
-    if load > 0.5 * (os.cpu_count() or 1):
-        print("warning: the machine is busy; times are inflated")
+    if load > (os.cpu_count() or 1):  # this process itself keeps about one core busy
+        print("warning: other processes keep the machine busy; times are inflated")
     print(f"float: fine {100 * accuracy(float_logits, labels):.2f}%, k=5 {100 * float_k5:.2f}%; "
           f"one float evaluation of the {len(labels)} test images: {float_eval:.2f} s")
     print(f"calibration: {n_cal} images of the {cfg.calibration.split!r} split (seed {cfg.calibration.seed})\n")

@@ -170,8 +170,14 @@ def pick_ratio(ratios: Tensor, errors: Tensor, lo: Tensor, hi: Tensor, grid: Gri
     return ratios.gather(0, chosen)[0]
 
 
-def direct_errors(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, pow2_scale: bool) -> Tensor:
-    """``||x - Q(x)||^2`` per candidate range and row (``(K, C)`` float64) with the real quantizer."""
+def direct_errors(
+    rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, pow2_scale: bool, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """``||x - Q(x)||^2`` per candidate range and row (``(K, C)`` float64) with the real quantizer.
+
+    ``reduce`` maps the float64 errors ``Q(x) - x`` of a chunk of candidates (``(k, C, N)``)
+    to ``(k, C)``; the default is the squared norm.
+    """
     scale, zero_point = grid.params(lo, hi, pow2_scale)
     scale, zero_point = scale[..., None], zero_point[..., None]
     step = max(1, _CHUNK_ELEMENTS // max(1, rows.numel()))
@@ -179,7 +185,7 @@ def direct_errors(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, pow2_scale: 
     for k in range(0, scale.shape[0], step):
         s, z = scale[k : k + step], zero_point[k : k + step]
         diff = grid.dequantize(grid.quantize(rows, s, z), s, z).sub_(rows).to(torch.float64)
-        out.append(torch.linalg.vecdot(diff, diff))
+        out.append(torch.linalg.vecdot(diff, diff) if reduce is None else reduce(diff))
     return torch.cat(out)
 
 

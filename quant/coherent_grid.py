@@ -55,7 +55,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from quant.clipping import is_sign_symmetric, sort_rows
+from quant.clipping import direct_errors, is_sign_symmetric, sort_rows
 from quant.schemes import Grid
 
 #: Weight of the error's component along the row itself (a gain error), times ``N``.
@@ -112,15 +112,10 @@ def grid_error(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, pow2_scale: boo
 
 def _direct_error(rows: Tensor, x: Tensor, sumsq: Tensor, lo: Tensor, hi: Tensor, grid: Grid, pow2_scale: bool) -> Tensor:
     # grid_error with the float64 rows and their sum of squares computed once by the caller.
-    scale, zero_point = grid.params(lo, hi, pow2_scale)
-    scale, zero_point = scale[..., None], zero_point[..., None]
-    step = max(1, _CHUNK_ELEMENTS // max(1, rows.numel()))
-    out = []
-    for k in range(0, scale.shape[0], step):
-        s, z = scale[k : k + step], zero_point[k : k + step]
-        e = grid.dequantize(grid.quantize(rows, s, z), s, z).sub_(rows).to(torch.float64)
-        out.append(coherent_error(torch.linalg.vecdot(e, e), e.sum(-1), torch.linalg.vecdot(e, x), sumsq, rows.shape[-1]))
-    return torch.cat(out)
+    def reduce(e: Tensor) -> Tensor:
+        return coherent_error(torch.linalg.vecdot(e, e), e.sum(-1), torch.linalg.vecdot(e, x), sumsq, rows.shape[-1])
+
+    return direct_errors(rows, lo, hi, grid, pow2_scale, reduce)
 
 
 class _SortedMoments:

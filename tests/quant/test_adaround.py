@@ -33,13 +33,7 @@ SPECS = [
 FAST = AdaRoundOptions(iters=200)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny problems: intra-op threads only add overhead (10x on 2 busy cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -151,18 +151,19 @@ def test_each_layer_is_fitted_on_inputs_from_the_quantized_layers_before_it(monk
     already quantized (the float model's layer output from the quantized model's inputs)."""
     from quant import gptq
 
-    seen: dict[int, list[torch.Tensor]] = {}
+    seen: list[tuple[object, torch.Tensor]] = []  # keeps each accumulator alive, so identities stay distinct
     original = gptq.HessianAccumulator.add
 
     def spy(self, x):
-        seen.setdefault(id(self), []).append(x.clone())
+        seen.append((self, x.clone()))
         return original(self, x)
 
     monkeypatch.setattr(gptq.HessianAccumulator, "add", spy)
     net, batches = small_net(), _batches()
     spec = QuantSpec(bits=2)
     qnet, report = quantize_model(net, spec, method="gptq", calibration=batches)
-    conv2_inputs = torch.cat(list(seen.values())[1])  # second layer in call order
+    accumulators = list(dict.fromkeys(acc for acc, _ in seen))
+    conv2_inputs = torch.cat([x for acc, x in seen if acc is accumulators[1]])  # second layer in call order
     # Rebuild conv2's input: folded float model with conv1 set to its final quantized weight.
     ref = fold_batchnorm(net)
     with torch.no_grad():

@@ -17,14 +17,7 @@ SCHEMES = ("asymmetric", "symmetric", "pow2")
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The matrices here are tiny: a second BLAS/LAPACK thread adds only synchronization,
-    # which on a busy shared machine costs several times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer_output_from_columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
