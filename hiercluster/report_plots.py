@@ -51,7 +51,9 @@ def plot_accuracy_vs_bits(rows: Sequence[Mapping[str, Any]], path: str | Path, d
             ax.fill_between(bits, lo, hi, color=color, alpha=0.12, linewidth=0)
         ax.set_title(f"{scheme} ({clipping}, {method})")
         ax.set_xlabel("weight bits")
-        ax.invert_xaxis()
+        panel_bits = sorted({r["bits"] for r in rows if panel(r) == (scheme, clipping, method)})
+        ax.set_xticks(panel_bits)  # whole bit widths only, also for a panel with one width
+        ax.set_xlim(max(panel_bits) + 0.5, min(panel_bits) - 0.5)  # fewer bits to the right
         ax.grid(alpha=0.3)
     for ax in axes[::ncols]:
         ax.set_ylabel("grouped accuracy % (band: random grouping mean ± std)")
