@@ -249,6 +249,7 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.threads": (1, None, False),
     "data.workers": (0, None, False),
     "eval.tolerance": (0.0, None, False),
+    "calibration.seed": (0, 2**63 - 1, False),  # torch.Generator.manual_seed's range
 }
 _POSITIVE = {
     "data.batch_size",

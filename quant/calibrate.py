@@ -192,7 +192,7 @@ def layer_inputs(model: nn.Module, name: str, batches: Sequence[Tensor], calls: 
     count = [0]
 
     def grab(module: nn.Module, args: tuple, output: Any) -> None:
-        seen.append(args[0].detach())
+        seen.append(args[0].detach().clone())  # a later in-place op must not change it
         count[0] += 1
         if count[0] == calls:
             raise _Stop
@@ -208,25 +208,33 @@ def layer_inputs(model: nn.Module, name: str, batches: Sequence[Tensor], calls: 
 
 
 class _Moments:
-    """Running per-channel sum and sum of squares (float64) of a layer's outputs."""
+    """Running per-channel sum and sum of squares of a layer's outputs.
 
-    def __init__(self) -> None:
+    Channels are axis 1 of a convolution's output and the last axis of a Linear's (of
+    any rank). Sums are float64 (float32 on MPS, which has no float64); :meth:`result`
+    returns float64 on the CPU.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.channel_axis = -1 if isinstance(layer, nn.Linear) else 1
         self.total: Tensor | None = None
         self.square: Tensor | None = None
         self.count = 0
 
     def add(self, y: Tensor) -> None:
-        # Channels are axis 1 of a conv output and the last axis of a Linear's.
-        rows = y.detach().movedim(1, -1) if y.dim() > 2 else y.detach()
-        rows = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
+        rows = y.detach()
+        if rows.dim() > 1 and self.channel_axis != -1:
+            rows = rows.movedim(self.channel_axis, -1)
+        dtype = torch.float32 if rows.device.type == "mps" else torch.float64
+        rows = rows.reshape(-1, rows.shape[-1]).to(dtype)
         s, q = rows.sum(0), torch.linalg.vecdot(rows.T, rows.T)
         self.total = s if self.total is None else self.total + s
         self.square = q if self.square is None else self.square + q
         self.count += rows.shape[0]
 
     def result(self) -> tuple[Tensor, Tensor]:
-        mean = self.total / self.count
-        return mean, (self.square / self.count - mean * mean).clamp(min=0)
+        mean = self.total.to("cpu", torch.float64) / self.count
+        return mean, (self.square.to("cpu", torch.float64) / self.count - mean * mean).clamp(min=0)
 
 
 def output_moments(
@@ -236,7 +244,7 @@ def output_moments(
 
     ``stop_after=(name, calls)`` ends every forward pass after that layer's last call.
     """
-    moments = {name: _Moments() for name in names}
+    moments = {name: _Moments(model.get_submodule(name)) for name in names}
     count = [0]
 
     def hook(name: str):
@@ -279,8 +287,8 @@ def _output_mse_from_hessian(delta: Tensor, hessian: Tensor) -> float:
     groups = hessian.shape[0]
     out_g = delta.shape[0] // groups
     for g in range(groups):
-        d = delta[g * out_g : (g + 1) * out_g].reshape(out_g, -1).to(torch.float64)
-        total += float(torch.einsum("oi,ij,oj->", d, hessian[g].to(d.device), d))
+        d = delta[g * out_g : (g + 1) * out_g].reshape(out_g, -1).to("cpu", torch.float64)  # MPS has no float64
+        total += float(torch.einsum("oi,ij,oj->", d, hessian[g].to("cpu", torch.float64), d))
     return total / (2.0 * delta.shape[0])
 
 
@@ -348,7 +356,7 @@ def round_layers(
             after = _output_mse_from_hessian(dequantize(new_codes, p) - weight, hessian)
         else:
             forward = weight_forward(layer)
-            x = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+            x = (inputs[0] if len(inputs) == 1 else torch.cat(inputs)).to(torch.float32)  # the fit is float32
             with torch.no_grad():
                 target = forward(x, weight)
             with torch.enable_grad():
@@ -393,17 +401,27 @@ class StatisticsMatcher:
     them and its bias to ``m_f - a (m_q - b)``, so the corrected output has the float
     mean ``m_f`` and variance ``v_f`` on those inputs. ``variance=False`` (bias
     correction) keeps ``a = 1``. A per-tensor grid keeps its scale (one scale cannot
-    carry per-channel ratios); a layer without bias gets no shift.
+    carry per-channel ratios), and so do the ``fixed_scale`` layers (a ``pow2_scale``
+    grid, whose scales must stay powers of two) and a layer without bias (its mean could
+    not follow); a layer without bias is left as rounded.
     """
 
-    def __init__(self, qmodel: nn.Module, float_stats: dict[str, tuple[Tensor, Tensor]], *, variance: bool = True) -> None:
+    def __init__(
+        self,
+        qmodel: nn.Module,
+        float_stats: dict[str, tuple[Tensor, Tensor]],
+        *,
+        variance: bool = True,
+        fixed_scale: frozenset[str] = frozenset(),
+    ) -> None:
         self.qmodel = qmodel
         self.float_stats = float_stats
         self.variance = variance
+        self.fixed_scale = fixed_scale
 
     def __call__(self, name: str, inputs: list[Tensor], terms: tuple[Quantized, ...]) -> tuple[Quantized, ...]:
         layer = self.qmodel.get_submodule(name)
-        moments = _Moments()
+        moments = _Moments(layer)
         with torch.no_grad():
             for x in inputs:
                 for chunk in x.split(_CHUNK):
@@ -411,22 +429,26 @@ class StatisticsMatcher:
         mean_q, var_q = moments.result()
         mean_f, var_f = self.float_stats[name]
         per_channel = all(p.axis == 0 for _, p in terms)
+        bias = layer.bias
         ratio = torch.ones_like(mean_q)
-        if self.variance and per_channel:
+        # Without a bias the mean cannot follow a rescaled output, and a pow2_scale grid
+        # must keep power-of-two scales: those layers keep their scale.
+        if self.variance and per_channel and bias is not None and name not in self.fixed_scale:
             alive = (var_q > MIN_VARIANCE) & (var_f > MIN_VARIANCE)
             ratio = torch.where(alive, torch.sqrt(var_f / var_q.clamp(min=MIN_VARIANCE)), ratio)
         if not torch.isfinite(ratio).all():
             raise QuantError(f"layer {name!r}: BN re-estimation produced a non-finite scale")
         new_terms = []
         for c, p in terms:
-            scale = p.scale if not per_channel else (p.scale.to(torch.float64) * ratio.to(p.scale.device)).to(torch.float32)
+            scale = p.scale
+            if per_channel:  # float64 on the CPU: MPS has no float64
+                scale = (p.scale.to("cpu", torch.float64) * ratio).to(p.scale.device, torch.float32)
             new_terms.append((c, QParams(p.scheme, p.bits, scale, p.zero_point, p.qmin, p.qmax, p.axis)))
         _write(layer, dequantize_sum(new_terms))
-        bias = layer.bias
         if bias is not None:
-            b = bias.detach().to(torch.float64)
+            b = bias.detach().to("cpu", torch.float64)
             with torch.no_grad():
-                bias.copy_((mean_f - ratio * (mean_q - b)).to(bias.dtype))
+                bias.copy_((mean_f - ratio * (mean_q - b)).to(bias.device, bias.dtype))
         return tuple(new_terms)
 
 

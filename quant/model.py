@@ -208,7 +208,8 @@ def quantize_model(
         # The float model's statistics need no order: one pass over the batches for all layers.
         quantized = [name for name in walk.order if name in codes and walk.calls.get(name, 0)]
         float_stats = calibrate.output_moments(float_folded, quantized, batches)
-        matcher = calibrate.StatisticsMatcher(qmodel, float_stats, variance=bool(bn_reestimate))
+        pow2_scaled = frozenset(name for name, s in specs.items() if s is not None and s.pow2_scale)
+        matcher = calibrate.StatisticsMatcher(qmodel, float_stats, variance=bool(bn_reestimate), fixed_scale=pow2_scaled)
         del float_folded
     if method != "rtn":
         # Residual layers keep their round-to-nearest terms; the layers after them are fitted to their output.

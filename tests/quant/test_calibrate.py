@@ -62,6 +62,8 @@ def test_bn_reestimation_matches_float_channel_statistics(monkeypatch, one_pass,
     calibration data equal the float (folded) model's, to float rounding."""
     if not one_pass:
         monkeypatch.setattr(calibrate, "ONE_PASS_BYTES", 0)
+    else:  # the one-pass walk never runs a separate pass per layer
+        monkeypatch.setattr(calibrate, "layer_inputs", lambda *a, **k: pytest.fail("per-layer pass in one-pass mode"))
     net, batches = small_net(), _batches()
     spec = QuantSpec(scheme=scheme, bits=2)
     qnet, report = quantize_model(net, spec, plan, method=method, calibration=batches, bn_reestimate=True)
@@ -101,10 +103,15 @@ def test_bn_reestimation_keeps_codes_and_rescales_per_channel():
     spec = QuantSpec(bits=3)
     _, plain = quantize_model(net, spec)
     _, fixed = quantize_model(net, spec, calibration=batches, bn_reestimate=True)
+    ratios = []
     for name, ((codes, params),) in fixed.codes.items():
         ((codes0, params0),) = plain.codes[name]
         assert torch.equal(codes, codes0) and torch.equal(params.zero_point, params0.zero_point)
         assert params.scale.shape == params0.scale.shape and torch.all(params.scale > 0)
+        ratios.append(params.scale / params0.scale)
+    # The scales did move, by a ratio of its own for each channel.
+    assert any(not torch.allclose(r, torch.ones_like(r)) for r in ratios)
+    assert any(r.unique().numel() > 1 for r in ratios)
 
 
 def test_per_tensor_grid_gets_no_per_channel_scale():
@@ -279,3 +286,60 @@ def test_needs_calibration():
     assert quant.needs_calibration("rtn", bn_reestimate=True) and quant.needs_calibration("rtn", bias_correction=True)
     with pytest.raises(ValueError, match="allowed"):
         quant.needs_calibration("magic")
+
+
+class _Tokens(nn.Module):
+    """Linear layers on (batch, tokens, features) inputs: channels are the last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "adaround"])
+def test_linear_layers_on_3d_inputs_match_statistics_per_output_feature(method):
+    torch.manual_seed(0)
+    net = _Tokens().eval()
+    batches = [torch.randn(4, 7, 6) for _ in range(3)]  # 7 tokens: not the width of any layer
+    options = quant.adaround.AdaRoundOptions(iters=30, batch_size=2) if method == "adaround" else None
+    qnet, _ = quantize_model(net, QuantSpec(bits=2), method=method, calibration=batches, bn_reestimate=True, options=options)
+    for n in ("a", "b"):
+        got, want = _per_feature(qnet, n, batches), _per_feature(net, n, batches)
+        assert torch.allclose(got.mean(0), want.mean(0), atol=1e-4), n
+        assert torch.allclose(got.var(0), want.var(0), rtol=1e-4), n
+
+
+def _per_feature(model: nn.Module, name: str, batches: list[torch.Tensor]) -> torch.Tensor:
+    """Layer ``name``'s outputs as (values, features) float64."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, y: seen.append(y.detach()))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    handle.remove()
+    y = torch.cat(seen).to(torch.float64)
+    return y.reshape(-1, y.shape[-1])
+
+
+@pytest.mark.parametrize("method", ["gptq", "adaround"])
+def test_float64_models(method):
+    net = small_net().double()
+    batches = [x.double() for x in _batches()]
+    options = quant.adaround.AdaRoundOptions(iters=20, batch_size=8) if method == "adaround" else None
+    qnet, report = quantize_model(net, QuantSpec(bits=3), method=method, calibration=batches, bn_reestimate=True, options=options)
+    assert qnet.conv1.weight.dtype == torch.float64
+    for name, parts in report.codes.items():
+        assert torch.equal(dequantize_sum(parts).to(torch.float64), qnet.get_submodule(name).weight), name
+
+
+def test_pow2_scale_grids_keep_power_of_two_scales_under_bn_reestimation():
+    net, batches = small_net(), _batches()
+    spec = QuantSpec(scheme="pow2", bits=3, pow2_scale=True)
+    _, report = quantize_model(net, spec, calibration=batches, bn_reestimate=True)
+    for name, ((_, params),) in report.codes.items():
+        mantissa, _ = torch.frexp(params.scale)
+        assert torch.all(mantissa == 0.5), name
