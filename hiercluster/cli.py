@@ -52,6 +52,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (resolve_path(cfg.model.checkpoint, cfg.source) if cfg.model.checkpoint else None)
     if out is None:
         raise HierclusterError("where to save? set config key model.checkpoint or pass --out PATH")
+    # Checked before training: the weights and their metadata must be two different files.
+    if out.is_dir():
+        raise HierclusterError(f"--out {out} is a folder; give a checkpoint file name such as {out / 'model.pt'}")
+    if metadata_path(out) == out:
+        raise HierclusterError(
+            f"--out {out}: the metadata JSON would be written over the weights; use a name ending in .pt"
+        )
     if not args.overwrite:
         for p in (out, metadata_path(out)):
             if p.exists():

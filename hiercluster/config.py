@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from hiercluster.errors import HierclusterError
+from hiercluster.errors import HierclusterError, read_text
 
 
 @dataclass(frozen=True)
@@ -380,7 +380,7 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise HierclusterError(f"file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(read_text(path, "YAML file"))
     except yaml.YAMLError as exc:
         raise HierclusterError(f"{path} is not valid YAML: {exc}") from None
 

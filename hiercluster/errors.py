@@ -8,6 +8,25 @@ any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class HierclusterError(ValueError):
     """A problem with the user's input, reported as one clear message."""
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a file in another encoding is a :class:`HierclusterError`.
+
+    Every text file the user hands over (configs, groupings, metadata, run files) is
+    read through here, so a Latin-1 or UTF-16 file gives one clear line, not a
+    ``UnicodeDecodeError`` traceback.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HierclusterError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None

@@ -34,7 +34,7 @@ import yaml
 from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
 
-from hiercluster.errors import HierclusterError
+from hiercluster.errors import HierclusterError, read_text
 from hiercluster.heads import Groups, _named_sets, as_assignment, group_names
 
 LINKAGES = ("ward", "average", "complete", "single", "weighted")
@@ -53,7 +53,7 @@ def read_groups(path: str | Path) -> dict[str, list[Any]]:
     if not path.is_file():
         raise HierclusterError(f"grouping file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text(path, "grouping file"))
     except yaml.YAMLError as exc:
         raise HierclusterError(f"grouping file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or not data:
@@ -397,7 +397,7 @@ class ClassHierarchy:
         if not path.is_file():
             raise HierclusterError(f"hierarchy file not found: {path}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_text(path, "hierarchy file"))
             meta = data["graph"]["hiercluster"]
             if meta.get("format") != _FORMAT:
                 raise KeyError("format")

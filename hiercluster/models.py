@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hiercluster.errors import HierclusterError
+from hiercluster.errors import HierclusterError, read_text
 
 # depth -> blocks per stage is (depth - 2) / 6 for the CIFAR ResNet family.
 SMALL_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
@@ -319,7 +319,7 @@ def read_metadata(checkpoint: str | Path) -> dict[str, Any]:
             "without it the architecture must be given (config key model.arch)"
         )
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(read_text(meta_file, "metadata file"))
     except json.JSONDecodeError as exc:
         raise HierclusterError(f"metadata file {meta_file} is not valid JSON: {exc}") from None
     for key in ("arch", "num_classes", "in_channels"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch.nn as nn
 import quant
 from hiercluster.config import RunConfig, data_root, read_yaml, resolve_path, save_config
 from hiercluster.data import cifar100_coarse_groups, dataset_info, load_dataset, make_loader
-from hiercluster.errors import HierclusterError
+from hiercluster.errors import HierclusterError, read_text
 from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
 from hiercluster.heads import as_assignment, group_names
 from hiercluster.hierarchy import ClassHierarchy, build_hierarchy
@@ -39,6 +40,7 @@ DB_FILE = "results.sqlite"
 LOGITS_FILE = "float_logits.pt"
 HIERARCHY_FILE = "hierarchy.json"
 PACKED_CACHE_DIR = "packed"  # bit-packed calibrated models of the sweep, by spec key, for export without refitting
+PLAN_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]{0,63}")
 # Bumped whenever a stored result's meaning changes, so that results of older code are never reused.
 SCHEMA_VERSION = 2
 
@@ -141,6 +143,13 @@ def expand_grid(cfg: RunConfig) -> list[GridPoint]:
     seen: set[tuple[str, str, str, bool]] = set()
     activation = None
     names = [p.name for p in q.plans]
+    for i, name in enumerate(names):
+        # Plan names become file names (exported models): no path separators, no leading dot.
+        if not PLAN_NAME.fullmatch(name):
+            raise HierclusterError(
+                f"config key quant.plans[{i}].name: {name[:40]!r} is not allowed; use letters, digits and _ - + . "
+                "(not starting with a dot), at most 64 characters"
+            )
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise HierclusterError(f"config key quant.plans: plan names must be unique; repeated: {', '.join(repeated)}")
@@ -607,7 +616,7 @@ def check_same_levels(prep: Prepared, out_dir: Path) -> None:
     if not run_file.is_file():
         return
     try:
-        recorded = {name: lv["assignment"] for name, lv in json.loads(run_file.read_text())["levels"].items()}
+        recorded = {name: lv["assignment"] for name, lv in json.loads(read_text(run_file, "run file"))["levels"].items()}
     except (json.JSONDecodeError, KeyError, TypeError):
         recorded = None
     current = {name: a.tolist() for name, (_, a, _) in prep.levels.items()}

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hiercluster.errors import HierclusterError
+from hiercluster.errors import HierclusterError, read_text
 from hiercluster.evaluate import min_bits
 from hiercluster.store import ResultsStore, method_label
 
@@ -51,7 +51,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
     if not (run_dir / RUN_FILE).is_file() or not (run_dir / DB_FILE).is_file():
         raise HierclusterError(f"{run_dir} is not a hiercluster run directory (no {RUN_FILE} or {DB_FILE})")
     try:
-        info = json.loads((run_dir / RUN_FILE).read_text())
+        info = json.loads(read_text(run_dir / RUN_FILE, "run file"))
         keys = [g["key"] for g in info["grid"]]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise HierclusterError(
@@ -330,10 +330,10 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
     written: dict[str, str] = {}  # spec key -> file name; a resumed run reuses what is still there
     if manifest_path.is_file():
         try:
-            for entry in json.loads(manifest_path.read_text())["levels"].values():
+            for entry in json.loads(read_text(manifest_path, "model manifest"))["levels"].values():
                 if (model_dir / entry["model"]).is_file():
                     written[entry["spec_key"]] = entry["model"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, HierclusterError):  # damaged: rewritten below
             written = {}
     manifest: dict[str, Any] = {"reduction": prep.cfg.eval.reduction, "levels": {}}
     for t in headline(rows, prep.cfg.eval.tolerance):
