@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from hiercluster.errors import HierclusterError, read_text
+from hiercluster.errors import HierclusterError, read_text, short_repr
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except HierclusterError:
                 continue
-        raise HierclusterError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+        raise HierclusterError(f"config key {key}: expected {_type_name(tp)}, got {short_repr(value)}")
     if dataclasses.is_dataclass(tp):
         if tp in _SHORT_FORM and isinstance(value, str):
             value = {_SHORT_FORM[tp]: value}
@@ -298,7 +299,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise HierclusterError(f"config key {key}: expected a mapping, got {value!r}")
+            raise HierclusterError(f"config key {key}: expected a mapping, got {short_repr(value)}")
         return dict(value)
     if tp is Any:
         return value
@@ -310,18 +311,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if isinstance(value, float) or abs(value) < 2**1023 else math.inf
+            if not math.isfinite(number):
+                raise HierclusterError(f"config key {key}: expected a finite number, got {short_repr(value)}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise HierclusterError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    raise HierclusterError(f"config key {key}: expected {_type_name(tp)}, got {short_repr(value)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise HierclusterError(f"config section {prefix or '(top level)'}: expected a mapping, got {data!r}")
+        raise HierclusterError(f"config section {prefix or '(top level)'}: expected a mapping, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
     kwargs = {}
@@ -330,17 +334,17 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
-            raise HierclusterError(f"unknown config key {path!r}{hint} Valid keys here: {', '.join(names)}")
+            raise HierclusterError(f"unknown config key {short_repr(path)}{hint} Valid keys here: {', '.join(names)}")
         value = _coerce(value, hints[key], path)
         if path in _CHOICES and value is not None and value not in _CHOICES[path]:
-            raise HierclusterError(f"config key {path}: {value!r} is not one of {', '.join(_CHOICES[path])}")
+            raise HierclusterError(f"config key {path}: {short_repr(value)} is not one of {', '.join(_CHOICES[path])}")
         if path in _POSITIVE and value is not None and value <= 0:
-            raise HierclusterError(f"config key {path}: must be > 0, got {value!r}")
+            raise HierclusterError(f"config key {path}: must be > 0, got {short_repr(value)}")
         if path in _RANGES and value is not None:
             lo, hi, hi_open = _RANGES[path]
             if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
                 upper = "" if hi is None else (f" and < {hi}" if hi_open else f" and <= {hi}")
-                raise HierclusterError(f"config key {path}: must be >= {lo}{upper}, got {value!r}")
+                raise HierclusterError(f"config key {path}: must be >= {lo}{upper}, got {short_repr(value)}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -354,11 +358,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"quant.bits=[4,3]"`` -> ``(["quant", "bits"], [4, 3])``; the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise HierclusterError(f"--set expects section.key=value, got {text!r}")
+        raise HierclusterError(f"--set expects section.key=value, got {short_repr(text)}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise HierclusterError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+        raise HierclusterError(f"--set {short_repr(text)}: value is not valid YAML: {exc}") from None
     return [p for p in key.strip().split(".")], value
 
 

@@ -15,6 +15,23 @@ class HierclusterError(ValueError):
     """A problem with the user's input, reported as one clear message."""
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about user values.
+
+    A config value can be huge (a YAML alias bomb expands to millions of items); an
+    error message quotes only its start. Containers are cut before ``repr`` walks them.
+
+    Examples
+    --------
+    >>> short_repr(list(range(100)), 20)
+    '[0, 1, 2, 3, 4, 5...'
+    """
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > limit:
+        value = list(value)[:limit] if not isinstance(value, dict) else dict(list(value.items())[:limit])
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_text(path: str | Path, what: str = "file") -> str:
     """The UTF-8 text of ``path``; a file in another encoding is a :class:`HierclusterError`.
 

@@ -185,6 +185,8 @@ def quantize_model(
         widths[name] = bits
         if bits is not None and not lowest <= bits <= highest:
             not_allowed.append(f"layer {name!r} would get {bits} bits ({rule})")
+    if all(bits is None for bits in widths.values()):
+        raise QuantError(f"plan {plan.name!r} leaves every layer of {type(model).__name__} float (skip patterns {list(plan.skip)}): nothing to quantize")
     if not_allowed:
         # Checked before any weight is quantized; QuantPlan.check validates a plan without a model.
         raise QuantError(f"plan {plan.name!r}: {'; '.join(not_allowed)}, but scheme {spec.scheme!r} allows {lowest}..{highest} bits")

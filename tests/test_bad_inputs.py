@@ -80,6 +80,18 @@ def _unknown_method(tmp: Path) -> list[str]:
     return ["run", str(_digits_config(tmp)), "--out", str(tmp / "run"), "--set", "quant.methods=[hqq]"]
 
 
+def _nan_tolerance(tmp: Path) -> list[str]:
+    return ["run", str(_digits_config(tmp)), "--out", str(tmp / "run"), "--set", "eval.tolerance=.nan"]
+
+
+def _infinite_lr(tmp: Path) -> list[str]:
+    return ["train", str(_digits_config(tmp)), "--out", str(tmp / "m.pt"), "--set", "train.lr=.inf"]
+
+
+def _huge_list_value(tmp: Path) -> list[str]:
+    return ["run", str(_digits_config(tmp)), "--out", str(tmp / "run"), "--set", "eval.seed=[" + ",".join(["1"] * 5000) + "]"]
+
+
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "config in Latin-1": (_latin1_config, "is not UTF-8 text (byte 0xe9"),
     "config in UTF-16": (_utf16_config, "is not UTF-8 text"),
@@ -91,6 +103,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "plan name '..'": (_plan_name_dot, "quant.plans[0].name"),
     "calibration on the evaluation split": (_calibration_on_eval_split, "calibration.split"),
     "unknown method": (_unknown_method, "unknown method 'hqq'"),
+    "NaN tolerance": (_nan_tolerance, "eval.tolerance: expected a finite number"),
+    "infinite learning rate": (_infinite_lr, "train.lr: expected a finite number"),
+    "a 5,000-item value where a number belongs": (_huge_list_value, "eval.seed: expected int, got [1, 1,"),
 }
 
 
@@ -125,3 +140,18 @@ def test_text_files_in_another_encoding_are_named(reader, what, tmp_path):
     read = {"grouping": read_groups, "hierarchy": ClassHierarchy.from_json, "yaml": read_yaml}[reader]
     with pytest.raises(HierclusterError, match=f"{what} .* is not UTF-8 text \\(byte 0xe9 at offset 3\\)"):
         read(path)
+
+
+def test_error_messages_quote_only_the_start_of_a_huge_value(tmp_path, capsys):
+    argv = _huge_list_value(tmp_path)
+    assert main(argv) == 2
+    assert len(capsys.readouterr().err) < 300
+
+
+def test_a_plan_that_skips_every_layer_is_refused():
+    import torch.nn as nn
+
+    import quant
+
+    with pytest.raises(quant.QuantError, match="plan 'none' leaves every layer of Sequential float"):
+        quant.quantize_model(nn.Sequential(nn.Linear(4, 2)), quant.QuantSpec(bits=4), quant.QuantPlan(name="none", skip=("*",)))
