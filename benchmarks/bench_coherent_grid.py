@@ -36,10 +36,8 @@ import copy
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,20 +48,12 @@ sys.path.insert(0, str(ROOT))
 import quant  # noqa: E402
 from quant.fold import find_conv_bn_pairs, fold_pairs  # noqa: E402
 from quant.model import quantizable_layers  # noqa: E402
+from bench_quantize import median_time  # noqa: E402  (this script's folder is on sys.path)
 
 CHECKPOINT = ROOT / "data" / "checkpoints" / "fashion_mnist_resnet20.pt"
 DEFAULT_HQQ_PYTHON = "/tmp/peers/bin/python"
 CLIPPINGS = ("minmax", "mse", "coherent")
 TIMING_BITS = 4
-
-
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def test_batches(limit: int | None):

@@ -73,7 +73,8 @@ class _Observer:
         return torch.cat([*self.samples, torch.tensor([self.lo, self.hi])])
 
 
-def _inputs(item: object) -> Tensor:
+def batch_input(item: object) -> Tensor:
+    """The input tensor of one calibration batch: a tensor, or the first item of an ``(x, y)`` tuple."""
     if isinstance(item, (tuple, list)) and item:
         item = item[0]
     if not isinstance(item, Tensor):
@@ -122,7 +123,7 @@ def calibrate(
         for item in batches:
             if seen == max_batches:
                 break
-            model(_inputs(item).to(device))
+            model(batch_input(item).to(device))
             seen += 1
     finally:
         for handle in handles:

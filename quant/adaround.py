@@ -386,8 +386,8 @@ def adaround(
     optimizer = torch.optim.Adam([logits], lr=options.lr)
 
     with torch.no_grad():
-        nearest, _ = quantize(weight.detach().to(torch.float32), params)
-        before = reconstruction_mse(forward, dequantize(nearest, params).reshape(weight.shape), inputs, targets)
+        nearest, _ = quantize(weight, params)  # quantize detaches and works in float32
+        before = reconstruction_mse(forward, dequantize(nearest, params), inputs, targets)
     # Round-to-nearest's error is the unit of the reconstruction term (module docstring);
     # where it is 0 (weights already on the grid, or zero inputs) any unit will do.
     rec_unit = before if before > 0 else 1.0

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from quant.activations import batch_input
 from quant.errors import QuantError
 from quant.functional import QParams, Quantized, choose_qparams, dequantize, dequantize_sum, quantize
 from quant.spec import QuantSpec
@@ -66,13 +67,7 @@ def check_method(method: str) -> None:
 
 def batch_inputs(batches: Iterable[Any]) -> list[Tensor]:
     """The input tensors of ``batches`` (tensors, or ``(x, y)`` tuples whose first item is the input)."""
-    out = []
-    for item in batches:
-        if isinstance(item, (tuple, list)) and item:
-            item = item[0]
-        if not isinstance(item, Tensor):
-            raise QuantError(f"calibration batches must be tensors or (x, y) tuples, got {type(item).__name__}")
-        out.append(item)
+    out = [batch_input(item) for item in batches]
     if not out:
         raise QuantError("calibration is empty: pass at least one batch of inputs")
     return out
@@ -237,30 +232,19 @@ class _Moments:
         return mean, (self.square.to("cpu", torch.float64) / self.count - mean * mean).clamp(min=0)
 
 
-def output_moments(
-    model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], stop_after: tuple[str, int] | None = None
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-channel mean and variance (float64) of each named layer's output over all batches.
-
-    ``stop_after=(name, calls)`` ends every forward pass after that layer's last call.
-    """
+def output_moments(model: nn.Module, names: Sequence[str], batches: Sequence[Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-channel mean and variance (float64, CPU) of each named layer's output over all batches."""
     moments = {name: _Moments(model.get_submodule(name)) for name in names}
-    count = [0]
 
     def hook(name: str):
         def grab(module: nn.Module, args: tuple, output: Tensor) -> None:
             moments[name].add(output)
-            if stop_after is not None and name == stop_after[0]:
-                count[0] += 1
-                if count[0] == stop_after[1]:
-                    raise _Stop
 
         return grab
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         for batch in batches:
-            count[0] = 0
             _run(model, batch)
     finally:
         for h in handles:

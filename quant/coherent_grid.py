@@ -55,7 +55,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from quant.clipping import direct_errors, is_sign_symmetric, sort_rows
+from quant.clipping import _CHUNK_ELEMENTS, FINE_OFFSETS, NEAR_TIE_RTOL, direct_errors, is_sign_symmetric, sort_rows
 from quant.schemes import Grid
 
 #: Weight of the error's component along the row itself (a gain error), times ``N``.
@@ -64,15 +64,11 @@ GAIN_WEIGHT = 0.5
 MEAN_WEIGHT = 1.0
 #: Coarse scale ratios, widest first: ties keep the wider range.
 COARSE_RATIOS = torch.linspace(1.5, 0.5, 21)
-FINE_OFFSETS = torch.linspace(-0.05, 0.05, 21)
-MIN_RATIO, MAX_RATIO = 0.5, 1.5
+MIN_RATIO, MAX_RATIO = float(COARSE_RATIOS[-1]), float(COARSE_RATIOS[0])
 #: Integer zero point moves tried around the min-max one (asymmetric grids).
 ZERO_SHIFTS = (0, -1, 1)
-# The winner must beat min-max by this relative margin, or min-max is kept.
-NEAR_TIE_RTOL = 1e-12
-
-# Elements per evaluation chunk (candidates x rows x levels), sized for the cache.
-_CHUNK_ELEMENTS = 1 << 20
+# FINE_OFFSETS (the fine search around each row's best coarse ratio), NEAR_TIE_RTOL (the
+# winner must beat min-max by this relative margin) and _CHUNK_ELEMENTS are clipping.py's.
 
 
 def coherent_error(sq: Tensor, total: Tensor, cross: Tensor, sumsq: Tensor, n: int) -> Tensor:
