@@ -10,37 +10,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quant._validate import short_repr  # noqa: F401  (one implementation, re-exported for hiercluster)
+
 
 class HierclusterError(ValueError):
     """A problem with the user's input, reported as one clear message."""
 
 
-def short_repr(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages about user values.
-
-    A config value can be huge (a YAML alias bomb expands to millions of items); an
-    error message quotes only its start. Containers are cut before ``repr`` walks them.
-
-    Examples
-    --------
-    >>> short_repr(list(range(100)), 20)
-    '[0, 1, 2, 3, 4, 5...'
-    """
-    if isinstance(value, (list, tuple, dict, set)) and len(value) > limit:
-        value = list(value)[:limit] if not isinstance(value, dict) else dict(list(value.items())[:limit])
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+# The largest text file read whole (configs, groupings, metadata, run files): far above any
+# real one, far below what would exhaust memory.
+MAX_TEXT_BYTES = 64 * 1024 * 1024
 
 
-def read_text(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of ``path``; a file in another encoding is a :class:`HierclusterError`.
+def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of ``path``; a file in another encoding, or over ``max_bytes``, is a :class:`HierclusterError`.
 
     Every text file the user hands over (configs, groupings, metadata, run files) is
     read through here, so a Latin-1 or UTF-16 file gives one clear line, not a
-    ``UnicodeDecodeError`` traceback.
+    ``UnicodeDecodeError`` traceback, and a huge file is refused before it is read.
     """
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise HierclusterError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise HierclusterError(f"{what} {path} is a folder, not a file") from None
+    if len(data) > max_bytes:
+        raise HierclusterError(
+            f"{what} {path} is larger than {max_bytes // 1024:,} KiB, the most this tool reads; is it the right file?"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -41,3 +41,94 @@ def known_keys(owner: str, data: Mapping[str, Any], valid: Iterable[str]) -> Non
     unknown = [k for k in data if k not in valid]
     if unknown:
         raise ValueError(f"{owner}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+
+
+def _describe(spec: Any) -> str:
+    if isinstance(spec, tuple):
+        return " or ".join(_describe(s) for s in spec)
+    if isinstance(spec, list):
+        return f"a list of {_describe(spec[0])}" if spec else "a list"
+    if isinstance(spec, dict):
+        return "an object"
+    if spec is None or spec is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(spec, spec.__name__)
+
+
+def _matches_type(value: Any, tp: type) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # JSON true is not a count or a size
+        return False
+    if tp is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, tp)
+
+
+def check_json(value: Any, spec: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Check decoded JSON (or YAML) ``value`` against a small shape ``spec``; raise ``error`` naming the place.
+
+    ``spec`` is a type (``int``, ``float`` also taking ints, ``str``, ``bool``, ``dict``, ``list``;
+    ``bool`` is never an ``int`` here), ``None`` (null), a tuple of alternatives, ``[item_spec]``
+    (a list whose every item matches), or ``{key: spec}`` (an object with those keys; a key
+    ending in ``?`` may be absent; other keys are allowed). The message is one line: where,
+    what was expected, and the start of what was found.
+
+    Examples
+    --------
+    >>> check_json({"bits": 4, "shape": [3, 2]}, {"bits": int, "shape": [int], "note?": str}, "entry")
+    >>> check_json({"bits": "4"}, {"bits": int}, "entry")
+    Traceback (most recent call last):
+    ...
+    ValueError: entry.bits: expected an integer, got '4'
+    """
+    if isinstance(spec, tuple):
+        for alternative in spec:
+            try:
+                check_json(value, alternative, where, error)
+                return
+            except error:
+                continue
+        _fail(value, spec, where, error)
+    elif spec is None or spec is type(None):
+        if value is not None:
+            _fail(value, spec, where, error)
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            _fail(value, spec, where, error)
+        if spec:
+            for i, item in enumerate(value):
+                check_json(item, spec[0], f"{where}[{i}]", error)
+    elif isinstance(spec, dict):
+        if not isinstance(value, dict):
+            _fail(value, spec, where, error)
+        for key, sub in spec.items():
+            name = key[:-1] if key.endswith("?") else key
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                raise error(f"{where}: the key {name!r} is missing")
+            check_json(value[name], sub, f"{where}.{name}", error)
+    elif not _matches_type(value, spec):
+        _fail(value, spec, where, error)
+
+
+def _fail(value: Any, spec: Any, where: str, error: type[Exception]) -> None:
+    raise error(f"{where}: expected {_describe(spec)}, got {short_repr(value)}")
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about user values.
+
+    A value can be huge (a YAML alias bomb expands to millions of items); an error
+    message quotes only its start. Containers are cut before ``repr`` walks them.
+
+    Examples
+    --------
+    >>> short_repr(list(range(100)), 20)
+    '[0, 1, 2, 3, 4, 5...'
+    """
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > limit:
+        value = list(value)[:limit] if not isinstance(value, dict) else dict(list(value.items())[:limit])
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
