@@ -11,19 +11,20 @@ Nothing is downloaded unless ``download=True`` is passed explicitly.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hiercluster.errors import HierclusterError
+from hiercluster.errors import HierclusterError, short_repr
 
 DATASETS = ("fashion_mnist", "mnist", "digits", "cifar10", "cifar100", "imagefolder")
 SPLITS = ("train", "test")
@@ -45,6 +46,14 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 _PROJECT_DATA = Path(__file__).resolve().parent.parent / "data"
+
+# The most IDX data read into memory. MNIST's largest file holds 47 MB and EMNIST's 550 MB;
+# a header declaring more is damaged, and refusing it keeps a crafted header from
+# allocating (or a gzip bomb from inflating) memory the machine does not have.
+MAX_IDX_BYTES = 4 * 1024**3
+# Bytes inflated per read: large enough that Python overhead is nil, small next to the data.
+_IDX_CHUNK = 16 * 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -205,7 +214,7 @@ def load_dataset(
     ------
     HierclusterError
         Unknown name or split; data not found (the message lists the places searched and
-        how to get the data); a damaged file.
+        how to get the data); a damaged file; a split that holds no images.
 
     Examples
     --------
@@ -222,12 +231,17 @@ def load_dataset(
     if split not in SPLITS:
         raise HierclusterError(f"unknown split {split!r} for dataset {name!r}; use one of {', '.join(SPLITS)}")
     if name == "digits":
-        return _load_digits(split)
-    if name in ("fashion_mnist", "mnist"):
-        return _load_idx_dataset(name, root, split, download)
-    if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, root, split, download)
-    return _load_imagefolder(root, split, augment)
+        dataset: Dataset = _load_digits(split)
+    elif name in ("fashion_mnist", "mnist"):
+        dataset = _load_idx_dataset(name, root, split, download)
+    elif name in ("cifar10", "cifar100"):
+        dataset = _load_cifar(name, root, split, download)
+    else:
+        dataset = _load_imagefolder(root, split, augment)
+    if len(dataset) == 0:  # every later step (training, calibration, accuracy) needs at least one image
+        where = f" under {root}" if root is not None else ""
+        raise HierclusterError(f"dataset {name} ({split} split){where} holds no images; re-install or re-download it")
+    return dataset
 
 
 # --- IDX (MNIST-format) -------------------------------------------------------------
@@ -261,33 +275,95 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (``.gz`` or raw) into a numpy array of unsigned bytes.
 
-    Raises :class:`HierclusterError` naming the file when it is truncated, not IDX, or
-    not unsigned-byte data.
+    The data is streamed: the header is read first, the byte count it declares is
+    checked against :data:`MAX_IDX_BYTES` (and, for a raw file, against the file's size)
+    before anything is allocated, and a ``.gz`` file is never inflated beyond that
+    count plus one byte, so a gzip bomb costs no more memory than an honest file.
+
+    Raises
+    ------
+    HierclusterError
+        Naming the file, when it is not IDX, not unsigned-byte data, truncated, longer
+        than its header declares, empty (a dimension of 0) or larger than the cap.
     """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+            shape, header_bytes = _read_idx_header(fh, path)
+            size = _idx_data_bytes(path, shape)
+            if path.suffix != ".gz":
+                _check_raw_idx_size(path, shape, size, header_bytes)
+            data = _read_idx_data(fh, path, shape, size)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise HierclusterError(f"cannot read IDX file {path} (damaged? re-install or re-download it): {exc}") from None
-    if len(raw) < 4:
-        raise HierclusterError(f"IDX file {path} is truncated ({len(raw)} bytes)")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    return data.reshape(shape)
+
+
+def _read_idx_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], int]:
+    """The shape in an IDX header and the header's length; the stream is left at the data."""
+    magic = fh.read(4)
+    if len(magic) < 4:
+        raise HierclusterError(f"IDX file {path} is truncated ({len(magic)} bytes); re-install or re-download it")
+    zero, dtype_code, ndim = struct.unpack(">HBB", magic)
     if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
-        raise HierclusterError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise HierclusterError(f"IDX file {path} is truncated (header incomplete)")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape))
-    if len(raw) - header != expected:
+        hint = "; it looks gzip-compressed: name it with .gz" if magic[:2] == _GZIP_MAGIC else ""
         raise HierclusterError(
-            f"IDX file {path} is damaged: header says shape {shape} ({expected} bytes of data), "
-            f"file holds {len(raw) - header}. Re-install or re-download it."
+            f"{path} is not an unsigned-byte IDX file (bad magic number 0x{magic.hex()}, expected 0x0000080N "
+            f"with N = 1..4 dimensions){hint}"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    dims = fh.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise HierclusterError(f"IDX file {path} is truncated (header incomplete); re-install or re-download it")
+    return struct.unpack(f">{ndim}I", dims), 4 + 4 * ndim
+
+
+def _idx_data_bytes(path: Path, shape: tuple[int, ...]) -> int:
+    """The byte count ``shape`` declares, refused when empty or over :data:`MAX_IDX_BYTES`."""
+    size = math.prod(shape)  # Python ints: an absurd header cannot overflow into a negative count
+    if size == 0:
+        raise HierclusterError(
+            f"IDX file {path} is empty: its header declares shape {shape} (no images or labels); "
+            "re-install or re-download it"
+        )
+    if size > MAX_IDX_BYTES:
+        raise HierclusterError(
+            f"IDX file {path} declares shape {shape}, {size:,} bytes of data, larger than the "
+            f"{MAX_IDX_BYTES // 1024**3} GiB this tool reads; the header is damaged: re-install or re-download it"
+        )
+    return size
+
+
+def _check_raw_idx_size(path: Path, shape: tuple[int, ...], size: int, header_bytes: int) -> None:
+    """An uncompressed file's size must be exactly header plus data; checked before reading."""
+    held = path.stat().st_size - header_bytes
+    if held != size:
+        raise HierclusterError(
+            f"IDX file {path} is damaged: header says shape {shape} ({size:,} bytes of data), "
+            f"file holds {held:,}. Re-install or re-download it."
+        )
+
+
+def _read_idx_data(fh: BinaryIO, path: Path, shape: tuple[int, ...], size: int) -> np.ndarray:
+    """Exactly ``size`` bytes from ``fh``, then a check that nothing follows them."""
+    data = np.empty(size, dtype=np.uint8)  # no page is touched until data arrives
+    view = memoryview(data)
+    got = 0
+    while got < size:
+        n = fh.readinto(view[got : got + _IDX_CHUNK])
+        if not n:
+            break
+        got += n
+    if got < size:
+        raise HierclusterError(
+            f"IDX file {path} is damaged: header says shape {shape} ({size:,} bytes of data), "
+            f"file holds {got:,}. Re-install or re-download it."
+        )
+    if fh.read(1):  # one byte past the declared data: a bomb is never inflated further
+        raise HierclusterError(
+            f"IDX file {path} is damaged: header says shape {shape} ({size:,} bytes of data), "
+            "but the file holds more. Re-install or re-download it."
+        )
+    return data
 
 
 def _load_idx_dataset(name: str, root: str | Path | None, split: str, download: bool) -> ImageTensorDataset:
@@ -326,7 +402,7 @@ def _load_idx_dataset(name: str, root: str | Path | None, split: str, download: 
         raise HierclusterError(f"{found[1]} has label {int(labels.max())}, but {name} has {len(classes)} classes")
     mean, std = NORMALIZATION[name]
     return ImageTensorDataset(
-        torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), classes, mean, std, name
+        torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), classes, mean, std, name
     )
 
 
@@ -357,8 +433,33 @@ def _load_digits(split: str) -> ImageTensorDataset:
 # --- CIFAR (python pickle batches) ------------------------------------------------
 
 
+def _latin1_encode(text: Any, encoding: Any = None, *rest: Any) -> bytes:
+    """``_codecs.encode`` as pickle protocol 2 uses it for bytes: a str and ``'latin1'``, nothing else.
+
+    Python 3 writes ``bytes`` at protocol 2 as ``_codecs.encode(str, 'latin1')``; this
+    is the only call of that function a dataset file may make.
+    """
+    if rest or not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(
+            f"refusing to call _codecs.encode with encoding {short_repr(encoding)} from a dataset file "
+            "(only 'latin1', as pickle protocol 2 stores bytes)"
+        )
+    return text.encode("latin-1")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as pickle protocol 2 stores ``b""``; with an argument it could allocate at will."""
+    if args:
+        raise pickle.UnpicklingError("refusing to call bytes with arguments from a dataset file")
+    return b""
+
+
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR's batch files: dicts, lists, bytes and numpy arrays, nothing else."""
+    """Unpickles CIFAR's batch files: dicts, lists, bytes and numpy arrays, nothing else.
+
+    ``_codecs.encode`` and ``bytes`` (how protocol 2 stores bytes and empty bytes) are
+    replaced by :func:`_latin1_encode` and :func:`_empty_bytes`, which refuse any other use.
+    """
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
@@ -372,6 +473,10 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in (("__builtin__", "bytes"), ("builtins", "bytes")):
+            return _empty_bytes
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
 
 
@@ -379,15 +484,62 @@ def _read_cifar_pickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             obj = _ArrayOnlyUnpickler(fh, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as exc:
-        raise HierclusterError(f"cannot read CIFAR batch file {path}: {exc}") from None
+    except (
+        OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+        MemoryError, OverflowError,
+    ) as exc:  # a damaged pickle fails in any of these; MemoryError: a length field claiming exabytes
+        text = str(exc).strip()
+        detail = f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+        raise HierclusterError(f"cannot read CIFAR batch file {path} (damaged? re-download it): {detail}") from None
     if not isinstance(obj, dict):
         raise HierclusterError(f"CIFAR batch file {path} does not hold a dict")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    return {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _decode_names(names: list[Any]) -> list[str]:
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+def _cifar_images(batches: list[dict[str, Any]], base: Path) -> np.ndarray:
+    """Images ``(N, 3, 32, 32)`` from CIFAR batch dicts, each of whose ``data`` is a uint8 ``(n, 3072)`` array."""
+    for b in batches:
+        data = b.get("data")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise HierclusterError(
+                f"CIFAR files in {base} are damaged or of another format: 'data' is not a uint8 array of rows of "
+                f"3072 pixels (found {found})"
+            )
+    return np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+
+
+def _cifar_labels(batches: list[dict[str, Any]], key: str, n_classes: int, base: Path) -> np.ndarray:
+    """The integer labels under ``key`` in every batch, each in ``[0, n_classes)``.
+
+    Checked item by item before numpy sees them: converting anything but a flat list of
+    integers (a list of references to one big list, say) could allocate without bound.
+    """
+    for b in batches:
+        labels = b.get(key)
+        if not isinstance(labels, (list, np.ndarray)):
+            raise HierclusterError(f"CIFAR files in {base} are damaged or of another format: no list of labels under {key!r}")
+        for v in labels:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise HierclusterError(
+                    f"CIFAR files in {base} are damaged or of another format: {key!r} is not a list of integers "
+                    f"(found {short_repr(v)})"
+                )
+            if not 0 <= v < n_classes:
+                raise HierclusterError(
+                    f"CIFAR files in {base} are damaged: {key!r} holds label {short_repr(v)}, but there are {n_classes} classes"
+                )
+    return np.concatenate([np.asarray(b[key], dtype=np.int64).reshape(-1) for b in batches])
+
+
+def _cifar_class_names(meta: dict[str, Any], key: str, base: Path, default: list[str] | None = None) -> list[str]:
+    names = meta.get(key, default)
+    if not isinstance(names, (list, tuple)) or not names:
+        raise HierclusterError(f"CIFAR files in {base} are damaged or of another format: no class names under {key!r}")
+    try:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except UnicodeDecodeError:
+        raise HierclusterError(f"CIFAR files in {base} are damaged: a class name under {key!r} is not UTF-8") from None
 
 
 def _load_cifar(name: str, root: str | Path | None, split: str, download: bool) -> ImageTensorDataset:
@@ -423,29 +575,21 @@ def _load_cifar(name: str, root: str | Path | None, split: str, download: bool) 
         )
     batches = [_read_cifar_pickle(base / f) for f in files]
     meta = _read_cifar_pickle(base / meta_file)
-    label_key = "labels" if name == "cifar10" else "fine_labels"
-    try:
-        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-        images = data.reshape(-1, 3, 32, 32)
-    except (KeyError, ValueError) as exc:
-        raise HierclusterError(f"CIFAR files in {base} are damaged or of another format: {exc}") from None
+    images = _cifar_images(batches, base)
+    extras: dict[str, Any] = {}
+    if name == "cifar10":
+        classes = _cifar_class_names(meta, "label_names", base, CIFAR10_CLASSES)
+        labels = _cifar_labels(batches, "labels", len(classes), base)
+    else:
+        classes = _cifar_class_names(meta, "fine_label_names", base)
+        labels = _cifar_labels(batches, "fine_labels", len(classes), base)
+        extras["coarse_classes"] = _cifar_class_names(meta, "coarse_label_names", base)
+        coarse = _cifar_labels(batches, "coarse_labels", len(extras["coarse_classes"]), base)
+        extras["coarse_targets"] = torch.from_numpy(coarse)
     if len(images) != len(labels):
         raise HierclusterError(f"CIFAR files in {base} hold {len(images)} images but {len(labels)} labels")
-    extras: dict[str, Any] = {}
-    try:
-        if name == "cifar10":
-            classes = _decode_names(meta.get("label_names", CIFAR10_CLASSES))
-        else:
-            classes = _decode_names(meta["fine_label_names"])
-            extras["coarse_classes"] = _decode_names(meta["coarse_label_names"])
-            extras["coarse_targets"] = torch.from_numpy(
-                np.concatenate([np.asarray(b["coarse_labels"], dtype=np.int64) for b in batches])
-            )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise HierclusterError(f"CIFAR files in {base} are damaged or of another format: missing {exc}") from None
     mean, std = NORMALIZATION[name]
-    return ImageTensorDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels), classes, mean, std, name, extras)
+    return ImageTensorDataset(torch.from_numpy(images), torch.from_numpy(labels), classes, mean, std, name, extras)
 
 
 def cifar100_coarse_groups(dataset: ImageTensorDataset) -> dict[str, list[str]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hiercluster.errors import HierclusterError, read_text
+from hiercluster.errors import HierclusterError, read_text, short_repr
+from quant._validate import check_json
+
+# How torch's weights-only unpickler names an object it refuses, e.g. "GLOBAL posix.system".
+_FORBIDDEN_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+_PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle, protocol 2 or later
+
+# The largest metadata JSON read: a real one is a few KB (its training history grows by a
+# few numbers per epoch); anything near this is not a metadata file.
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+# Upper bounds on the numbers that size the rebuilt model, so that a damaged metadata file
+# is refused instead of allocating without bound: 100,000 classes is above ImageNet-21k's
+# 21,841; 1,024 input channels is above hyperspectral images'; a width of 1,024 makes a
+# small ResNet of hundreds of millions of parameters (the usual width is 16).
+MAX_NUM_CLASSES = 100_000
+MAX_IN_CHANNELS = 1024
+MAX_WIDTH = 1024
 
 # depth -> blocks per stage is (depth - 2) / 6 for the CIFAR ResNet family.
 SMALL_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
@@ -243,25 +261,71 @@ def metadata_path(checkpoint: str | Path) -> Path:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise HierclusterError(f"checkpoint {path} is a folder; give the .pt file inside it")
     if not path.is_file():
         raise HierclusterError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or non-torch file
-        raise HierclusterError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}. "
-            "Expected a state_dict saved with torch.save (loaded with weights_only=True)."
-        ) from None
+        raise HierclusterError(_load_failure(path, exc)) from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise HierclusterError(f"checkpoint {path} does not hold a state_dict of tensors")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_meta
+        for k, v in state.items()
+    ):
+        raise HierclusterError(
+            f"checkpoint {path} does not hold a state_dict of tensors (names -> dense tensors, as "
+            "torch.save(model.state_dict(), path) writes)"
+        )
     return state
 
 
+def _load_failure(path: Path, exc: Exception) -> str:
+    """One line saying why ``torch.load(path, weights_only=True)`` failed, in the tool's words.
+
+    torch's own message for a refused object suggests re-running with
+    ``weights_only=False``; cut short, it reads as if the tool did so. This names the
+    forbidden object instead, or says that the file is not a torch checkpoint at all.
+    """
+    text = str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot read checkpoint {path}: {exc.strerror or text}"
+    if "Weights only load failed" in text:
+        forbidden = _FORBIDDEN_GLOBAL.search(text)
+        if forbidden:
+            return (
+                f"checkpoint {path} holds a forbidden object (GLOBAL {forbidden.group(1)}) and was not loaded; "
+                "only state_dicts of tensors are read (weights_only=True)"
+            )
+        detail = next(
+            (line.strip() for line in text.splitlines()[1:] if line.strip() and not line.startswith("Check the doc")),
+            "",
+        )
+        return (
+            f"checkpoint {path} holds an object that is not a tensor and was not loaded ({detail[:200]}); "
+            "only state_dicts of tensors are read (weights_only=True)"
+        )
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        return f"{path} is not a torch checkpoint (the file is empty); expected a state_dict saved with torch.save"
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        return (
+            f"{path} is not a torch checkpoint (not a zip or pickle file: it starts with {short_repr(head)}); "
+            "expected a state_dict saved with torch.save"
+        )
+    first = text.strip().splitlines()[0][:200] if text.strip() else "no detail"
+    return (
+        f"cannot read checkpoint {path} (damaged or truncated? copy it again): {type(exc).__name__}: {first}. "
+        "Expected a state_dict saved with torch.save (loaded with weights_only=True)."
+    )
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a ``state_dict`` file into ``model``; a mismatch names the keys and shapes."""
+    """Load a ``state_dict`` file into ``model``; a mismatch names the keys, shapes and dtypes."""
     path = Path(path)
     state = _read_state_dict(path)
     expected = model.state_dict()
@@ -271,11 +335,15 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
+    ] + [  # load_state_dict would cast integer or complex values into float weights without a word
+        f"{k}: file {state[k].dtype} vs model {v.dtype}"
+        for k, v in expected.items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
     ]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
+            parts.append("shape or type mismatch " + "; ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""))
         if missing:
             parts.append("missing keys " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
         if unexpected:
@@ -311,21 +379,63 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
 
 
 def read_metadata(checkpoint: str | Path) -> dict[str, Any]:
-    """The metadata JSON beside a checkpoint, with a clear error if it is missing or broken."""
+    """The metadata JSON beside a checkpoint, checked for the keys and types that rebuild the model.
+
+    Raises
+    ------
+    HierclusterError
+        The file is missing, not UTF-8, larger than :data:`MAX_METADATA_BYTES`, not JSON,
+        not an object, or a key has the wrong type or an out-of-range value.
+    """
     meta_file = metadata_path(checkpoint)
     if not meta_file.is_file():
         raise HierclusterError(
             f"no metadata file {meta_file} beside checkpoint {checkpoint} (hiercluster train writes one); "
             "without it the architecture must be given (config key model.arch)"
         )
+    text = read_text(meta_file, "metadata file", max_bytes=MAX_METADATA_BYTES)
     try:
-        meta = json.loads(read_text(meta_file, "metadata file"))
+        meta = json.loads(text)
     except json.JSONDecodeError as exc:
         raise HierclusterError(f"metadata file {meta_file} is not valid JSON: {exc}") from None
-    for key in ("arch", "num_classes", "in_channels"):
-        if key not in meta:
-            raise HierclusterError(f"metadata file {meta_file} lacks {key!r}")
+    except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; nesting deeper than the stack
+        raise HierclusterError(f"metadata file {meta_file} is not usable JSON: {type(exc).__name__}") from None
+    _check_metadata(meta, meta_file)
     return meta
+
+
+# What read_metadata needs of a metadata file; other keys (history, versions, ...) are free.
+_METADATA_SPEC: dict[str, Any] = {
+    "arch": str,
+    "num_classes": int,
+    "in_channels": int,
+    "width?": int,
+    "classes?": [str],
+    "dataset?": (str, None),
+}
+_METADATA_RANGES = {"num_classes": MAX_NUM_CLASSES, "in_channels": MAX_IN_CHANNELS, "width": MAX_WIDTH}
+
+
+def _check_metadata(meta: Any, meta_file: Path) -> None:
+    """Refuse metadata of the wrong shape with one line naming the file and the key."""
+    check_json(meta, {}, f"metadata file {meta_file}", error=HierclusterError)  # {}: "an object"
+    for key, spec in _METADATA_SPEC.items():
+        name = key.rstrip("?")
+        if name not in meta:
+            if key.endswith("?"):
+                continue
+            raise HierclusterError(f"metadata file {meta_file} lacks {name!r} (hiercluster train writes it)")
+        check_json(meta[name], spec, f"metadata file {meta_file}, key {name!r}", error=HierclusterError)
+    for name, highest in _METADATA_RANGES.items():
+        if name in meta and not 1 <= meta[name] <= highest:
+            raise HierclusterError(
+                f"metadata file {meta_file}, key {name!r}: expected an integer in [1, {highest:,}], got {short_repr(meta[name])}"
+            )
+    if "classes" in meta and len(meta["classes"]) != meta["num_classes"]:
+        raise HierclusterError(
+            f"metadata file {meta_file} is inconsistent: {len(meta['classes'])} class names but num_classes "
+            f"{meta['num_classes']}"
+        )
 
 
 def check_fits_data(

@@ -8,6 +8,8 @@ substring of it), no traceback, and no file that was in the folder before change
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -58,6 +60,12 @@ def digits_config(tmp: Path, extra: str = "", name: str = "config.yaml", **secti
 _CACHE: dict[str, Path] = {}
 
 
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def trained_digits() -> Path:
     """A resnet8 trained on digits for one epoch (trained once per test session); returns the .pt path."""
     if "ckpt" not in _CACHE:
@@ -65,7 +73,8 @@ def trained_digits() -> Path:
 
         folder = Path(tempfile.mkdtemp(prefix="bad-inputs-ckpt-"))
         out = folder / "model.pt"
-        assert main(["train", str(DIGITS), "--out", str(out), "--set", "train.epochs=1"]) == 0
+        with _quiet():  # the first call may come from a case's make(): keep its stderr for the case
+            assert main(["train", str(DIGITS), "--out", str(out), "--set", "train.epochs=1"]) == 0
         _CACHE["ckpt"] = out
     return _CACHE["ckpt"]
 
@@ -95,7 +104,8 @@ def finished_run(tmp: Path) -> tuple[Path, Path]:
         folder = Path(tempfile.mkdtemp(prefix="bad-inputs-run-"))
         ref_ckpt = copy_checkpoint(folder)
         ref_config = digits_config(folder, model={"checkpoint": ref_ckpt.name}, **SMALL_GRID)
-        assert main(["run", str(ref_config), "--out", str(folder / "run"), "--quiet"]) == 0
+        with _quiet():
+            assert main(["run", str(ref_config), "--out", str(folder / "run"), "--quiet"]) == 0
         _CACHE["run"] = folder / "run"
     shutil.copytree(_CACHE["run"], tmp / "run")
     return config, tmp / "run"

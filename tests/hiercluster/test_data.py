@@ -1,8 +1,13 @@
 """Data layer: readers on files the tests write themselves, digits split, loaders, errors."""
 
+import codecs
 import gzip
+import os
 import pickle
+import pickletools
+import re
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -188,3 +193,135 @@ def test_imagefolder(tmp_path):
     assert ds.classes == ["cat", "dog"] and ds[0][0].shape == (3, 224, 224)
     with pytest.raises(HierclusterError, match="needs a root"):
         load_dataset("imagefolder")
+
+
+def write_idx_header(path, shape, payload=b"", compress=False):
+    data = struct.pack(">HBB", 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape) + payload
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def test_gzip_bomb_is_refused_without_inflating_it(tmp_path):
+    path = tmp_path / "bomb.gz"
+    zeros = gzip.compress(bytes(64 * 1024 * 1024), compresslevel=1)  # 64 MiB of zeros in ~0.3 MB
+    header = struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">3I", 2, 3, 4)
+    path.write_bytes(gzip.compress(header + bytes(24)) + zeros)  # gzip members concatenate into one stream
+    tracemalloc.start()
+    try:
+        with pytest.raises(HierclusterError, match=r"header says shape \(2, 3, 4\) \(24 bytes of data\), but the file holds more"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024  # the old reader held all 64 MiB
+
+
+def test_absurd_idx_header_is_refused_with_a_positive_byte_count(tmp_path):
+    path = tmp_path / "huge"
+    write_idx_header(path, (2**32 - 1,) * 3)
+    with pytest.raises(HierclusterError) as err:
+        read_idx(path)
+    msg = str(err.value)
+    assert f"{(2**32 - 1) ** 3:,} bytes of data, larger than the 4 GiB this tool reads" in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize(
+    "payload, expected",
+    [(bytes(5), r"\(6 bytes of data\), file holds 5"), (bytes(7), r"\(6 bytes of data\)(, file holds 7|, but the file holds more)")],
+    ids=["short", "long"],
+)
+def test_idx_data_shorter_or_longer_than_declared(tmp_path, compress, payload, expected):
+    path = tmp_path / ("x.gz" if compress else "x")
+    write_idx_header(path, (2, 3), payload, compress)
+    with pytest.raises(HierclusterError, match="damaged: header says shape \\(2, 3\\) " + expected):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("shape", [(0, 28, 28), (0,), (5, 0, 28)])
+def test_empty_idx_is_refused(tmp_path, shape):
+    path = tmp_path / "x"
+    write_idx_header(path, shape)
+    with pytest.raises(HierclusterError, match=f"is empty: its header declares shape {re.escape(str(shape))}"):
+        read_idx(path)
+
+
+def test_gzip_file_without_gz_suffix_is_named(tmp_path):
+    write_idx(tmp_path / "x", np.zeros((2, 2)), compress=True)
+    with pytest.raises(HierclusterError, match="bad magic number 0x1f8b.*it looks gzip-compressed: name it with .gz"):
+        read_idx(tmp_path / "x")
+
+
+def test_idx_dataset_with_no_images_is_refused(idx_root):
+    write_idx_header(idx_root / "t10k-images-idx3-ubyte.gz", (0, 28, 28), compress=True)
+    write_idx_header(idx_root / "t10k-labels-idx1-ubyte", (0,))
+    with pytest.raises(HierclusterError, match="t10k-images-idx3-ubyte.gz is empty"):
+        load_dataset("fashion_mnist", root=idx_root, split="test")
+
+
+def _cifar10_files(base, data, labels, protocol=pickle.DEFAULT_PROTOCOL):
+    base.mkdir(exist_ok=True)
+    with open(base / "test_batch", "wb") as fh:
+        pickle.dump({b"data": data, b"labels": labels}, fh, protocol=protocol)
+    with open(base / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [c.encode() for c in "abcdefghij"]}, fh, protocol=protocol)
+
+
+def test_cifar_written_at_protocol_2_loads(tmp_path):
+    data = np.random.default_rng(2).integers(0, 256, (3, 3072), dtype=np.uint8)
+    _cifar10_files(tmp_path / "cifar-10-batches-py", data, [1, 2, 3], protocol=2)
+    with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as fh:  # b"" is stored as bytes() at protocol 2
+        pickle.dump({b"label_names": [c.encode() for c in "abcdefghij"], b"note": b""}, fh, protocol=2)
+    ops = {arg for op, arg, _ in pickletools.genops((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())}
+    assert "_codecs encode" in ops  # how Python 3 stores bytes at protocol 2
+    meta_ops = {arg for op, arg, _ in pickletools.genops((tmp_path / "cifar-10-batches-py" / "batches.meta").read_bytes())}
+    assert "__builtin__ bytes" in meta_ops
+    ds = load_dataset("cifar10", root=tmp_path, split="test")
+    assert ds.classes[:2] == ["a", "b"] and ds.targets.tolist() == [1, 2, 3]
+    assert torch.equal(ds.images, torch.from_numpy(data.reshape(3, 3, 32, 32)))
+
+
+class _Reduces:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize(
+    "evil, expected",
+    [
+        (_Reduces(codecs.encode, "abc", "rot13"), "refusing to call _codecs.encode with encoding 'rot13'"),
+        (_Reduces(codecs.encode, b"abc", "latin1"), "refusing to call _codecs.encode"),
+        (_Reduces(os.system, "true"), f"refusing to load {os.system.__module__}.system"),
+        (_Reduces(bytes, 10**12), "refusing to call bytes with arguments"),
+    ],
+    ids=["encode rot13", "encode of bytes", "os.system", "bytes of a terabyte"],
+)
+def test_cifar_reader_refuses_other_calls(tmp_path, evil, expected):
+    _cifar10_files(tmp_path / "cifar-10-batches-py", np.zeros((1, 3072), np.uint8), [evil], protocol=2)
+    with pytest.raises(HierclusterError, match=re.escape(expected)):
+        load_dataset("cifar10", root=tmp_path, split="test")
+
+
+@pytest.mark.parametrize(
+    "data, labels, expected",
+    [
+        ([[0] * 3072], [1], "'data' is not a uint8 array of rows of 3072 pixels (found list)"),
+        (np.zeros((1, 3072), np.float32), [1], "(found float32 array of shape (1, 3072))"),
+        (np.zeros((1, 3071), np.uint8), [1], "(found uint8 array of shape (1, 3071))"),
+        (np.zeros((1, 3072), np.uint8), [[1] * 10] * 1000, "'labels' is not a list of integers"),
+        (np.zeros((1, 3072), np.uint8), [10], "'labels' holds label 10, but there are 10 classes"),
+        (np.zeros((1, 3072), np.uint8), [-1], "'labels' holds label -1"),
+        (np.zeros((1, 3072), np.uint8), [2**70], f"'labels' holds label {2**70}"),
+        (np.zeros((2, 3072), np.uint8), [1], "hold 2 images but 1 labels"),
+        (np.zeros((0, 3072), np.uint8), [], "dataset cifar10 (test split) under"),
+    ],
+    ids=["data a list", "data float", "rows too short", "nested labels", "label too big", "label negative",
+         "label beyond int64", "count mismatch", "no images"],
+)
+def test_damaged_cifar_files_are_named(tmp_path, data, labels, expected):
+    _cifar10_files(tmp_path / "cifar-10-batches-py", data, labels)
+    with pytest.raises(HierclusterError) as err:
+        load_dataset("cifar10", root=tmp_path, split="test")
+    assert expected in str(err.value)

@@ -1,5 +1,7 @@
 """Model zoo: shapes, classifier access, penultimate features, checkpoints and their errors."""
 
+import json
+import os
 import pickle
 
 import pytest
@@ -89,7 +91,7 @@ def test_damaged_and_unsafe_checkpoints(tmp_path):
     unsafe = tmp_path / "unsafe.pt"
     with open(unsafe, "wb") as fh:
         pickle.dump({"fc.weight": Evil()}, fh, protocol=2)
-    with pytest.raises(HierclusterError, match="cannot read checkpoint"):  # weights_only refuses it
+    with pytest.raises(HierclusterError, match=r"holds a forbidden object \(GLOBAL print\)"):  # weights_only refuses it
         load_weights(build_model("resnet8", 10, 1), unsafe)
     with pytest.raises(HierclusterError, match="not found"):
         load_weights(build_model("resnet8", 10, 1), tmp_path / "none.pt")
@@ -99,3 +101,122 @@ def test_load_checkpoint_needs_metadata(tmp_path):
     torch.save(build_model("resnet8", 10, 1).state_dict(), tmp_path / "bare.pt")
     with pytest.raises(HierclusterError, match="no metadata file"):
         load_checkpoint(tmp_path / "bare.pt")
+
+
+class _RunsACommand:
+    """Unpickling this would run ``touch MARKER``: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_named_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"fc.weight": _RunsACommand(marker)}, path)
+    with pytest.raises(HierclusterError) as err:
+        load_weights(build_model("resnet8", 10, 1), path)
+    msg = str(err.value)
+    assert f"checkpoint {path} holds a forbidden object (GLOBAL {os.system.__module__}.system) and was not loaded" in msg
+    assert "weights_only=True" in msg and "Re-running" not in msg and "\n" not in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", r"is not a torch checkpoint \(the file is empty\)"),
+        (b"hello world\n", r"is not a torch checkpoint \(not a zip or pickle file: it starts with b'hell'\)"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content, expected):
+    path = tmp_path / "m.pt"
+    path.write_bytes(content)
+    with pytest.raises(HierclusterError, match=expected):
+        load_weights(build_model("resnet8", 10, 1), path)
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize(
+    "state",
+    [[torch.zeros(2)], {"fc.weight": 3}, {1: torch.zeros(2)}, {"fc.weight": torch.zeros(4, 4).to_sparse()}],
+    ids=["a list", "a number", "a non-string key", "a sparse tensor"],
+)
+def test_checkpoint_not_a_state_dict_of_dense_tensors(tmp_path, state):
+    path = tmp_path / "m.pt"
+    torch.save(state, path)
+    with pytest.raises(HierclusterError, match="does not hold a state_dict of tensors"):
+        load_weights(build_model("resnet8", 10, 1), path)
+
+
+def test_checkpoint_with_integer_weights_is_refused(tmp_path):
+    state = build_model("resnet8", 10, 1).state_dict()
+    state["fc.weight"] = state["fc.weight"].to(torch.int64)
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(HierclusterError, match=r"fc\.weight: file torch\.int64 vs model torch\.float32"):
+        load_weights(build_model("resnet8", 10, 1), tmp_path / "m.pt")
+
+
+def test_checkpoint_path_that_is_a_folder(tmp_path):
+    (tmp_path / "m.pt").mkdir()
+    with pytest.raises(HierclusterError, match="is a folder"):
+        load_weights(build_model("resnet8", 10, 1), tmp_path / "m.pt")
+
+
+GOOD_META = {"arch": "resnet8", "num_classes": 2, "in_channels": 1, "width": 4, "classes": ["a", "b"], "dataset": "x"}
+
+
+def _meta_beside_checkpoint(tmp_path, text):
+    (tmp_path / "m.json").write_text(text)
+    return tmp_path / "m.pt"
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"num_classes": "ten"}, "key 'num_classes': expected an integer, got 'ten'"),
+        ({"in_channels": None}, "key 'in_channels': expected an integer, got None"),
+        ({"arch": 5}, "key 'arch': expected a string, got 5"),
+        ({"num_classes": True}, "key 'num_classes': expected an integer, got True"),
+        ({"width": 0}, "key 'width': expected an integer in [1, 1,024], got 0"),
+        ({"num_classes": 10**9}, "key 'num_classes': expected an integer in [1, 100,000]"),
+        ({"classes": ["a", 7]}, "key 'classes'[1]: expected a string, got 7"),
+        ({"classes": ["a", "b", "c"]}, "3 class names but num_classes 2"),
+        ({"dataset": ["x"]}, "key 'dataset': expected a string or null"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_refused(tmp_path, change, expected):
+    ckpt = _meta_beside_checkpoint(tmp_path, json.dumps({**GOOD_META, **change}))
+    with pytest.raises(HierclusterError) as err:
+        load_checkpoint(ckpt)
+    assert f"metadata file {tmp_path / 'm.json'}" in str(err.value) and expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[1, 2]", "expected an object, got [1, 2]"),
+        ('{"arch": "resnet8"', "is not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "is not usable JSON: RecursionError"),
+        ('{"num_classes": ' + "9" * 5000 + "}", "is not usable JSON: ValueError"),
+        ('{"arch": "resnet8", "in_channels": 1}', "lacks 'num_classes'"),
+    ],
+    ids=["a list", "cut short", "nested too deep", "a 5,000-digit number", "a key missing"],
+)
+def test_metadata_that_is_not_an_object_or_not_json(tmp_path, text, expected):
+    ckpt = _meta_beside_checkpoint(tmp_path, text)
+    with pytest.raises(HierclusterError, match="metadata file") as err:
+        load_checkpoint(ckpt)
+    assert expected in str(err.value)
+
+
+def test_metadata_file_over_the_cap_is_refused_unread(tmp_path, monkeypatch):
+    import hiercluster.models as models
+
+    monkeypatch.setattr(models, "MAX_METADATA_BYTES", 100)
+    ckpt = _meta_beside_checkpoint(tmp_path, json.dumps({**GOOD_META, "note": "x" * 200}))
+    with pytest.raises(HierclusterError, match="is larger than"):
+        load_checkpoint(ckpt)
