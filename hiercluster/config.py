@@ -1,10 +1,15 @@
 """Run configuration: YAML validated on load into frozen dataclasses.
 
 Each section of the YAML file is a dataclass below; :func:`load_config` reads the file
-with ``yaml.safe_load``, applies ``--set section.key=value`` overrides, and checks every
-key and type. A mistake is one :class:`HierclusterError` naming the key path and, for
-an unknown key, the nearest valid one. Relative paths in the file are resolved against
-the current directory first, then the config file's folder.
+with a safe YAML loader (libyaml's when installed), applies ``--set section.key=value``
+overrides, and checks every key, type and range. A mistake is one
+:class:`HierclusterError` naming the key path and, for an unknown key, the nearest valid
+one. Every YAML text (a config, a grouping file, a ``--set`` value) is bounded before it
+is built: its size in bytes, its number of values with aliases expanded, and its nesting
+depth, so that an alias bomb or a huge list is one line, not minutes or a MemoryError.
+Relative input paths in the file (``model.checkpoint``, ``data.root``,
+``hierarchy.reference``) are resolved against the config file's folder first, then the
+current directory; ``output.dir`` is relative to the current directory.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +27,24 @@ from typing import Any
 import yaml
 
 from hiercluster.errors import HierclusterError, read_text, short_repr
+from quant.spec import CLIPPINGS, GRANULARITIES, MAX_BITS, MIN_BITS, SCHEMES
+
+# The largest YAML text read (a config, a grouping file, one --set value). The shipped
+# configs are under 5 KB and a grouping of ImageNet's 1,000 classes is about 30 KB; 1 MiB
+# is 30x that, and libyaml parses it in well under a second.
+MAX_CONFIG_BYTES = 1024 * 1024
+# The most values (scalars, lists and mappings, each alias counted as its whole target)
+# one YAML text may build. A real config has a few hundred, a 1,000-class grouping a few
+# thousand; an alias bomb ("billion laughs") has millions to billions.
+MAX_CONFIG_NODES = 100_000
+# The deepest nesting of lists and mappings: a config nests 5 levels at most
+# (quant.methods[0].bits[0]). Beyond this, repr and the pure-Python loader recurse deeply.
+MAX_CONFIG_DEPTH = 32
+# The most items in a list of the quant grid (bits, schemes, plans, methods, ...): every
+# item multiplies the number of specs, and no sweep needs more than a few dozen.
+MAX_GRID_ITEMS = 64
+# The most explicit hierarchy.levels: one per class of ImageNet-1k.
+MAX_LEVELS = 1000
 
 
 @dataclass(frozen=True)
@@ -231,6 +255,8 @@ class RunConfig:
         return d
 
 
+# Rules are keyed by the key path without list indices: quant.plans[1].bits -> quant.plans.bits.
+# A rule on a list applies to each of its items.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.eval_split": ("train", "test"),
     "train.schedule": ("onecycle", "cosine"),
@@ -240,28 +266,70 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "hierarchy.split": ("train", "test"),
     "calibration.split": ("train", "test"),
     "eval.reduction": ("prob_sum", "mean_logit", "argmax_then_map"),
+    "quant.schemes": SCHEMES,
+    "quant.plans.schemes": SCHEMES,
+    "quant.methods.schemes": SCHEMES,
+    "quant.clipping": CLIPPINGS,
+    "quant.methods.clipping": CLIPPINGS,
+    "quant.granularity": GRANULARITIES,
 }
 # key path -> (lowest allowed, highest allowed or None, whether the highest is excluded)
 _RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.label_smoothing": (0.0, 1.0, True),
-    "train.crop_padding": (0, None, False),
+    "train.crop_padding": (0, 256, False),  # pixels; 1-4 is usual, 256 pads even a 224-px image past its size
     "train.momentum": (0.0, None, False),
     "train.weight_decay": (0.0, None, False),
-    "train.threads": (1, None, False),
-    "data.workers": (0, None, False),
+    "train.threads": (1, 1024, False),  # more threads than any machine has cores
+    "train.seed": (0, 2**63 - 1, False),  # torch.manual_seed's range
+    "data.workers": (0, 256, False),  # DataLoader processes: more than any machine has cores
     "eval.tolerance": (0.0, None, False),
+    "eval.seed": (0, 2**63 - 1, False),  # numpy's default_rng takes no negative seed
     "calibration.seed": (0, 2**63 - 1, False),  # torch.Generator.manual_seed's range
 }
-_POSITIVE = {
-    "data.batch_size",
-    "train.epochs",
-    "train.batch_size",
-    "train.lr",
-    "model.width",
-    "eval.random_seeds",
-    "quant.activation_calibration_batches",
-    "calibration.samples",
-    "calibration.batch_size",
+# key path -> the highest allowed (None: no cap) of a value that must be > 0. The caps are
+# far above real use and far below what would exhaust memory or time.
+_POSITIVE: dict[str, float | None] = {
+    "data.batch_size": 65_536,  # images per batch: far above any batch a CNN is evaluated with
+    "train.batch_size": 65_536,
+    "calibration.batch_size": 65_536,
+    "train.epochs": 10_000,  # 100x a long schedule
+    "train.lr": None,
+    "model.width": 1024,  # resnet20 at width 1024 holds 1.1 G weights (4 GiB); at 4096 it would need 66 GiB
+    "eval.random_seeds": 10_000,  # random groupings per level and spec (20 by default); 1e9 tried to allocate 74.5 GiB
+    "quant.activation_calibration_batches": 10_000,  # more than any calibration set has batches
+    "calibration.samples": 1_000_000,  # calibration takes about 1,000 images; ImageNet's train split has 1.28 M
+}
+# Keys that hold bit widths (alone or as list items), checked here so that the message names the key.
+_BITS_KEYS = {
+    "quant.bits",
+    "quant.activation_bits",
+    "quant.plans.bits",
+    "quant.plans.first_layer_bits",
+    "quant.plans.last_layer_bits",
+    "quant.methods.bits",
+}
+# Lists whose items must differ: a repeated value would run the same specs (or level) twice.
+_UNIQUE = {
+    "hierarchy.levels",
+    "quant.schemes",
+    "quant.bits",
+    "quant.clipping",
+    "quant.granularity",
+    "quant.bn_reestimate",
+    "quant.plans.bits",
+    "quant.plans.schemes",
+    "quant.methods.bn_reestimate",
+    "quant.methods.bits",
+    "quant.methods.schemes",
+    "quant.methods.clipping",
+    "quant.methods.plans",
+}
+# key path -> the most items its list may hold.
+_MAX_ITEMS: dict[str, int] = {
+    "hierarchy.levels": MAX_LEVELS,
+    "quant.plans": MAX_GRID_ITEMS,
+    "quant.methods": MAX_GRID_ITEMS,
+    **{key: MAX_GRID_ITEMS for key in _UNIQUE if key.startswith("quant.")},
 }
 # Dataclasses an item of which may be written as a bare string: the string is this field.
 _SHORT_FORM: dict[type, str] = {MethodConfig: "name"}
@@ -321,6 +389,55 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise HierclusterError(f"config key {key}: expected {_type_name(tp)}, got {short_repr(value)}")
 
 
+def _rule(path: str) -> str:
+    """``path`` without list indices, as the rule tables name it: ``quant.plans[1].bits`` -> ``quant.plans.bits``."""
+    return re.sub(r"\[\d+\]", "", path)
+
+
+def _check_value(path: str, value: Any) -> None:
+    """The range, choice and list rules of the key ``path`` (a list's rules apply to each item)."""
+    rule = _rule(path)
+    if isinstance(value, tuple):
+        _check_list(path, rule, value)
+    elif value is not None:
+        _check_scalar(path, rule, value)
+
+
+def _check_list(path: str, rule: str, items: tuple[Any, ...]) -> None:
+    limit = _MAX_ITEMS.get(rule)
+    if limit is not None and len(items) > limit:
+        raise HierclusterError(f"config key {path}: {len(items):,} items, more than the {limit} allowed")
+    for i, item in enumerate(items):
+        _check_scalar(f"{path}[{i}]", rule, item)
+    if rule in _UNIQUE:
+        seen: set[Any] = set()
+        for item in items:
+            if item in seen:
+                raise HierclusterError(f"config key {path}: {short_repr(item)} is listed twice; list each value once")
+            seen.add(item)
+
+
+def _check_scalar(path: str, rule: str, value: Any) -> None:
+    if rule in _CHOICES and value not in _CHOICES[rule]:
+        close = difflib.get_close_matches(str(value), _CHOICES[rule], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise HierclusterError(
+            f"config key {path}: {short_repr(value)} is not one of {', '.join(_CHOICES[rule])}{hint}"
+        )
+    if rule in _BITS_KEYS and not MIN_BITS <= value <= MAX_BITS:
+        raise HierclusterError(f"config key {path}: {short_repr(value)} bits is outside {MIN_BITS}..{MAX_BITS}")
+    if rule in _POSITIVE:
+        hi = _POSITIVE[rule]
+        if value <= 0 or (hi is not None and value > hi):
+            upper = "" if hi is None else f" and <= {hi:,}"
+            raise HierclusterError(f"config key {path}: must be > 0{upper}, got {short_repr(value)}")
+    if rule in _RANGES:
+        lo, hi, hi_open = _RANGES[rule]
+        if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
+            upper = "" if hi is None else (f" and < {hi}" if hi_open else f" and <= {hi}")
+            raise HierclusterError(f"config key {path}: must be >= {lo}{upper}, got {short_repr(value)}")
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
@@ -336,15 +453,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             raise HierclusterError(f"unknown config key {short_repr(path)}{hint} Valid keys here: {', '.join(names)}")
         value = _coerce(value, hints[key], path)
-        if path in _CHOICES and value is not None and value not in _CHOICES[path]:
-            raise HierclusterError(f"config key {path}: {short_repr(value)} is not one of {', '.join(_CHOICES[path])}")
-        if path in _POSITIVE and value is not None and value <= 0:
-            raise HierclusterError(f"config key {path}: must be > 0, got {short_repr(value)}")
-        if path in _RANGES and value is not None:
-            lo, hi, hi_open = _RANGES[path]
-            if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
-                upper = "" if hi is None else (f" and < {hi}" if hi_open else f" and <= {hi}")
-                raise HierclusterError(f"config key {path}: must be >= {lo}{upper}, got {short_repr(value)}")
+        _check_value(path, value)
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -354,15 +463,140 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise HierclusterError(f"config section {prefix or '(top level)'}: {exc}") from None
 
 
+# libyaml's loader when PyYAML was built with it: about 7x faster than the pure-Python one.
+_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass
+class _Open:
+    """A list or mapping being read by :func:`_check_yaml_bounds`."""
+
+    anchor: str | None
+    mapping: bool
+    first_node: int  # the node count when it opened: its expanded size is the count at its end minus this
+    children: int = 0
+    key: str = "?"  # a mapping's latest key
+    height: int = 1
+
+
+def _where_in(stack: list[_Open]) -> str:
+    """The key path of the node being read (``quant.bits[3]``), for messages."""
+    path = ""
+    for frame in stack:
+        if frame.mapping:
+            path += ("." if path else "") + short_repr(frame.key, 30).strip("'")
+        else:
+            path += f"[{frame.children}]"
+    return (path if len(path) <= 60 else "..." + path[-57:]) or "(top level)"
+
+
+def _check_yaml_bounds(text: str, where: str) -> None:
+    """Refuse ``text`` if it builds over :data:`MAX_CONFIG_NODES` values or nests over :data:`MAX_CONFIG_DEPTH` deep.
+
+    Counted on the event stream, before anything is built, and stopped at the cap: an
+    alias (``*a``) counts the whole expanded size of its anchor each time, which is
+    what every later walk of the value (checks, messages, saving) costs. An alias to a
+    list or mapping that is still open (a value that contains itself) is refused.
+    """
+    stack: list[_Open] = []
+    anchors: dict[str, tuple[int, int]] = {}  # anchor -> (expanded size, height)
+    count = 0
+
+    def add(size: int, height: int) -> None:
+        nonlocal count
+        count += size
+        if count > MAX_CONFIG_NODES:
+            raise HierclusterError(
+                f"{where} holds more than {MAX_CONFIG_NODES:,} values (aliases counted expanded), "
+                f"the most this tool reads; over the limit at {_where_in(stack)}"
+            )
+        if len(stack) + height > MAX_CONFIG_DEPTH:
+            raise HierclusterError(
+                f"{where} nests lists and mappings more than {MAX_CONFIG_DEPTH} levels deep (at {_where_in(stack)})"
+            )
+        if stack:
+            stack[-1].height = max(stack[-1].height, height + 1)
+
+    def child_done() -> None:
+        if stack:
+            stack[-1].children += 1
+
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            if any(frame.anchor == event.anchor for frame in stack):
+                raise HierclusterError(
+                    f"{where}: the alias *{short_repr(event.anchor, 30).strip(chr(39))} at {_where_in(stack)} "
+                    "refers to a value that contains it (a value cannot contain itself)"
+                )
+            add(*anchors.get(event.anchor, (1, 0)))  # an unknown alias is the loader's error to report
+            child_done()
+        elif isinstance(event, yaml.ScalarEvent):
+            if stack and stack[-1].mapping and stack[-1].children % 2 == 0:
+                stack[-1].key = event.value
+            add(1, 0)
+            if event.anchor is not None:
+                anchors[event.anchor] = (1, 0)
+            child_done()
+        elif isinstance(event, yaml.CollectionStartEvent):
+            add(1, 1)
+            stack.append(_Open(event.anchor, isinstance(event, yaml.MappingStartEvent), count - 1))
+        elif isinstance(event, yaml.CollectionEndEvent):
+            frame = stack.pop()
+            if frame.anchor is not None:
+                anchors[frame.anchor] = (count - frame.first_node, frame.height)
+            if stack:
+                stack[-1].height = max(stack[-1].height, frame.height + 1)
+            child_done()
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: where, what (PyYAML's own message spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = where + problem + (f" ({context})" if context else "")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """The value of the YAML ``text``, bounded in size, count of values and depth; ``where`` names it in errors.
+
+    Every YAML text the user hands over (a config, a grouping file, a ``--set`` value) is
+    read through here: over :data:`MAX_CONFIG_BYTES`, over :data:`MAX_CONFIG_NODES` values
+    with aliases expanded (an alias bomb), nested over :data:`MAX_CONFIG_DEPTH`, or
+    invalid, it is one :class:`HierclusterError` line naming ``where``.
+
+    Examples
+    --------
+    >>> load_yaml_text("bits: [4, 3]", "--set quant")
+    {'bits': [4, 3]}
+    >>> load_yaml_text("a: &a [*a]", "x.yaml")
+    Traceback (most recent call last):
+    ...
+    hiercluster.errors.HierclusterError: x.yaml: the alias *a at a[0] refers to a value that contains it ...
+    """
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise HierclusterError(f"{where} is not UTF-8 text (character {exc.object[exc.start]!a})") from None
+    if size > MAX_CONFIG_BYTES:
+        raise HierclusterError(
+            f"{where} is larger than {MAX_CONFIG_BYTES // 1024:,} KiB, the most this tool reads; is it the right file?"
+        )
+    try:
+        _check_yaml_bounds(text, where)
+        return yaml.load(text, Loader=_LOADER)
+    except yaml.YAMLError as exc:
+        raise HierclusterError(f"{where} is not valid YAML: {_one_line(exc)}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"quant.bits=[4,3]"`` -> ``(["quant", "bits"], [4, 3])``; the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise HierclusterError(f"--set expects section.key=value, got {short_repr(text)}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise HierclusterError(f"--set {short_repr(text)}: value is not valid YAML: {exc}") from None
+    value = load_yaml_text(raw, f"the value of --set {short_repr(key.strip(), 40)}") if raw.strip() else None
     return [p for p in key.strip().split(".")], value
 
 
@@ -373,20 +607,19 @@ def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise HierclusterError(f"--set {'.'.join(parts)}: {part} is not a section")
+            raise HierclusterError(f"--set {short_repr('.'.join(parts), 40)}: {short_repr(part, 30)} is not a section")
         node = child
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path) -> Any:
-    """``yaml.safe_load`` a file, with clear errors for a missing or malformed file."""
+def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
+    """The value of the YAML file ``path`` (a config or a grouping), read by :func:`load_yaml_text`'s rules.
+
+    A missing file, a folder, a file that is not UTF-8 or over :data:`MAX_CONFIG_BYTES`,
+    an alias bomb or invalid YAML is one :class:`HierclusterError` naming ``what`` and the path.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise HierclusterError(f"file not found: {path}")
-    try:
-        return yaml.safe_load(read_text(path, "YAML file"))
-    except yaml.YAMLError as exc:
-        raise HierclusterError(f"{path} is not valid YAML: {exc}") from None
+    return load_yaml_text(read_text(path, what, max_bytes=MAX_CONFIG_BYTES), f"{what} {path}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -398,11 +631,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     >>> cfg.data.dataset, cfg.train.epochs
     ('digits', 2)
     """
-    data = read_yaml(path) if path is not None else {}
+    data = read_yaml(path, "config file") if path is not None else {}
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise HierclusterError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
+        raise HierclusterError(f"config file {path}: the top level must be a mapping of sections (data, model, ...)")
     for text in overrides:
         _apply_override(data, *parse_override(text))
     cfg = _build(RunConfig, data, "")
@@ -410,12 +643,29 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def resolve_path(value: str | Path, config_source: str | None) -> Path:
-    """A path from a config: as given if it exists (or is absolute), else beside the config file."""
+    """An input path from a config: beside the config file if it is there, else from the current directory.
+
+    A relative path is taken from the config file's folder first, so that a config runs
+    from any working directory; one that exists only relative to the current directory
+    is taken from there (what older versions did first). A path found in neither place
+    is the one beside the config file, so that a missing file is reported there and a
+    file to be written (``train`` writes ``model.checkpoint``) goes there. Absolute
+    paths, and every path when there is no config file, are taken as given.
+
+    Examples
+    --------
+    >>> str(resolve_path("../data/model.pt", "configs/demo.yaml"))
+    'configs/../data/model.pt'
+    >>> str(resolve_path("/abs/model.pt", "configs/demo.yaml"))
+    '/abs/model.pt'
+    """
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists() or config_source is None:
+    if p.is_absolute() or config_source is None:
         return p
     beside = Path(config_source).parent / p
-    return beside if beside.exists() else p
+    if beside.exists() or not p.exists():
+        return beside
+    return p
 
 
 def data_root(cfg: RunConfig) -> Path | None:

@@ -1,0 +1,315 @@
+"""hiercluster.config: bounded YAML reading, range caps, repeated values, path resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hiercluster import config
+from hiercluster.config import load_config, load_yaml_text, parse_override, read_yaml, resolve_path
+from hiercluster.errors import HierclusterError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _bomb(levels: int) -> str:
+    """A "billion laughs" document: ``10**levels`` values once its aliases are expanded."""
+    text = "l0: &l0 [a, a, a, a, a, a, a, a, a, a]\n"
+    for i in range(1, levels):
+        text += f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n"
+    return text
+
+
+# --- size, count and depth of a YAML text ---------------------------------------------
+
+
+def test_a_file_over_the_byte_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 100)
+    path = _write(tmp_path, "data: {dataset: digits}\n# " + "x" * 100)
+    with pytest.raises(HierclusterError, match=r"config file .*c\.yaml is larger than 0 KiB"):
+        load_config(path)
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 1024)
+    assert load_config(path).data.dataset == "digits"
+
+
+def test_a_set_value_over_the_byte_cap_is_refused(monkeypatch):
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 10)
+    with pytest.raises(HierclusterError, match="the value of --set 'quant.bits' is larger than"):
+        parse_override("quant.bits=[8, 6, 5, 4, 3]")
+    assert parse_override("quant.bits=[8, 6]") == (["quant", "bits"], [8, 6])
+
+
+def test_the_value_count_cap_is_exact(monkeypatch):
+    monkeypatch.setattr(config, "MAX_CONFIG_NODES", 6)
+    # top mapping, key, list, 3 items = 6 values
+    assert load_yaml_text("a: [1, 2, 3]", "x") == {"a": [1, 2, 3]}
+    with pytest.raises(HierclusterError, match=r"x holds more than 6 values .* at a\[3\]"):
+        load_yaml_text("a: [1, 2, 3, 4]", "x")
+
+
+def test_an_alias_counts_its_whole_target_each_time(monkeypatch):
+    text = "a: &a [1, 2, 3]\nb: [*a, *a, *a]\n"  # 1 + (1 + 4) + (1 + 1 + 3 * 4) = 20 values expanded
+    monkeypatch.setattr(config, "MAX_CONFIG_NODES", 20)
+    assert load_yaml_text(text, "x")["b"][2] == [1, 2, 3]
+    monkeypatch.setattr(config, "MAX_CONFIG_NODES", 19)
+    with pytest.raises(HierclusterError, match=r"at b\[2\]"):
+        load_yaml_text(text, "x")
+
+
+def test_a_billion_laughs_file_is_refused_at_once_naming_file_and_key(tmp_path):
+    path = _write(tmp_path, _bomb(9), "bomb.yaml")
+    with pytest.raises(HierclusterError, match=r"YAML file .*bomb\.yaml holds more than 100,000 values .* at l4\["):
+        read_yaml(path)
+
+
+def test_a_large_flat_list_is_refused_by_count():
+    with pytest.raises(HierclusterError, match="holds more than 100,000 values"):
+        load_yaml_text("a: [" + ",".join(["1"] * 100_001) + "]", "big")
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [("a: &a [1, *a]", r"a\[1\]"), ("a: &a {b: *a}", r"a\.b"), ("&top [[*top]]", r"\[0\]\[0\]")],
+)
+def test_a_value_that_contains_itself_is_refused(text, where):
+    with pytest.raises(HierclusterError, match=f"the alias \\*\\w+ at {where} refers to a value that contains it"):
+        load_yaml_text(text, "x")
+
+
+def test_an_alias_to_a_finished_anchor_inside_a_list_is_fine():
+    assert load_yaml_text("a: &a [1]\nb: [*a, [*a]]", "x")["b"] == [[1], [[1]]]
+
+
+def test_nesting_deeper_than_the_cap_is_refused(monkeypatch):
+    ok = "[" * config.MAX_CONFIG_DEPTH + "]" * config.MAX_CONFIG_DEPTH
+    assert load_yaml_text(ok, "x") is not None
+    deep = "[" * (config.MAX_CONFIG_DEPTH + 1) + "]" * (config.MAX_CONFIG_DEPTH + 1)
+    with pytest.raises(HierclusterError, match="nests lists and mappings more than 32 levels deep"):
+        load_yaml_text(deep, "x")
+
+
+def test_an_alias_adds_its_targets_depth():
+    inner = "[" * 20 + "]" * 20
+    with pytest.raises(HierclusterError, match="more than 32 levels deep"):
+        load_yaml_text(f"a: &a {inner}\nb: " + "[" * 15 + "*a" + "]" * 15, "x")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a: [1, 2\nb: 3", r"x is not valid YAML: line 2, column 2: did not find expected ',' or '\]'"),
+        ("a: *nope", "x is not valid YAML: line 1, column 4: found undefined alias"),
+        ("a: 1\n---\nb: 2", "expected a single document"),
+    ],
+)
+def test_invalid_yaml_is_one_line(text, message):
+    with pytest.raises(HierclusterError, match=message) as info:
+        load_yaml_text(text, "x")
+    assert "\n" not in str(info.value)
+
+
+def test_read_yaml_names_a_missing_file_and_a_folder(tmp_path):
+    with pytest.raises(HierclusterError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(HierclusterError, match="is a folder, not a file"):
+        load_config(tmp_path)
+
+
+def test_a_set_value_with_an_undecodable_character_is_named():
+    with pytest.raises(HierclusterError, match=r"--set 'data.dataset' is not UTF-8 text \(character '\\udce9'\)"):
+        parse_override("data.dataset=caf\udce9")
+
+
+def test_libyaml_is_used_when_pyyaml_has_it():
+    assert config._LOADER is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# --- ranges and caps -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, cap", [(k, v) for k, v in config._POSITIVE.items() if v is not None])
+def test_every_positive_cap_allows_the_cap_and_refuses_one_more(key, cap):
+    assert load_config(None, [f"{key}={cap}"]) is not None
+    with pytest.raises(HierclusterError, match=f"config key {key}: must be > 0 and <= {cap:,}, got {cap + 1}"):
+        load_config(None, [f"{key}={cap + 1}"])
+    with pytest.raises(HierclusterError, match=f"config key {key}: must be > 0"):
+        load_config(None, [f"{key}=0"])
+
+
+@pytest.mark.parametrize("key, bound", [(k, v) for k, v in config._RANGES.items() if v[1] is not None and not v[2]])
+def test_every_closed_range_allows_its_ends_and_refuses_beyond(key, bound):
+    lo, hi, _ = bound
+    load_config(None, [f"{key}={lo}", f"{key}={hi}"])
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(HierclusterError, match=f"config key {key}: must be >= {lo} and <= {hi}"):
+            load_config(None, [f"{key}={bad}"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("quant.bits=[4, 1]", r"quant.bits\[1\]: 1 bits"),
+        ("quant.bits=[17]", r"quant.bits\[0\]: 17 bits"),
+        ("quant.activation_bits=0", "quant.activation_bits: 0 bits"),
+        ("quant.plans=[{name: p, bits: [99]}]", r"quant.plans\[0\].bits\[0\]: 99 bits"),
+        ("quant.plans=[{name: p, first_layer_bits: 1}]", r"quant.plans\[0\].first_layer_bits: 1 bits"),
+        ("quant.plans=[{name: p, last_layer_bits: 32}]", r"quant.plans\[0\].last_layer_bits: 32 bits"),
+        ("quant.methods=[{name: gptq, bits: [3, 20]}]", r"quant.methods\[0\].bits\[1\]: 20 bits"),
+    ],
+)
+def test_bit_widths_outside_2_to_16_name_the_key(override, key):
+    with pytest.raises(HierclusterError, match=f"config key {key} is outside 2..16"):
+        load_config(None, [override])
+
+
+def test_bit_widths_at_the_ends_are_fine():
+    cfg = load_config(None, ["quant.bits=[2, 16]", "quant.schemes=[asymmetric]", "quant.activation_bits=16"])
+    assert cfg.quant.bits == (2, 16)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quant.schemes=[asymetric]", r"quant.schemes\[0\]: 'asymetric' is not one of .* \(did you mean 'asymmetric'\?\)"),
+        ("quant.clipping=[mse, minmax, maxmin]", r"quant.clipping\[2\]: 'maxmin' is not one of"),
+        ("quant.granularity=[per_layer]", r"quant.granularity\[0\]: 'per_layer' is not one of per_tensor, per_channel"),
+        ("quant.methods=[{name: rtn, schemes: [pow3]}]", r"quant.methods\[0\].schemes\[0\]: 'pow3'"),
+        ("quant.plans=[{name: p, schemes: [sym]}]", r"quant.plans\[0\].schemes\[0\]: 'sym'"),
+    ],
+)
+def test_unknown_grid_names_are_refused_when_the_config_is_read(override, message):
+    with pytest.raises(HierclusterError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "key, items",
+    [
+        ("quant.bits", list(range(2, 17)) * 5),
+        ("quant.plans", [{"name": f"p{i}"} for i in range(config.MAX_GRID_ITEMS + 1)]),
+        ("quant.methods", ["rtn"] * (config.MAX_GRID_ITEMS + 1)),
+        ("hierarchy.levels", list(range(2, config.MAX_LEVELS + 3))),
+    ],
+)
+def test_lists_longer_than_their_cap_are_refused(key, items):
+    limit = config._MAX_ITEMS[key]
+    with pytest.raises(HierclusterError, match=f"config key {key}: {len(items):,} items, more than the {limit} allowed"):
+        load_config(None, [f"{key}={items}"])
+
+
+def test_lists_at_their_cap_are_fine():
+    cfg = load_config(None, [f"quant.methods={['rtn'] * config.MAX_GRID_ITEMS}"])
+    assert len(cfg.quant.methods) == config.MAX_GRID_ITEMS
+
+
+# --- repeated values -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("quant.bits=[4, 4]", "quant.bits: 4 is listed twice"),
+        ("quant.schemes=[pow2, symmetric, pow2]", "quant.schemes: 'pow2' is listed twice"),
+        ("quant.clipping=[mse, mse]", "quant.clipping: 'mse' is listed twice"),
+        ("quant.granularity=[per_channel, per_channel]", "quant.granularity: 'per_channel' is listed twice"),
+        ("quant.bn_reestimate=[false, true, false]", "quant.bn_reestimate: False is listed twice"),
+        ("hierarchy.levels=[5, 3, 5]", "hierarchy.levels: 5 is listed twice"),
+        ("quant.plans=[{name: p, bits: [2, 2]}]", r"quant.plans\[0\].bits: 2 is listed twice"),
+        ("quant.plans=[{name: p, schemes: [pow2, pow2]}]", r"quant.plans\[0\].schemes: 'pow2' is listed twice"),
+        ("quant.methods=[rtn, {name: gptq, bits: [3, 3]}]", r"quant.methods\[1\].bits: 3 is listed twice"),
+        ("quant.methods=[{name: gptq, schemes: [symmetric, symmetric]}]", r"quant.methods\[0\].schemes: 'symmetric' is listed twice"),
+        ("quant.methods=[{name: gptq, clipping: [mse, mse]}]", r"quant.methods\[0\].clipping: 'mse' is listed twice"),
+        ("quant.methods=[{name: gptq, bn_reestimate: [true, true]}]", r"quant.methods\[0\].bn_reestimate: True is listed twice"),
+        ("quant.methods=[{name: gptq, plans: [full, full]}]", r"quant.methods\[0\].plans: 'full' is listed twice"),
+    ],
+)
+def test_a_repeated_list_value_is_refused_naming_key_and_value(override, message):
+    with pytest.raises(HierclusterError, match=f"config key {message}; list each value once"):
+        load_config(None, [override])
+
+
+def test_method_items_may_share_a_name():
+    cfg = load_config(None, ["quant.methods=[rtn, {name: rtn, clipping: [minmax], bits: [2]}]"])
+    assert [m.name for m in cfg.quant.methods] == ["rtn", "rtn"]
+
+
+# --- shapes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("- data\n- model\n", [], "the top level must be a mapping of sections"),
+        ("3\n", [], "the top level must be a mapping of sections"),
+        ("eval: 3\n", [], "config section eval: expected a mapping, got 3"),
+        ("", ["eval=3"], "config section eval: expected a mapping, got 3"),
+        ("", ["eval.random_seeds.x=3"], "config key eval.random_seeds: expected int"),
+        ("eval: {random_seeds: 4}\n", ["eval.random_seeds.x=3"], "--set 'eval.random_seeds.x': 'random_seeds' is not a section"),
+        ('"": 3\n', [], "unknown config key ''"),
+        ('data: {"": 3}\n', [], "unknown config key 'data.'"),
+        ("evaluation: {}\n", [], "unknown config key 'evaluation'"),
+        ("", ["=3"], "--set expects section.key=value"),
+    ],
+)
+def test_every_wrong_shape_is_one_line(tmp_path, text, overrides, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(HierclusterError, match=message) as info:
+        load_config(path, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_a_bombed_value_in_a_free_form_key_is_refused(tmp_path):
+    text = "hierarchy:\n  names:\n" + "".join(f"    {line}\n" for line in _bomb(7).splitlines())
+    with pytest.raises(HierclusterError, match=r"holds more than 100,000 values .* at hierarchy\.names\.l4"):
+        load_config(_write(tmp_path, text))
+
+
+# --- paths -----------------------------------------------------------------------------
+
+
+def test_a_path_beside_the_config_comes_first(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "m.pt").write_text("beside")
+    (tmp_path / "m.pt").write_text("cwd")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("m.pt", "cfg/c.yaml").read_text() == "beside"
+
+
+def test_a_path_only_under_the_current_directory_is_still_found(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "m.pt").write_text("cwd")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("m.pt", "cfg/c.yaml") == Path("m.pt")
+
+
+def test_a_path_found_nowhere_is_the_one_beside_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("new.pt", "cfg/c.yaml") == Path("cfg/new.pt")
+    assert resolve_path("new.pt", None) == Path("new.pt")
+    assert resolve_path(tmp_path / "abs.pt", "cfg/c.yaml") == tmp_path / "abs.pt"
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist.yaml", "cifar10.yaml", "digits.yaml", "cifar100.yaml"])
+def test_shipped_configs_point_inside_the_repository_from_any_folder(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / name)
+    assert resolve_path(cfg.model.checkpoint, cfg.source).resolve().parent.parent.parent == REPO
+    if cfg.data.root:
+        assert config.data_root(cfg).resolve() == REPO / "data"
+    if cfg.hierarchy.reference and cfg.hierarchy.reference != "dataset:coarse":
+        assert resolve_path(cfg.hierarchy.reference, cfg.source).is_file()
+
+
+def test_the_shipped_checkpoint_is_found_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "fashion_mnist.yaml")
+    assert resolve_path(cfg.model.checkpoint, cfg.source).resolve() == REPO / "data" / "checkpoints" / "fashion_mnist_resnet20.pt"
+    assert resolve_path(cfg.model.checkpoint, cfg.source).is_file()
