@@ -17,6 +17,15 @@ per-channel (or per-tensor) scale as float32 and, for ``asymmetric`` only, its z
 point as uint8 (bits <= 8) or uint16; the symmetric schemes have no zero point to
 store. Every other entry (biases, leftover buffers) is stored raw in its own dtype.
 Activation quantizers (one scale and zero point per layer) live in the header.
+
+Reading is bounded and refuses any damage with one :class:`QuantError` line naming the
+place ("header.entries[3].terms[0].bits: ..."): only a regular file is opened; the
+declared lengths must add up to the file's size, and the header to at most
+``MAX_HEADER_BYTES``, before anything else is read; the header must have the exact
+shape and code ranges that :func:`save_packed` writes, its blocks must tile the payload
+in order, and its tensors must be the model's, before the payload is read (once, in
+chunks, while its SHA-256 is checked); the codes, scales and zero points in the payload
+must lie on their grids.
 """
 
 from __future__ import annotations
@@ -25,12 +34,16 @@ import gzip
 import hashlib
 import json
 import lzma
+import math
 import os
+import stat
 import struct
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -38,16 +51,33 @@ import torch.nn as nn
 from torch import Tensor
 
 from quant import activations
-from quant.bitpack import pack_bits, unpack_bits
+from quant._validate import check_json, short_repr
+from quant.bitpack import pack_bits, packed_size, unpack_bits
 from quant.errors import QuantError
 from quant.fold import fold_batchnorm
 from quant.functional import QParams, dequantize_sum
 from quant.report import QuantReport
+from quant.schemes import Grid
+from quant.spec import SCHEMES, bits_range
 
 MAGIC = b"QUANTPAK"
 VERSION = 1
 _PREFIX = struct.Struct("<8sIQQ")
 _DIGEST_BYTES = 32
+# About 300 bytes of JSON per tensor: 16 MiB holds ~50,000 tensors, far beyond any model,
+# and even a crafted header of that size parses and validates in a few seconds (measured).
+MAX_HEADER_BYTES = 16 * 2**20
+# quantize_model writes one term per weight, two for a residual layer; a few more leave
+# room while a header still cannot claim a payload beyond a small multiple of the model.
+MAX_TERMS = 8
+# Real weights have at most 5 dimensions (Conv3d); the cap bounds the arithmetic on a crafted shape.
+MAX_DIMS = 64
+_MAX_SIZE = 2**63 - 1  # torch sizes are int64
+_READ_CHUNK = 1 << 20  # bytes per read while hashing: the file is never held twice
+# A header that fails validation is blamed on the checksum when the file is at most this
+# large: hashing it takes well under a second; a larger (e.g. sparse) file is not read.
+_HASH_ON_ERROR_BYTES = 256 * 2**20
+_BAD_CHECKSUM = "its SHA-256 checksum does not match its contents"
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
 
@@ -250,50 +280,381 @@ def save_packed(path: str | Path, qmodel: nn.Module, report: QuantReport, *, ove
     return path
 
 
-def _read(path: Path) -> tuple[dict[str, Any], memoryview]:
-    data = path.read_bytes()
-    if len(data) < _PREFIX.size or data[:8] != MAGIC:
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading, refused unless it is a regular file.
+
+    O_NONBLOCK so that opening a FIFO with no writer returns at once instead of
+    hanging; fstat on the open descriptor, so the checked file is the one read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise QuantError(f"{path}: no such file") from None
+    except OSError as err:
+        raise QuantError(f"{path} cannot be read: {err.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise QuantError(f"{path} is {_file_kind(mode)}, not a quant packed file")
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+class _Front(NamedTuple):
+    header: dict[str, Any]
+    data: bytes  # the prefix and header bytes, which the checksum covers
+    body_len: int
+
+
+@contextmanager
+def _damaged(path: Path) -> Iterator[None]:
+    """Prefix a QuantError naming a place in the file ("header.entries[3].bits: ...") with the file."""
+    try:
+        yield
+    except QuantError as err:
+        raise QuantError(f"{path} is damaged: {err}") from None
+
+
+def _read_front(path: Path, handle: BinaryIO) -> _Front:
+    """Prefix and header of an open packed file, checked.
+
+    Every declared length is checked against the file's size and the caps before
+    anything is read; the header is validated against the payload length, so that
+    :func:`_read_body` reads only a payload the header fully describes.
+    """
+    prefix = handle.read(_PREFIX.size)
+    if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
         raise QuantError(f"{path} is not a quant packed file (it does not start with {MAGIC!r})")
-    _, version, head_len, body_len = _PREFIX.unpack_from(data)
+    _, version, head_len, body_len = _PREFIX.unpack(prefix)
     if version != VERSION:
         raise QuantError(f"{path} has packed format version {version}; this quant reads version {VERSION}")
+    if head_len > MAX_HEADER_BYTES:
+        raise QuantError(f"{path} is damaged: its prefix announces a header of {head_len} bytes; packed headers have at most {MAX_HEADER_BYTES}")
     expected = _PREFIX.size + head_len + body_len + _DIGEST_BYTES
-    if len(data) != expected:
-        raise QuantError(f"{path} is truncated or damaged: its header announces {expected} bytes, the file has {len(data)}")
-    if hashlib.sha256(data[: expected - _DIGEST_BYTES]).digest() != data[expected - _DIGEST_BYTES :]:
-        raise QuantError(f"{path} is damaged: its SHA-256 checksum does not match its contents")
+    size = os.fstat(handle.fileno()).st_size
+    if size != expected:
+        raise QuantError(f"{path} is truncated or damaged: its header announces {expected} bytes, the file has {size}")
+    head = _read_exact(path, handle, head_len)
     try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + head_len])
+        with _damaged(path):
+            header = _decode_header(head, body_len)
+    except QuantError:
+        # Damage is far more often a flipped or lost byte than a crafted header: say so
+        # when the file is small enough to hash at once.
+        if size <= _HASH_ON_ERROR_BYTES and not _checksum_matches(path, handle, prefix + head, body_len):
+            raise QuantError(f"{path} is damaged: {_BAD_CHECKSUM}") from None
+        raise
+    return _Front(header, prefix + head, body_len)
+
+
+def _read_exact(path: Path, handle: BinaryIO, count: int) -> bytes:
+    data = handle.read(count)
+    if len(data) != count:
+        raise QuantError(f"{path} is truncated: it became shorter while being read")
+    return data
+
+
+def _read_body(path: Path, handle: BinaryIO, front: _Front) -> memoryview:
+    """The payload, read once in chunks while the SHA-256 of the whole file is checked."""
+    body = memoryview(bytearray(front.body_len))
+    if not _checksum_matches(path, handle, front.data, front.body_len, body):
+        raise QuantError(f"{path} is damaged: {_BAD_CHECKSUM}")
+    return body
+
+
+def _checksum_matches(path: Path, handle: BinaryIO, front: bytes, body_len: int, into: memoryview | None = None) -> bool:
+    """Read the payload after ``front`` in chunks (into ``into`` when given) and compare the SHA-256 stored after it."""
+    digest = hashlib.sha256(front)
+    scratch = into if into is not None else memoryview(bytearray(min(_READ_CHUNK, body_len)))
+    for start in range(0, body_len, _READ_CHUNK):
+        count = min(_READ_CHUNK, body_len - start)
+        chunk = into[start : start + count] if into is not None else scratch[:count]
+        if handle.readinto(chunk) != count:
+            raise QuantError(f"{path} is truncated: it became shorter while being read")
+        digest.update(chunk)
+    return digest.digest() == _read_exact(path, handle, _DIGEST_BYTES)
+
+
+# ---------------------------------------------------------------- header validation
+# Shapes, offsets and payload spans are plain ``list`` here: their items are checked by
+# _shape and _span, which bound their length before looking at each item.
+
+_TERM = {"scheme": str, "bits": int, "qmin": int, "qmax": int, "axis": (int, None), "channels": int,
+         "codes": list, "scale": list, "zero_point": (list, None)}
+_ENTRY = {"name": str, "shape": list, "dtype": str, "kind": str}
+_ACTIVATION = {"scheme": str, "bits": int, "qmin": int, "qmax": int, "scale": float, "zero_point": int}
+_HEADER = {"format": str, "version": int, "byteorder": str, "arch": {"class": str, "tensors": [list]},
+           "entries": [_ENTRY], "activations": dict}
+_ACT_SCHEMES = ("asymmetric", "symmetric")  # activations.check_act_spec allows only these
+
+
+def _decode_header(head: bytes, body_len: int) -> dict[str, Any]:
+    """The header JSON, checked against the shape :func:`_encode` writes and the payload length."""
+    try:
+        header = json.loads(head.decode("utf-8"))
+    except RecursionError:
+        raise QuantError("header: nested too deeply to be a packed header") from None
     except ValueError:
-        raise QuantError(f"{path} is damaged: its header is not valid JSON") from None
-    start = _PREFIX.size + head_len
-    return header, memoryview(data)[start : start + body_len]
+        raise QuantError("header: not valid UTF-8 JSON") from None
+    try:
+        _check_header(header, body_len)
+    except RecursionError:  # quoting a deeply nested value in the message
+        raise QuantError("header: nested too deeply to be a packed header") from None
+    return header
 
 
-def _decode_term(term: dict[str, Any], body: memoryview, shape: list[int]) -> tuple[Tensor, QParams]:
-    count = int(np.prod(shape)) if shape else 1
+def _check_header(header: Any, body_len: int) -> None:
+    check_json(header, _HEADER, "header", error=QuantError)
+    for key, value in (("format", "quant-packed"), ("version", VERSION), ("byteorder", "little")):
+        if header[key] != value:
+            raise QuantError(f"header.{key}: expected {value!r}, got {short_repr(header[key])}")
+    entries, tensors = header["entries"], header["arch"]["tensors"]
+    # Counted before the items are checked: a crafted header cannot fill its size with tensors alone.
+    if len(entries) != len(tensors):
+        raise QuantError(f"header.entries: {len(entries)} entries for the {len(tensors)} tensors of header.arch")
+    for i, item in enumerate(tensors):
+        _arch_tensor(item, f"header.arch.tensors[{i}]")
+    _check_entries(entries, tensors, body_len)
+    for name, act in header["activations"].items():
+        _check_activation(act, f"header.activations[{short_repr(name)}]")
+
+
+def _arch_tensor(item: list, where: str) -> None:
+    """Check one ``[name, shape, dtype]`` of ``arch.tensors``."""
+    if len(item) != 3:
+        raise QuantError(f"{where}: expected [name, shape, dtype], got {short_repr(item)}")
+    check_json(item[0], str, f"{where}[0]", error=QuantError)
+    _shape(item[1], f"{where}[1]")
+    _dtype(item[2], f"{where}[2]")
+
+
+def _shape(value: list, where: str) -> int:
+    """Check a tensor shape; returns its number of elements."""
+    check_json(value, list, where, error=QuantError)
+    if len(value) > MAX_DIMS:
+        raise QuantError(f"{where}: a shape of {len(value)} dimensions; at most {MAX_DIMS} are allowed")
+    check_json(value, [int], where, error=QuantError)
+    for size in value:
+        if not 0 <= size <= _MAX_SIZE:
+            raise QuantError(f"{where}: dimension {short_repr(size)} is outside [0, {_MAX_SIZE}]")
+    return math.prod(value)
+
+
+def _dtype(value: str, where: str) -> torch.dtype:
+    check_json(value, str, where, error=QuantError)
+    if value not in _DTYPES:
+        raise QuantError(f"{where}: dtype {short_repr(value)} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[value]
+
+
+def _check_entries(entries: list[dict[str, Any]], tensors: list[list[Any]], body_len: int) -> None:
+    """Each entry matches its tensor in ``arch``, and their blocks tile the payload in order."""
+    cursor = 0
+    for i, (entry, tensor) in enumerate(zip(entries, tensors)):
+        where = f"header.entries[{i}]"
+        if [entry["name"], entry["shape"], entry["dtype"]] != tensor:
+            raise QuantError(f"{where}: {short_repr(entry['name'])} does not match header.arch.tensors[{i}] {short_repr(tensor)}")
+        numel = math.prod(entry["shape"])
+        if entry["kind"] == "quantized":
+            cursor = _check_terms(entry, numel, where, cursor, body_len)
+        elif entry["kind"] == "raw":
+            check_json(entry, {"data": list}, where, error=QuantError)
+            size = numel * _DTYPES[entry["dtype"]].itemsize
+            cursor = _span(entry["data"], f"{where}.data", size, cursor, body_len)
+        else:
+            raise QuantError(f"{where}.kind: expected 'quantized' or 'raw', got {short_repr(entry['kind'])}")
+    if cursor != body_len:
+        raise QuantError(f"header.entries: describe {cursor} bytes of payload, the file holds {body_len}")
+
+
+def _check_terms(entry: dict[str, Any], numel: int, where: str, cursor: int, body_len: int) -> int:
+    check_json(entry, {"terms": list}, where, error=QuantError)
+    terms, shape = entry["terms"], entry["shape"]
+    if not 1 <= len(terms) <= MAX_TERMS:
+        raise QuantError(f"{where}.terms: {len(terms)} terms; allowed: 1 to {MAX_TERMS}")
+    check_json(terms, [_TERM], f"{where}.terms", error=QuantError)
+    if numel == 0:
+        raise QuantError(f"{where}: a quantized weight cannot be empty (shape {short_repr(shape)})")
+    for j, term in enumerate(terms):
+        at = f"{where}.terms[{j}]"
+        _check_grid(term, at, SCHEMES)
+        if term["axis"] not in (None, 0) or (term["axis"] == 0 and not shape):
+            raise QuantError(f"{at}.axis: expected null or 0 for shape {short_repr(shape)}, got {short_repr(term['axis'])}")
+        channels = shape[0] if term["axis"] == 0 else 1
+        if term["channels"] != channels:
+            raise QuantError(f"{at}.channels: expected {channels}, got {short_repr(term['channels'])}")
+        cursor = _span(term["codes"], f"{at}.codes", packed_size(numel, term["bits"]), cursor, body_len)
+        cursor = _span(term["scale"], f"{at}.scale", 4 * channels, cursor, body_len)
+        if term["scheme"] == "asymmetric":
+            if term["zero_point"] is None:
+                raise QuantError(f"{at}.zero_point: an asymmetric term needs its zero point block, got null")
+            size = _zero_point_dtype(term["bits"]).itemsize * channels
+            cursor = _span(term["zero_point"], f"{at}.zero_point", size, cursor, body_len)
+        elif term["zero_point"] is not None:
+            raise QuantError(f"{at}.zero_point: a {term['scheme']} term stores no zero point, expected null")
+    return cursor
+
+
+def _check_grid(params: dict[str, Any], where: str, schemes: tuple[str, ...]) -> None:
+    """Scheme, bits and code range as :class:`quant.schemes.Grid` makes them."""
+    scheme, bits = params["scheme"], params["bits"]
+    if scheme not in schemes:
+        raise QuantError(f"{where}.scheme: expected one of {', '.join(schemes)}, got {short_repr(scheme)}")
+    lowest, highest = bits_range(scheme)
+    if not lowest <= bits <= highest:
+        raise QuantError(f"{where}.bits: expected an integer in [{lowest}, {highest}] for {scheme}, got {short_repr(bits)}")
+    ranges = {(g.qmin, g.qmax) for g in (Grid.make(scheme, bits, True), Grid.make(scheme, bits, False))}
+    if (params["qmin"], params["qmax"]) not in ranges:
+        raise QuantError(
+            f"{where}: qmin, qmax = {short_repr(params['qmin'])}, {short_repr(params['qmax'])} is not a {bits}-bit {scheme} "
+            f"code range; expected one of {', '.join(map(str, sorted(ranges)))}"
+        )
+
+
+def _span(value: list, where: str, size: int, cursor: int, body_len: int) -> int:
+    """Check one ``[offset, length]`` block: ``size`` bytes right after the previous block; returns its end."""
+    check_json(value, list, where, error=QuantError)
+    if len(value) != 2:
+        raise QuantError(f"{where}: expected [offset, length], got {short_repr(value)}")
+    check_json(value, [int], where, error=QuantError)
+    offset, length = value
+    if offset < 0 or length < 0 or offset + length > body_len:
+        raise QuantError(f"{where}: block {short_repr(value)} lies outside the {body_len}-byte payload")
+    if length != size:
+        raise QuantError(f"{where}: block of {length} bytes, expected {short_repr(size)}")
+    if offset != cursor:
+        raise QuantError(f"{where}: block starts at byte {offset} of the payload, expected {cursor} (right after the previous one)")
+    return offset + length
+
+
+def _check_activation(act: Any, where: str) -> None:
+    check_json(act, _ACTIVATION, where, error=QuantError)
+    _check_grid(act, where, _ACT_SCHEMES)
+    if not _positive(act["scale"]):
+        raise QuantError(f"{where}.scale: expected a positive finite number, got {short_repr(act['scale'])}")
+    if not act["qmin"] <= act["zero_point"] <= act["qmax"]:
+        raise QuantError(f"{where}.zero_point: expected an integer in [{act['qmin']}, {act['qmax']}], got {short_repr(act['zero_point'])}")
+
+
+def _positive(value: float) -> bool:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+    return math.isfinite(number) and number > 0
+
+
+# ---------------------------------------------------------------- payload decoding
+
+
+def _decode_term(term: dict[str, Any], body: memoryview, shape: list[int], where: str) -> tuple[Tensor, QParams]:
+    """One validated term's codes and parameters; refuses codes or parameters off its grid."""
+    count = math.prod(shape)
     off, length = term["codes"]
     codes = unpack_bits(body[off : off + length], term["bits"], count) + term["qmin"]
+    if codes.size and int(codes.max()) > term["qmax"]:
+        raise QuantError(f"{where}.codes: code {int(codes.max())} is above qmax {term['qmax']}")
     off, length = term["scale"]
     scale = torch.from_numpy(np.frombuffer(body[off : off + length], dtype="<f4").astype(np.float32))
+    # > 0 is False for NaN; +inf is what pow2_scale makes of a float32-max weight, so it stays.
+    if not bool((scale > 0).all()):
+        raise QuantError(f"{where}.scale: every scale must be positive, the payload holds {_first_bad(scale, scale > 0)}")
     if term["zero_point"] is None:
         zero_point = torch.zeros(scale.shape, dtype=torch.int32)
     else:
         off, length = term["zero_point"]
-        zp = np.frombuffer(body[off : off + length], dtype=_zero_point_dtype(term["bits"]))
-        zero_point = torch.from_numpy(zp.astype(np.int32))
+        zero_point = torch.from_numpy(np.frombuffer(body[off : off + length], dtype=_zero_point_dtype(term["bits"])).astype(np.int32))
+        inside = (zero_point >= term["qmin"]) & (zero_point <= term["qmax"])
+        if not bool(inside.all()):
+            raise QuantError(f"{where}.zero_point: {_first_bad(zero_point, inside)} is outside [{term['qmin']}, {term['qmax']}]")
     if term["axis"] is None:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
     params = QParams(term["scheme"], term["bits"], scale, zero_point, term["qmin"], term["qmax"], term["axis"])
     return torch.from_numpy(codes).to(params.grid.code_dtype).reshape(shape), params
 
 
-def _mismatch(file_arch: dict[str, Any], model_arch: list[list[Any]]) -> str:
-    file_tensors = [list(e) for e in file_arch["tensors"]]
+def _first_bad(values: Tensor, good: Tensor) -> str:
+    return repr(values[~good][0].item())
+
+
+def _decode_state(header: dict[str, Any], body: memoryview) -> dict[str, Tensor]:
+    restored = {}
+    for i, entry in enumerate(header["entries"]):
+        dtype = _DTYPES[entry["dtype"]]
+        if entry["kind"] == "quantized":
+            where = f"header.entries[{i}].terms"
+            parts = tuple(_decode_term(term, body, entry["shape"], f"{where}[{j}]") for j, term in enumerate(entry["terms"]))
+            restored[entry["name"]] = dequantize_sum(parts).to(dtype)
+        else:
+            off, length = entry["data"]
+            restored[entry["name"]] = _from_raw(bytes(body[off : off + length]), dtype, entry["shape"])
+    return restored
+
+
+def _activation_params(header: dict[str, Any], model: nn.Module, original: nn.Module) -> dict[str, QParams]:
+    layers = dict(model.named_modules())
+    params = {}
+    for name, a in header["activations"].items():
+        if name not in layers:
+            raise QuantError(f"header.activations: {short_repr(name)} is not a layer of this {type(original).__name__}")
+        params[name] = QParams(a["scheme"], a["bits"], torch.tensor(float(a["scale"]), dtype=torch.float32),
+                               torch.tensor(a["zero_point"], dtype=torch.int32), a["qmin"], a["qmax"], None)
+    return params
+
+
+def _check_arch(path: Path, file_arch: dict[str, Any], model_arch: list[list[Any]], model: nn.Module) -> None:
+    if file_arch["tensors"] != model_arch:
+        raise QuantError(
+            f"{path} was written for another architecture ({short_repr(file_arch['class'])}) than "
+            f"this {type(model).__name__}: {_mismatch(file_arch['tensors'], model_arch)}"
+        )
+
+
+def _mismatch(file_tensors: list[list[Any]], model_arch: list[list[Any]]) -> str:
     for mine, theirs in zip(model_arch, file_tensors):
         if mine != theirs:
-            return f"first difference: file has {theirs}, model has {mine}"
+            return f"first difference: file has {short_repr(theirs)}, model has {mine}"
     return f"file has {len(file_tensors)} tensors, model has {len(model_arch)}"
+
+
+def read_packed_header(path: str | Path) -> dict[str, Any]:
+    """Check a packed file's prefix and header without reading its payload; returns the header.
+
+    Cheap (it reads at most the header): a caller can refuse a bad file before doing
+    the work that needs the model. :func:`load_packed` repeats these checks and then
+    checks the payload and its checksum.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    dict
+        The decoded header (``arch``, ``entries``, ``activations``, ``spec``, ...).
+
+    Raises
+    ------
+    QuantError
+        Not a regular file, not a packed file, another format version, or declared
+        lengths or a header that do not fit the file.
+
+    Examples
+    --------
+    See :func:`save_packed`.
+    """
+    path = Path(path)
+    with _open_regular(path) as handle:
+        return _read_front(path, handle).header
 
 
 def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
@@ -315,8 +676,9 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     Raises
     ------
     QuantError
-        Not a packed file, a truncated or damaged file (checksum), or a file written
-        for another architecture.
+        Not a regular file, not a packed file, a truncated or damaged file (declared
+        lengths, header, payload or checksum), or a file written for another
+        architecture. No other exception escapes for any file content.
 
     Examples
     --------
@@ -325,32 +687,18 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     path = Path(path)
     if sys.byteorder != "little":
         raise QuantError("packed files are little-endian; this machine is big-endian")
-    header, body = _read(path)
     folded = fold_batchnorm(model)
     state = folded.state_dict()
-    arch = _fingerprint(state)
-    if [list(e) for e in header["arch"]["tensors"]] != arch:
-        raise QuantError(
-            f"{path} was written for another architecture ({header['arch']['class']}) than "
-            f"this {type(model).__name__}: {_mismatch(header['arch'], arch)}"
-        )
-    try:
-        restored = {}
-        for entry in header["entries"]:
-            dtype = _DTYPES[entry["dtype"]]
-            if entry["kind"] == "quantized":
-                parts = tuple(_decode_term(term, body, entry["shape"]) for term in entry["terms"])
-                restored[entry["name"]] = dequantize_sum(parts).to(dtype)
-            else:
-                off, length = entry["data"]
-                restored[entry["name"]] = _from_raw(bytes(body[off : off + length]), dtype, entry["shape"])
-        act = {
-            name: QParams(a["scheme"], a["bits"], torch.tensor(a["scale"], dtype=torch.float32),
-                          torch.tensor(a["zero_point"], dtype=torch.int32), a["qmin"], a["qmax"], None)
-            for name, a in header["activations"].items()
-        }
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise QuantError(f"{path} is damaged: its header does not describe its payload ({err})") from None
+    with _open_regular(path) as handle:
+        front = _read_front(path, handle)
+        # The architecture is checked before the payload is read: the header's blocks,
+        # validated against it, then bound the payload by the model's own size.
+        _check_arch(path, front.header["arch"], _fingerprint(state), model)
+        with _damaged(path):
+            act = _activation_params(front.header, folded, model)
+        body = _read_body(path, handle, front)
+    with _damaged(path):
+        restored = _decode_state(front.header, body)
     device = {name: t.device for name, t in state.items()}
     folded.load_state_dict({name: t.to(device[name]) for name, t in restored.items()}, strict=True)
     activations.attach(folded, act)
