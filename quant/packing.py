@@ -39,7 +39,6 @@ import os
 import stat
 import struct
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +51,7 @@ from torch import Tensor
 
 from quant import activations
 from quant._validate import check_json, short_repr
+from quant._files import write_atomic
 from quant.bitpack import pack_bits, packed_size, unpack_bits
 from quant.errors import QuantError
 from quant.fold import fold_batchnorm
@@ -266,18 +266,7 @@ def save_packed(path: str | Path, qmodel: nn.Module, report: QuantReport, *, ove
         raise QuantError(f"{path} already exists; pass overwrite=True to replace it")
     header, payload = _encode(qmodel, report)
     front, rest = _serialize(header, payload)
-    # A fresh name beside the target (not mkstemp, whose 0600 mode would ignore the umask),
-    # then an atomic rename: a crash never leaves a partial file under ``path``.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(front)
-            handle.write(rest)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda handle: (handle.write(front), handle.write(rest)))
 
 
 def _open_regular(path: Path) -> BinaryIO:
