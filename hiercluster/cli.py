@@ -7,6 +7,9 @@ Exit codes: 0 success, 2 bad input (one line on stderr naming what is wrong),
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -44,6 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hiercluster.data import make_loader
     from hiercluster.evaluate import accuracy, collect_logits
     from hiercluster.models import build_model, count_parameters, metadata_path, save_checkpoint
+    from hiercluster.rundir import check_output_file
     from hiercluster.train import checkpoint_metadata, train_model
 
     cfg = load_config(args.config, args.overrides)
@@ -59,6 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise HierclusterError(
             f"--out {out}: the metadata JSON would be written over the weights; use a name ending in .pt"
         )
+    check_output_file(out)  # under a file, or over a run directory's own files (results.sqlite, run.json)
+    check_output_file(metadata_path(out), f"--out {out}: its metadata")
     if not args.overwrite:
         for p in (out, metadata_path(out)):
             if p.exists():
@@ -110,6 +116,12 @@ def _run_dir(args: argparse.Namespace, cfg) -> Path:
     return Path(args.out) if args.out else Path(cfg.output.dir)
 
 
+def _command_line(args: argparse.Namespace) -> str:
+    """``hiercluster run CONFIG``: how a command holding a run directory's lock is named to the others."""
+    target = getattr(args, "config", None) or getattr(args, "run_dir", None) or ""
+    return f"hiercluster {args.command} {target}".strip()
+
+
 def _print_levels_table(rows: list[dict], title: str) -> None:
     print(title)
     print(f"  {'level':<10} {'k':>3} {'float %':>8} {'quant %':>8} {'drop pp':>8} {'random drop':>12} {'advantage':>10}")
@@ -128,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = _run_dir(args, cfg)
     try:
-        summary = run_pipeline(cfg, out, progress=not args.quiet)
+        summary = run_pipeline(cfg, out, progress=not args.quiet, force=args.force, command=_command_line(args))
     except KeyboardInterrupt:
         print(
             f"hiercluster run: interrupted; finished specs are saved in {out / 'results.sqlite'}. "
@@ -149,10 +161,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from hiercluster.report import format_headline, headline, load_run, write_report
+    from hiercluster.rundir import RunLock, check_is_run
 
-    path = write_report(args.run_dir)
-    info, rows, store = load_run(args.run_dir)
-    store.close()
+    check_is_run(Path(args.run_dir))  # before the lock, which would create a missing folder
+    with RunLock(args.run_dir, _command_line(args), other_out=False):
+        path = write_report(args.run_dir)
+        info, rows, store = load_run(args.run_dir)
+        store.close()
     names = {name: lv["names"] for name, lv in info["levels"].items()}
     print(format_headline(headline(rows, info["tolerance"]), names, info["tolerance"]))
     print(f"\nreport: {path}")
@@ -161,14 +176,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_hierarchy(args: argparse.Namespace) -> int:
     from hiercluster.config import load_config
-    from hiercluster.pipeline import check_run_dir, check_same_levels, prepare, write_hierarchy_files
+    from hiercluster.pipeline import prepare, write_hierarchy_files
+    from hiercluster.rundir import RunLock, check_run_dir, check_same_hierarchy
 
     cfg = load_config(args.config, args.overrides)
     out = _run_dir(args, cfg)
     check_run_dir(out)
-    prep = prepare(cfg, out, progress=not args.quiet)
-    check_same_levels(prep, out)
-    write_hierarchy_files(prep, out)
+    with RunLock(out, _command_line(args)):
+        prep = prepare(cfg, out, progress=not args.quiet)
+        check_same_hierarchy(prep, out)
+        write_hierarchy_files(prep, out)
     h = prep.hierarchy
     print(f"class hierarchy from {cfg.hierarchy.embedding} ({h.linkage} linkage, {h.metric} metric):")
     for name, (k, _, kind) in prep.levels.items():
@@ -208,19 +225,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import json
 
     import quant
+    from quant._files import write_text_atomic
 
     from hiercluster.config import data_root, load_config, resolve_path
     from hiercluster.data import dataset_info, load_dataset
     from hiercluster.models import metadata_path
-    from hiercluster.pipeline import GridPoint, calibration_settings, load_calibration, load_float_model
+    from hiercluster.pipeline import GridPoint, calibration_settings, check_plans_fit, load_calibration, load_float_model
+    from hiercluster.rundir import check_output_file
 
     cfg = load_config(args.config, args.overrides)
     if args.method not in quant.METHODS:
         raise HierclusterError(f"--method {args.method!r} is not a method; allowed: {', '.join(quant.METHODS)}")
     out = Path(args.out)
     report_file = out.with_name(out.name + ".json")
+    check_output_file(out)
     if out.suffix in (".json", ".pt", ".pth", ".yaml"):
         raise HierclusterError(f"--out {out}: use a name ending in .hcq for the packed model (not {out.suffix})")
+    check_output_file(report_file, f"--out {out}: its report")
     if not args.overwrite:
         for p in (out, report_file):
             if p.exists():
@@ -235,6 +256,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     info = dataset_info(load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download))
     model, ckpt = load_float_model(cfg, list(info["classes"]), info["in_channels"])
     point = GridPoint(spec, plan, method=args.method, bn_reestimate=args.bn_reestimate)
+    check_plans_fit(model, [point], str(ckpt))  # before calibration data is loaded
     calibration = load_calibration(cfg, point.calibration_user) if point.needs_calibration else None
     try:
         qmodel, report = quant.quantize_model(
@@ -246,7 +268,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     sizes = quant.model_size(qmodel, report)
     out.parent.mkdir(parents=True, exist_ok=True)
     quant.save_packed(out, qmodel, report, overwrite=args.overwrite)
-    report_file.write_text(
+    write_text_atomic(
+        report_file,
         json.dumps({"checkpoint": str(ckpt), "spec": spec.to_dict(), "plan": plan.to_dict(), "method": point.method,
                     "bn_reestimate": point.bn_reestimate,
                     "calibration": calibration_settings(cfg) if calibration is not None else None,
@@ -269,20 +292,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from hiercluster.config import load_config
     from hiercluster.evaluate import collect_logits
-    from hiercluster.pipeline import check_run_dir, level_metrics, prepare
+    from hiercluster.pipeline import level_metrics, prepare
+    from hiercluster.rundir import RunLock, check_run_dir
 
     cfg = load_config(args.config, args.overrides)
     packed = Path(args.packed)
-    if not packed.is_file():
-        raise HierclusterError(f"packed model not found: {packed}")
+    if packed.is_dir():
+        raise HierclusterError(f"--packed {packed} is a folder; give a packed model file (.hcq, from `hiercluster quantize`)")
     out = _run_dir(args, cfg)
     check_run_dir(out)
-    prep = prepare(cfg, out, progress=not args.quiet)
     try:
-        qmodel = quant.load_packed(packed, prep.model)
+        quant.read_packed_header(packed)  # its header is checked before the data and the model are loaded
     except quant.QuantError as exc:
         raise HierclusterError(str(exc)) from None
-    qlogits, _ = collect_logits(qmodel, prep.loader())
+    with RunLock(out, _command_line(args)):
+        prep = prepare(cfg, out, progress=not args.quiet)
+        try:
+            qmodel = quant.load_packed(packed, prep.model)
+        except quant.QuantError as exc:
+            raise HierclusterError(str(exc)) from None
+        qlogits, _ = collect_logits(qmodel, prep.loader())
     rows = level_metrics(prep, qlogits)
     _print_levels_table(rows, f"{packed} against merged heads ({cfg.eval.reduction}, {cfg.eval.random_seeds} random groupings):")
     return EXIT_OK
@@ -324,12 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    run_like(
+    p = run_like(
         "run", "everything: float logits, hierarchy, the quantization sweep, results and report",
         "Evaluate the float model once, build the class hierarchy, quantize and evaluate every spec of the "
         "config's quant grid against every level and its random baseline, store results in DIR/results.sqlite "
         "(re-running resumes), and write DIR/report.md with plots. Prints the headline table.",
         cmd_run,
+    )
+    p.add_argument(
+        "--force", action="store_true",
+        help="run into a directory that holds a run of another grid (its report then describes only this grid)",
     )
     run_like(
         "hierarchy", "build and save the class hierarchy, its levels and dendrogram",
@@ -371,16 +404,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A full disk (or a file-size limit) and a folder that cannot be written are the user's to fix.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_problem(exc: BaseException, command: str) -> str | None:
+    """One line for a full disk or an unwritable folder, or None for any other error (a bug).
+
+    ``OSError`` carries an errno; SQLite says the same things in words
+    ("database or disk is full", "attempt to write a readonly database", "disk I/O error").
+    Work that finished is never undone by such an error: results are committed per spec
+    and files are replaced atomically, so the advice is to fix the cause and re-run.
+    """
+    resume = "finished specs are saved; " if command in ("run", "evaluate", "hierarchy") else ""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"no space left on the device{where} ({os.strerror(exc.errno)}); {resume}free space and re-run"
+    if isinstance(exc, OSError) and exc.errno in _NOT_WRITABLE:
+        where = exc.filename or "a file"
+        return f"cannot write {where} ({os.strerror(exc.errno)}); {resume}make it writable or choose another --out, and re-run"
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        if "full" in text or "disk I/O error" in text:
+            return f"the results database could not be written (SQLite: {text}); {resume}free space and re-run"
+        if "readonly" in text or "unable to open database file" in text:
+            return (
+                f"the results database could not be written (SQLite: {text}); {resume}"
+                "make the run directory writable or choose another --out, and re-run"
+            )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except HierclusterError as exc:
-        print(f"hiercluster {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"hiercluster {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    from hiercluster.interrupt import handle_interrupts, requested
+
+    with handle_interrupts():
+        try:
+            code = args.func(args)
+        except HierclusterError as exc:
+            print(f"hiercluster {args.command}: error: {exc}", file=sys.stderr)
+            code = EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print(f"hiercluster {args.command}: interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        except (OSError, sqlite3.Error) as exc:
+            problem = storage_problem(exc, args.command)
+            if problem is None:
+                raise
+            print(f"hiercluster {args.command}: error: {problem}", file=sys.stderr)
+            code = EXIT_BAD_INPUT
+        if requested() and code != EXIT_INTERRUPTED:  # Ctrl-C during a step that had no check left
+            print(f"hiercluster {args.command}: interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+    return code
 
 
 if __name__ == "__main__":

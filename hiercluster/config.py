@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from hiercluster.errors import HierclusterError, read_text, short_repr
+from quant._files import write_text_atomic
 from quant.spec import CLIPPINGS, GRANULARITIES, MAX_BITS, MIN_BITS, SCHEMES
 
 # The largest YAML text read (a config, a grouping file, one --set value). The shipped
@@ -574,7 +575,7 @@ def load_yaml_text(text: str, where: str) -> Any:
     >>> load_yaml_text("a: &a [*a]", "x.yaml")
     Traceback (most recent call last):
     ...
-    hiercluster.errors.HierclusterError: x.yaml: the alias *a at a[0] refers to a value that contains it ...
+    hiercluster.errors.HierclusterError: x.yaml: the alias *a at a[0] refers to a value that contains it (a value cannot contain itself)
     """
     try:
         size = len(text.encode("utf-8"))
@@ -682,5 +683,5 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (the run's record of what was used)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path

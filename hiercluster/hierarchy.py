@@ -34,13 +34,37 @@ import yaml
 from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
 
-from hiercluster.errors import HierclusterError, read_text
+from hiercluster.config import read_yaml
+from hiercluster.errors import HierclusterError, read_text, short_repr
 from hiercluster.heads import Groups, _named_sets, as_assignment, group_names
+from quant._files import write_text_atomic
+from quant._validate import check_json
 
 LINKAGES = ("ward", "average", "complete", "single", "weighted")
 METRICS = ("cosine", "euclidean", "precomputed")
 _FORMAT = "hiercluster.ClassHierarchy"
 _FORMAT_VERSION = 1
+# A tree of 1,000 classes is a few MB (each node lists its members); far more is not a hierarchy file.
+MAX_HIERARCHY_BYTES = 64 * 1024 * 1024
+# The shape of what to_json writes (check_json's form; "?" marks a key some nodes lack).
+_JSON_SPEC = {
+    "directed": bool,
+    "multigraph": bool,
+    "graph": {
+        "hiercluster": {
+            "format": str,
+            "version": int,
+            "linkage": (str, None),
+            "metric": (str, None),
+            "names": (dict, None),
+            "class_names": [str],
+            "defined_levels": [int],
+            "linkage_matrix": [[float]],
+        }
+    },
+    "nodes": [{"id": int, "height": float, "members": [int], "name?": str}],
+    "edges": [{"source": int, "target": int}],
+}
 
 
 def read_groups(path: str | Path) -> dict[str, list[Any]]:
@@ -50,12 +74,7 @@ def read_groups(path: str | Path) -> dict[str, list[Any]]:
     example by :func:`~hiercluster.heads.as_assignment`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise HierclusterError(f"grouping file not found: {path}")
-    try:
-        data = yaml.safe_load(read_text(path, "grouping file"))
-    except yaml.YAMLError as exc:
-        raise HierclusterError(f"grouping file {path} is not valid YAML: {exc}") from None
+    data = read_yaml(path, "grouping file")
     if not isinstance(data, dict) or not data:
         raise HierclusterError(f"grouping file {path} must hold a mapping {{superclass name: [class names]}}")
     for name, members in data.items():
@@ -99,6 +118,38 @@ def _check_linkage(Z: np.ndarray, n: int, source: str) -> None:
             if not 0 <= child < n + r or child in seen:
                 raise HierclusterError(f"{source}: row {r} merges node {child}, which is not an available cluster")
             seen.add(int(child))
+
+
+def _read_hierarchy_json(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(graph["hiercluster"], whole file)`` of a hierarchy file, with its shape and values checked."""
+    text = read_text(path, "hierarchy file", max_bytes=MAX_HIERARCHY_BYTES)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5,000-digit integer, nesting too deep
+        raise HierclusterError(f"{path} is not a hierarchy written by ClassHierarchy.to_json (not JSON: {exc})") from None
+    meta = data.get("graph", {}).get("hiercluster") if isinstance(data, dict) and isinstance(data.get("graph"), dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise HierclusterError(f"{path} is not a hierarchy written by ClassHierarchy.to_json (no {_FORMAT} entry)")
+    if meta.get("version") != _FORMAT_VERSION:
+        raise HierclusterError(
+            f"{path} has hierarchy format version {short_repr(meta.get('version'))}; this version reads {_FORMAT_VERSION}"
+        )
+    try:
+        check_json(data, _JSON_SPEC, "", error=HierclusterError)
+        n = len(meta["class_names"])
+        if len(set(meta["class_names"])) != n:
+            raise HierclusterError(".graph.hiercluster.class_names: class names must be unique")
+        if any(len(row) != 4 for row in meta["linkage_matrix"]):
+            raise HierclusterError(".graph.hiercluster.linkage_matrix: every row must hold 4 numbers")
+        if not meta["defined_levels"] or any(not 1 <= k <= n for k in meta["defined_levels"]):
+            raise HierclusterError(f".graph.hiercluster.defined_levels: expected levels in 1..{n}, got "
+                                   f"{short_repr(meta['defined_levels'])}")
+        for name, members in (meta["names"] or {}).items():
+            check_json(members, [str], f".graph.hiercluster.names.{name}", error=HierclusterError)
+    except HierclusterError as exc:
+        where = str(exc).lstrip(".")
+        raise HierclusterError(f"hierarchy file {path} is damaged: {where.lstrip(': ')}") from None
+    return meta, data
 
 
 class ClassHierarchy:
@@ -362,7 +413,7 @@ class ClassHierarchy:
         path = Path(path)
         text = yaml.safe_dump(self.groups(k), sort_keys=False, allow_unicode=True, default_flow_style=None)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        write_text_atomic(path, text)
         return path
 
     def to_json(self, path: str | Path) -> Path:
@@ -387,33 +438,32 @@ class ClassHierarchy:
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1) + "\n")
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
         return path
 
     @classmethod
     def from_json(cls, path: str | Path) -> ClassHierarchy:
-        """Read a hierarchy written by :meth:`to_json`."""
+        """Read a hierarchy written by :meth:`to_json`.
+
+        The file is validated before use: its size (``MAX_HIERARCHY_BYTES``), its shape
+        (every field :meth:`to_json` writes, with its type), the linkage matrix, and that
+        the node-link tree is the tree of that matrix. Any problem is one
+        :class:`HierclusterError` naming the file and the place in it.
+        """
         path = Path(path)
         if not path.is_file():
             raise HierclusterError(f"hierarchy file not found: {path}")
-        try:
-            data = json.loads(read_text(path, "hierarchy file"))
-            meta = data["graph"]["hiercluster"]
-            if meta.get("format") != _FORMAT:
-                raise KeyError("format")
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise HierclusterError(f"{path} is not a hierarchy written by ClassHierarchy.to_json ({exc})") from None
-        if meta.get("version") != _FORMAT_VERSION:
-            raise HierclusterError(
-                f"{path} has hierarchy format version {meta.get('version')}; this version reads {_FORMAT_VERSION}"
-            )
-        tree = nx.node_link_graph(data, directed=True, multigraph=False, edges="edges")
-        tree.graph.pop("hiercluster")
-        names = [str(c) for c in meta["class_names"]]
+        meta, data = _read_hierarchy_json(path)
+        names = meta["class_names"]
         Z = np.asarray(meta["linkage_matrix"], dtype=np.float64).reshape(-1, 4)
         _check_linkage(Z, len(names), str(path))
         hier = cls(linkage=meta["linkage"], metric=meta["metric"], names=meta["names"])
-        hier._set_fitted(Z, names, [int(k) for k in meta["defined_levels"]])
+        try:
+            hier._set_fitted(Z, names, meta["defined_levels"])
+        except HierclusterError as exc:  # superclass names that do not fit the classes
+            raise HierclusterError(f"hierarchy file {path} is damaged: {exc}") from None
+        tree = nx.node_link_graph(data, directed=True, multigraph=False, edges="edges")
+        tree.graph.pop("hiercluster")
         expected = hier.tree_
         if set(tree.edges) != set(expected.edges) or dict(tree.nodes(data=True)) != dict(expected.nodes(data=True)):
             raise HierclusterError(

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hiercluster.errors import HierclusterError, read_text, short_repr
-from quant._files import write_atomic, write_text_atomic
+from quant._files import save_torch_atomic, write_text_atomic
 from quant._validate import check_json
 
 # How torch's weights-only unpickler names an object it refuses, e.g. "GLOBAL posix.system".
@@ -375,7 +375,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
                 raise HierclusterError(f"{p} exists; choose another path or pass overwrite (--overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Each file whole or not at all: with --overwrite, a full disk must not leave the old model half-replaced.
-    write_atomic(path, lambda handle: torch.save(model.state_dict(), handle))
+    save_torch_atomic(path, model.state_dict())
     write_text_atomic(meta_file, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return path
 

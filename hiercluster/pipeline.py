@@ -17,6 +17,7 @@ import dataclasses
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,32 @@ import torch
 import torch.nn as nn
 
 import quant
+from quant._files import save_torch_atomic
+from hiercluster import interrupt
 from hiercluster.config import RunConfig, data_root, read_yaml, resolve_path, save_config
 from hiercluster.data import cifar100_coarse_groups, dataset_info, load_dataset, make_loader
-from hiercluster.errors import HierclusterError, read_text
+from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
 from hiercluster.heads import as_assignment, group_names
 from hiercluster.hierarchy import ClassHierarchy, build_hierarchy
 from hiercluster.models import build_model, check_fits_data, classifier_layer, load_checkpoint, metadata_path, read_metadata
-from hiercluster.store import ResultsStore, file_digest, method_label, spec_key
+from hiercluster.rundir import (  # noqa: F401  (file names and checks importable from here as before)
+    CONFIG_FILE,
+    CSV_FILE,
+    DB_FILE,
+    HIERARCHY_FILE,
+    LOGITS_FILE,
+    PACKED_CACHE_DIR,
+    RUN_FILE,
+    RunLock,
+    check_run_dir,
+    check_same_grid,
+    check_same_hierarchy,
+    check_same_levels,
+    write_json,
+)
+from hiercluster.store import ResultsStore, check_database, file_digest, method_label, spec_key
 
-RUN_FILE = "run.json"
-DB_FILE = "results.sqlite"
-LOGITS_FILE = "float_logits.pt"
-HIERARCHY_FILE = "hierarchy.json"
-PACKED_CACHE_DIR = "packed"  # bit-packed calibrated models of the sweep, by spec key, for export without refitting
 PLAN_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]{0,63}")
 # Bumped whenever a stored result's meaning changes, so that results of older code are never reused.
 SCHEMA_VERSION = 2
@@ -351,17 +364,25 @@ def _read_grouping(value: str, cfg: RunConfig, key: str, dataset: Any = None) ->
     return groups
 
 
-def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True, calibration_for: str | None = None) -> Prepared:
+def prepare(
+    cfg: RunConfig,
+    out_dir: Path,
+    progress: bool = True,
+    calibration_for: str | None = None,
+    grid: Sequence[GridPoint] = (),
+) -> Prepared:
     """Load the model and data, get the float logits (cached) and build the hierarchy.
 
     ``calibration_for`` (what needs it, e.g. ``"method 'gptq'"``) also loads the
-    calibration set, before any long work, so that its errors come first.
+    calibration set, before any long work, so that its errors come first; so are the
+    ``grid``'s plans checked against the model's layers (:func:`check_plans_fit`).
     """
     t0 = time.perf_counter()
     root = data_root(cfg)
     eval_set = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
     class_names = list(eval_set.classes)
     model, ckpt = load_float_model(cfg, class_names, int(dataset_info(eval_set)["in_channels"]))
+    check_plans_fit(model, grid, cfg.model.checkpoint)
     digest = file_digest(ckpt)
     timings = {"load_s": time.perf_counter() - t0}
     calibration = None
@@ -391,7 +412,7 @@ def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True, calibration_fo
         loader = make_loader(eval_set, cfg.data.batch_size, num_workers=cfg.data.workers)
         logits, labels = collect_logits(model, loader, progress=progress, desc="float model")
         out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"id": json.dumps(data_id, sort_keys=True), "logits": logits, "labels": labels}, cache)
+        save_torch_atomic(cache, {"id": json.dumps(data_id, sort_keys=True), "logits": logits, "labels": labels})
     timings["float_eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -405,6 +426,28 @@ def prepare(cfg: RunConfig, out_dir: Path, progress: bool = True, calibration_fo
         cfg, out_dir, model, digest, class_names, eval_set, labels, logits, hierarchy, levels, reference, timings,
         calibration,
     )
+
+
+def check_plans_fit(model: nn.Module, grid: Sequence[GridPoint], model_name: str | None = None) -> None:
+    """Refuse a plan of the grid that leaves every layer of ``model`` float, before any work on it.
+
+    Such a plan quantizes nothing (``quant.quantize_model`` refuses it), and finding that
+    out after the float evaluation, halfway through a sweep, wastes the run. A plan's
+    ``skip`` patterns decide alone which layers stay float (:meth:`quant.QuantPlan.rule_for`).
+    """
+    from quant.model import quantizable_layers
+
+    names = [name for name, _ in quantizable_layers(model)]
+    what = f"model {model_name}" if model_name else f"the {type(model).__name__} model"
+    if grid and not names:
+        raise HierclusterError(f"{what} has no Conv or Linear layer to quantize")
+    for plan in dict.fromkeys(p.plan for p in grid):
+        if all(plan.is_skipped(name) for name in names):
+            raise HierclusterError(
+                f"config key quant.plans: plan {plan.name!r} leaves every layer of {what} float (skip patterns "
+                f"{short_repr(list(plan.skip))} match all {len(names)} of its layers): nothing to quantize; "
+                "narrow its skip patterns or remove the plan"
+            )
 
 
 def _build_hierarchy(cfg: RunConfig, model: nn.Module, class_names: list[str], root: Path | None) -> ClassHierarchy:
@@ -549,37 +592,47 @@ def evaluate_point(point: GridPoint, prep: Prepared, key: str) -> dict[str, Any]
     }
 
 
-def check_run_dir(out_dir: Path) -> None:
-    """Refuse a non-empty folder that is not a hiercluster run (never overwrite a user's files)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise HierclusterError(f"--out {out_dir} is a file, not a folder")
-    ours = (RUN_FILE, DB_FILE, LOGITS_FILE, HIERARCHY_FILE)  # any command writing a run directory leaves one
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / name).exists() for name in ours):
-        raise HierclusterError(
-            f"--out {out_dir} is a non-empty folder that is not a hiercluster run directory; choose another folder"
-        )
-
-
-def run_pipeline(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def run_pipeline(
+    cfg: RunConfig, out_dir: str | Path, progress: bool = True, force: bool = False, command: str | None = None
+) -> dict[str, Any]:
     """``hiercluster run``: the whole sweep into ``out_dir``; returns the run summary.
 
-    Re-running on the same ``out_dir`` skips the specs already in its results store.
+    Re-running on the same ``out_dir`` skips the specs already in its results store. A
+    directory that holds a run of another grid is refused unless ``force``. The
+    directory is locked for the whole run (``command`` is what a second command is told
+    holds it); paths and the config are checked before anything is written.
     """
-    from hiercluster.report import export_models, headline, write_report
-
     out_dir = Path(out_dir)
     check_run_dir(out_dir)
     grid = expand_grid(cfg)
+    with RunLock(out_dir, command or " ".join(["hiercluster run", cfg.source or ""]).strip()):
+        check_same_grid(cfg, [p.tag for p in grid], out_dir, _recorded_checkpoint_digest(cfg, out_dir), force)
+        check_database(out_dir / DB_FILE)  # a damaged database is refused before the run rewrites its records
+        return _sweep(cfg, grid, out_dir, progress)
+
+
+def _recorded_checkpoint_digest(cfg: RunConfig, out_dir: Path) -> str | None:
+    """The digest of the config's checkpoint, only when ``out_dir`` holds a run to compare it with."""
+    if not (out_dir / RUN_FILE).is_file() or not cfg.model.checkpoint:
+        return None
+    path = resolve_path(cfg.model.checkpoint, cfg.source)
+    return file_digest(path) if path.is_file() else None  # a missing file is prepare's error
+
+
+def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool) -> dict[str, Any]:
+    """The run itself, in a locked and checked run directory."""
+    from hiercluster.report import export_models, headline, write_report
+
     start = time.perf_counter()
     user = next((p.calibration_user for p in grid if p.needs_calibration), None)
-    prep = prepare(cfg, out_dir, progress=progress, calibration_for=user)
+    prep = prepare(cfg, out_dir, progress=progress, calibration_for=user, grid=grid)
     if cfg.output.export_models:
         prep.packed_cache = out_dir / PACKED_CACHE_DIR
-    save_config(cfg, out_dir / "config.yaml")
+    save_config(cfg, out_dir / CONFIG_FILE)
     write_hierarchy_files(prep, out_dir)
     keys = [_grid_key(p, prep) for p in grid]
     run_info = _run_info(prep, grid, keys)
-    (out_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+    write_json(out_dir / RUN_FILE, run_info)
 
     with ResultsStore(out_dir / DB_FILE) as store:
         done = store.done_keys()
@@ -588,6 +641,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
 
         bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="quant specs", unit="spec", disable=not progress)
         for point, key in todo:
+            interrupt.check()  # Ctrl-C between specs: the finished ones are all in the store
             bar.set_postfix_str(point.tag)
             result = evaluate_point(point, prep, key)
             store.add_spec(**result)
@@ -595,36 +649,15 @@ def run_pipeline(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
         bar.close()
         sweep_s = time.perf_counter() - start
         rows = store.results(keys)
-        store.export_csv(out_dir / "results.csv", keys)
+        store.export_csv(out_dir / CSV_FILE, keys)
     run_info["timings"] = {**prep.timings, "sweep_s": sweep_s, "specs_run": len(todo), "specs_total": len(grid)}
-    (out_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+    write_json(out_dir / RUN_FILE, run_info)
     if cfg.output.export_models:
         export_models(prep, grid, keys, rows, out_dir)
     report = write_report(out_dir)
     run_info["timings"]["total_s"] = time.perf_counter() - start
-    (out_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+    write_json(out_dir / RUN_FILE, run_info)
     return {"run_dir": str(out_dir), "report": str(report), "headline": headline(rows, cfg.eval.tolerance), **run_info}
-
-
-def check_same_levels(prep: Prepared, out_dir: Path) -> None:
-    """Refuse to replace the hierarchy files of a finished run with a different hierarchy.
-
-    ``hiercluster run`` may change its own directory's hierarchy (its report follows);
-    the ``hierarchy`` subcommand must not leave a run whose files disagree with its report.
-    """
-    run_file = out_dir / RUN_FILE
-    if not run_file.is_file():
-        return
-    try:
-        recorded = {name: lv["assignment"] for name, lv in json.loads(read_text(run_file, "run file"))["levels"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        recorded = None
-    current = {name: a.tolist() for name, (_, a, _) in prep.levels.items()}
-    if recorded != current:
-        raise HierclusterError(
-            f"{out_dir} holds a run whose hierarchy differs from this one; writing it there would make the "
-            "run's files disagree with its report. Choose another --out."
-        )
 
 
 def write_hierarchy_files(prep: Prepared, out_dir: Path) -> None:

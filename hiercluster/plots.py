@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hiercluster.errors import HierclusterError
+from quant._files import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,7 +35,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Write ``fig`` as a PNG at ``path`` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
     return path
 
 

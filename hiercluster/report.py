@@ -15,6 +15,7 @@ from typing import Any
 from hiercluster.errors import HierclusterError, read_text
 from hiercluster.evaluate import min_bits
 from hiercluster.store import ResultsStore, method_label
+from quant._files import write_text_atomic
 
 
 def row_method(row: dict[str, Any]) -> str:
@@ -44,21 +45,23 @@ def rtn_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], ResultsStore]:
-    """``(run.json, result rows of the run's current grid, open store)`` of a run directory."""
-    from hiercluster.pipeline import DB_FILE, RUN_FILE
+    """``(run.json, result rows of the run's current grid, open store)`` of a run directory.
+
+    ``run.json`` is validated (:func:`hiercluster.rundir.read_run_info`) and the rows are
+    read through the store's checks, so a damaged run directory is one clear error.
+    """
+    from hiercluster.rundir import DB_FILE, check_is_run, read_run_info
 
     run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).is_file() or not (run_dir / DB_FILE).is_file():
-        raise HierclusterError(f"{run_dir} is not a hiercluster run directory (no {RUN_FILE} or {DB_FILE})")
-    try:
-        info = json.loads(read_text(run_dir / RUN_FILE, "run file"))
-        keys = [g["key"] for g in info["grid"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise HierclusterError(
-            f"{run_dir / RUN_FILE} is damaged ({type(exc).__name__}: {exc}); run `hiercluster run` again on this folder"
-        ) from None
+    check_is_run(run_dir)
+    info = read_run_info(run_dir)
     store = ResultsStore(run_dir / DB_FILE)
-    return info, store.results(keys), store
+    try:
+        rows = store.results([g["key"] for g in info["grid"]])
+    except BaseException:
+        store.close()
+        raise
+    return info, rows, store
 
 
 def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
@@ -228,7 +231,7 @@ def write_report(run_dir: str | Path) -> Path:
     finally:
         store.close()
     path = run_dir / "report.md"
-    path.write_text(md)
+    write_text_atomic(path, md)
     return path
 
 
@@ -356,7 +359,7 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
         for cls, g in zip(prep.class_names, assignment.tolist()):
             groups[names[g]].append(cls)
         group_file = model_dir / f"{t['level'].replace('=', '')}_groups.yaml"
-        group_file.write_text(yaml.safe_dump(dict(groups), sort_keys=False))
+        write_text_atomic(group_file, yaml.safe_dump(dict(groups), sort_keys=False))
         manifest["levels"][t["level"]] = {
             "model": written[w["spec_key"]],
             "spec_key": w["spec_key"],
@@ -366,5 +369,5 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
             "tag": w["tag"],
             "drop_pp": w["drop"],
         }
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest_path

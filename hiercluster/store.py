@@ -11,14 +11,20 @@ everything that affects its result, which is how a re-run knows what to skip.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import io
 import json
+import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from hiercluster.errors import HierclusterError
+from hiercluster.errors import HierclusterError, short_repr
+from quant._files import write_text_atomic
+
+_T = TypeVar("_T")
 
 # Column name -> SQLite type, in CSV order.
 SPEC_COLUMNS: dict[str, str] = {
@@ -91,8 +97,38 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# SQLite errors that say nothing about the file's contents: a full disk, a read-only folder or
+# file, a file that cannot be opened, another writer. Moving such a database away would throw
+# good results away, so they are never reported as damage (the CLI names the cause).
+_NOT_DAMAGE = ("full", "readonly", "read-only", "unable to open", "locked", "disk I/O error")
+
+
+def _guarded(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run a store operation; a damaged database file becomes one :class:`HierclusterError`.
+
+    SQLite finds damaged pages when a query reads them, not when the file is opened, so
+    every operation is guarded, not only the opening.
+    """
+
+    @functools.wraps(method)
+    def guarded(self: ResultsStore, *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and any(s in str(exc) for s in _NOT_DAMAGE):
+                raise
+            raise self.damaged(str(exc)) from None
+
+    return guarded
+
+
 class ResultsStore:
     """The SQLite database of a run directory (``results.sqlite``).
+
+    A damaged file is a :class:`HierclusterError` at whichever operation meets the damage.
+    Before every write the file is checked to be the one opened: a database deleted or
+    replaced while a run goes on would otherwise take the run's results into a file no
+    one can see.
 
     Examples
     --------
@@ -104,23 +140,41 @@ class ResultsStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise HierclusterError(f"results database {self.path} is a folder, not a file; move it away and run again")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._con = sqlite3.connect(self.path)
-        cols = ", ".join(f'"{c}" {t}' for c, t in {**SPEC_COLUMNS, **LEVEL_COLUMNS}.items())
         try:
-            with self._con:
-                self._con.execute(f"CREATE TABLE IF NOT EXISTS results ({cols}, PRIMARY KEY (spec_key, level))")
-                self._con.execute(
-                    "CREATE TABLE IF NOT EXISTS specs (spec_key TEXT PRIMARY KEY, spec_json TEXT, plan_json TEXT, "
-                    "prediction_share TEXT, layers TEXT)"
-                )
-                self._add_missing_columns()
-            self._con.execute("SELECT spec_key FROM specs LIMIT 1").fetchall()
-        except sqlite3.DatabaseError as exc:
+            self._create_tables()
+            self._identity = _identity(self.path)
+        except BaseException:
             self._con.close()
-            raise HierclusterError(
-                f"results database {self.path} is damaged ({exc}); move it away and run again to recompute"
-            ) from None
+            raise
+
+    def damaged(self, why: str) -> HierclusterError:
+        """The error for a damaged database file (``why``: what SQLite or the check found)."""
+        why = " ".join(why.replace("*** in database main ***", "").split())  # SQLite's report spans lines
+        if len(why) > 120:
+            why = why[:117] + "..."
+        return HierclusterError(
+            f"results database {self.path} is damaged ({why}); "
+            "move it away and run again to recompute"
+        )
+
+    @_guarded
+    def _create_tables(self) -> None:
+        cols = ", ".join(f'"{c}" {t}' for c, t in {**SPEC_COLUMNS, **LEVEL_COLUMNS}.items())
+        with self._con:
+            self._con.execute(f"CREATE TABLE IF NOT EXISTS results ({cols}, PRIMARY KEY (spec_key, level))")
+            self._con.execute(
+                "CREATE TABLE IF NOT EXISTS specs (spec_key TEXT PRIMARY KEY, spec_json TEXT, plan_json TEXT, "
+                "prediction_share TEXT, layers TEXT)"
+            )
+            self._add_missing_columns()
+        # Reads every page once (cheap next to any run): damage is found before work that would need the file.
+        first = self._con.execute("PRAGMA quick_check(1)").fetchone()
+        if first is None or first[0] != "ok":
+            raise self.damaged(first[0] if first else "its integrity check returned nothing")
 
     def _add_missing_columns(self) -> None:
         """Give a database written by older code the columns added since (their old rows stay NULL there).
@@ -133,6 +187,18 @@ class ResultsStore:
             if name not in have:
                 self._con.execute(f'ALTER TABLE results ADD COLUMN "{name}" {sql_type}')
 
+    def _check_same_file(self) -> None:
+        """Refuse to write when the database file was deleted or replaced since it was opened."""
+        try:
+            same = _identity(self.path) == self._identity
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise HierclusterError(
+                f"results database {self.path} was deleted or replaced while this command ran: the specs finished "
+                "so far are no longer saved there; run the same command again to recompute them"
+            )
+
     def close(self) -> None:
         self._con.close()
 
@@ -142,10 +208,12 @@ class ResultsStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_guarded
     def done_keys(self) -> set[str]:
         """Keys of the specs whose results are complete."""
         return {r[0] for r in self._con.execute("SELECT spec_key FROM specs")}
 
+    @_guarded
     def add_spec(
         self,
         spec_row: dict[str, Any],
@@ -156,6 +224,7 @@ class ResultsStore:
         layers: Sequence[dict[str, Any]],
     ) -> None:
         """Write one finished spec: its level rows and its details, in one transaction."""
+        self._check_same_file()
         key = spec_row["spec_key"]
         cols = ", ".join(f'"{c}"' for c in RESULT_COLUMNS)
         marks = ", ".join("?" for _ in RESULT_COLUMNS)
@@ -171,38 +240,77 @@ class ResultsStore:
                  json.dumps(layers, default=_plain)),
             )
 
+    @_guarded
     def results(self, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        """Rows of ``results`` as dicts (only those of ``keys`` when given), in insertion order."""
+        """Rows of ``results`` as dicts (only those of ``keys`` when given), in insertion order.
+
+        Every value is checked against its column's type: a row edited by hand into nonsense
+        is reported as damage here, not as a ``TypeError`` deep inside the report.
+        """
         cur = self._con.execute("SELECT * FROM results ORDER BY rowid")
         names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, r)) for r in cur]
-        if keys is not None:
-            wanted = set(keys)
-            rows = [r for r in rows if r["spec_key"] in wanted]
+        wanted = set(keys) if keys is not None else None
+        rows = []
+        for values in cur:
+            row = dict(zip(names, values))
+            if wanted is None or row["spec_key"] in wanted:
+                self._check_types(row)
+                rows.append(row)
         return rows
 
+    def _check_types(self, row: dict[str, Any]) -> None:
+        for column, sql_type in _COLUMN_TYPES.items():
+            value = row.get(column)
+            if value is not None and not isinstance(value, _PYTHON_TYPES[sql_type]):
+                raise self.damaged(
+                    f"the {column} of spec {short_repr(row.get('spec_key'), 30)} is {short_repr(value, 30)}, "
+                    f"not {sql_type.lower()}"
+                )
+
+    @_guarded
     def spec_details(self, key: str) -> dict[str, Any] | None:
         """The ``specs`` row of ``key`` with its JSON decoded, or None."""
         row = self._con.execute("SELECT * FROM specs WHERE spec_key = ?", (key,)).fetchone()
         if row is None:
             return None
-        return {
-            "spec_key": row[0],
-            "spec": json.loads(row[1]),
-            "plan": json.loads(row[2]),
-            "prediction_share": json.loads(row[3]),
-            "layers": json.loads(row[4]),
-        }
+        try:
+            return {
+                "spec_key": row[0],
+                "spec": json.loads(row[1]),
+                "plan": json.loads(row[2]),
+                "prediction_share": json.loads(row[3]),
+                "layers": json.loads(row[4]),
+            }
+        except (TypeError, ValueError, RecursionError):
+            raise self.damaged(f"the details of spec {short_repr(key, 30)} are not JSON") from None
 
     def export_csv(self, path: str | Path, keys: Iterable[str] | None = None) -> Path:
         """Write ``results`` (optionally only ``keys``) to a CSV file with a header row."""
         path = Path(path)
         rows = self.results(keys)
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        return path
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        return write_text_atomic(path, text.getvalue())
+
+
+_COLUMN_TYPES = {**SPEC_COLUMNS, **LEVEL_COLUMNS}
+# What sqlite3 returns for each declared type; an INTEGER column may hold a whole REAL after
+# SQLite's own conversions, and a REAL column an integer.
+_PYTHON_TYPES: dict[str, tuple[type, ...]] = {"TEXT": (str,), "INTEGER": (int, float), "REAL": (int, float)}
+
+
+def check_database(path: str | Path) -> None:
+    """Open and check an existing results database, so that a damaged one is refused before any work."""
+    if Path(path).exists():
+        ResultsStore(path).close()
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """``(device, inode)``: which file ``path`` names now."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _plain(value: Any) -> Any:

@@ -31,7 +31,7 @@ from quant.functional import (
     quantize_residual,
 )
 from quant.model import quantize_model
-from quant.packing import load_packed, model_size, save_packed
+from quant.packing import load_packed, model_size, read_packed_header, save_packed
 from quant.plan import QuantPlan
 from quant.report import LayerReport, QuantReport
 from quant.spec import QuantSpec
@@ -50,6 +50,7 @@ __all__ = [
     "fake_quantize",
     "fold_batchnorm",
     "load_packed",
+    "read_packed_header",
     "model_size",
     "needs_calibration",
     "quantize",

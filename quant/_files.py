@@ -39,3 +39,19 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     """:func:`write_atomic` for UTF-8 text."""
     data = text.encode("utf-8")
     return write_atomic(path, lambda handle: handle.write(data))
+
+
+def save_torch_atomic(path: str | Path, obj: object) -> Path:
+    """``torch.save(obj)`` to ``path`` whole or not at all.
+
+    Serialized in memory first: torch's zip writer reports a failed write (a full disk)
+    as a ``RuntimeError`` from C++, where a plain file write gives the ``OSError`` that
+    names the cause.
+    """
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_atomic(path, lambda handle: handle.write(buffer.getbuffer()))

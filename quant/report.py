@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from quant._files import write_text_atomic
 from quant.functional import QParams, Quantized
 from quant.clipping import sort_rows
 from quant.metrics import (
@@ -235,8 +237,8 @@ class QuantReport:
         """Write :meth:`rows` as CSV (one line per layer) and return the path."""
         path = Path(path)
         rows = self.rows()
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["name"])
-            writer.writeheader()
-            writer.writerows(rows)
-        return path
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["name"])
+        writer.writeheader()
+        writer.writerows(rows)
+        return write_text_atomic(path, text.getvalue())

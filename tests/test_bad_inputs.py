@@ -76,6 +76,7 @@ def _run_bomb(argv: list[str], tmp: Path) -> tuple[int, str]:
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(name, tmp_path, capsys, monkeypatch):
     case = CASES[name]
     argv = case.make(tmp_path)
+    capsys.readouterr()  # what making the case printed is not the command's output
     before = _snapshot(tmp_path)
     if case.bomb:
         rc, err = _run_bomb(argv, tmp_path)
@@ -126,3 +127,42 @@ def test_a_plan_that_skips_every_layer_is_refused():
 
     with pytest.raises(quant.QuantError, match="plan 'none' leaves every layer of Sequential float"):
         quant.quantize_model(nn.Sequential(nn.Linear(4, 2)), quant.QuantSpec(bits=4), quant.QuantPlan(name="none", skip=("*",)))
+
+
+def _run_with_file_size_limit(argv: list[str], limit: int, cwd: Path) -> tuple[int, str]:
+    """``main(argv)`` in a child whose files may not grow past ``limit`` bytes: writes then fail
+    with EFBIG (SIGXFSZ ignored), as on a full disk; this needs no root and no special file system."""
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from hiercluster.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def test_a_full_disk_at_any_point_exits_2_keeps_finished_specs_and_a_rerun_finishes(tmp_path):
+    from bad_input_cases import SMALL_GRID, copy_checkpoint, digits_config
+    from hiercluster.store import ResultsStore
+
+    copy_checkpoint(tmp_path)
+    config = digits_config(tmp_path, model={"checkpoint": "model.pt"}, **SMALL_GRID)
+    argv = ["run", str(config), "--out", str(tmp_path / "run"), "--quiet"]
+    codes = []
+    for limit in (20_000, 60_000, 150_000):  # the run stops at a later point each time: logits, database, report
+        code, err = _run_with_file_size_limit(argv, limit, tmp_path)
+        codes.append(code)
+        if code != 0:
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+            assert "free space and re-run" in lines[0], lines[0]
+        if (tmp_path / "run" / "results.sqlite").is_file():
+            with ResultsStore(tmp_path / "run" / "results.sqlite") as store:
+                done = store.done_keys()
+            assert len(done) <= 2
+    assert 2 in codes
+    assert main(argv) == 0
+    with ResultsStore(tmp_path / "run" / "results.sqlite") as store:
+        assert len(store.done_keys()) == 2

@@ -306,8 +306,10 @@ def test_an_old_results_database_gets_the_new_columns(tmp_path):
         con.execute("INSERT INTO results (spec_key, level, bits) VALUES ('old', 'k=2', 4)")
     con.close()
     with ResultsStore(db) as store:
-        row = {**{c: 1 for c in SPEC_COLUMNS}, "spec_key": "new", "method": "gptq", "bn_reestimate": 1}
-        store.add_spec(row, [{**{c: 0.5 for c in LEVEL_COLUMNS}, "level": "k=2"}], {}, {}, [1.0], [])
+        typed = {"TEXT": "x", "INTEGER": 1, "REAL": 0.5}
+        row = {**{c: typed[t] for c, t in SPEC_COLUMNS.items()}, "spec_key": "new", "method": "gptq", "bn_reestimate": 1}
+        level = {**{c: typed[t] for c, t in LEVEL_COLUMNS.items()}, "level": "k=2"}
+        store.add_spec(row, [level], {}, {}, [1.0], [])
         new = store.results(["new"])
         assert new[0]["method"] == "gptq" and new[0]["bn_reestimate"] == 1
         assert store.results(["old"])[0]["method"] is None

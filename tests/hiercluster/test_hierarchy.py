@@ -173,6 +173,59 @@ def test_damaged_json_files_are_clear_errors(tmp_path):
         ClassHierarchy.from_json(tmp_path / "missing.json")
 
 
+def _edited(data, path, value):
+    """``data`` with the item at ``path`` (a tuple of keys and indices) set to ``value``."""
+    import copy
+
+    data = copy.deepcopy(data)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("graph", "hiercluster", "linkage_matrix", 0, 2), "far", "graph.hiercluster.linkage_matrix[0][2]: expected a number, got 'far'"),
+        (("graph", "hiercluster", "linkage_matrix", 0), [0, 1], "graph.hiercluster.linkage_matrix: every row must hold 4 numbers"),
+        (("graph", "hiercluster", "class_names", 1), 7, "graph.hiercluster.class_names[1]: expected a string, got 7"),
+        (("graph", "hiercluster", "class_names", 1), "0", "class names must be unique"),
+        (("graph", "hiercluster", "defined_levels"), [9], "graph.hiercluster.defined_levels: expected levels in 1..5, got [9]"),
+        (("graph", "hiercluster", "names"), {"x": "0"}, "graph.hiercluster.names.x: expected a list of a string, got '0'"),
+        (("graph", "hiercluster", "names"), {"x": ["nope"]}, "is damaged: superclass 'x'"),
+        (("graph", "hiercluster", "linkage"), 5, "graph.hiercluster.linkage: expected a string or null, got 5"),
+        (("nodes", 0, "members"), 0, "nodes[0].members: expected a list of an integer, got 0"),
+        (("nodes", 2), "node", "nodes[2]: expected an object, got 'node'"),
+        (("edges", 0, "source"), None, "edges[0].source: expected an integer, got None"),
+        (("directed",), "yes", "directed: expected true or false, got 'yes'"),
+    ],
+)
+def test_json_of_wrong_shape_is_named_damaged(tmp_path, path, value, message):
+    h = ClassHierarchy().fit(_embeddings(1, c=5))
+    data = json.loads(h.to_json(tmp_path / "h.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps(_edited(data, path, value)))
+    with pytest.raises(HierclusterError) as info:
+        ClassHierarchy.from_json(tmp_path / "bad.json")
+    assert str(info.value).startswith(f"hierarchy file {tmp_path / 'bad.json'} is damaged: ")
+    assert message in str(info.value) and len(str(info.value)) < 300
+
+
+def test_json_that_is_not_a_hierarchy_or_too_deep(tmp_path):
+    for text in ("[" * 100_000, "[1, 2]", '{"graph": 5}', "1" * 5000):
+        (tmp_path / "x.json").write_text(text)
+        with pytest.raises(HierclusterError, match="is not a hierarchy written by ClassHierarchy.to_json"):
+            ClassHierarchy.from_json(tmp_path / "x.json")
+    monkey = hierarchy_module.MAX_HIERARCHY_BYTES
+    try:
+        hierarchy_module.MAX_HIERARCHY_BYTES = 10
+        with pytest.raises(HierclusterError, match="larger than"):
+            ClassHierarchy.from_json(tmp_path / "x.json")
+    finally:
+        hierarchy_module.MAX_HIERARCHY_BYTES = monkey
+
+
 def test_yaml_level_round_trip(tmp_path):
     h = ClassHierarchy().fit(_embeddings(4, c=10), FASHION)
     path = h.to_yaml(tmp_path / "k4.yaml", 4)

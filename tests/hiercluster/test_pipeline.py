@@ -250,12 +250,77 @@ def test_dataset_coarse_reference_reads_cifar100_superclasses(tmp_path):
     assert groups == {"vehicles": ["bus", "train"], "fruit": ["apple", "pear"]}
 
 
-def test_hierarchy_refuses_to_rewrite_another_runs_tree(config_file, run_dir, capsys):
-    before = (run_dir / "hierarchy.json").read_text()
-    args = ["hierarchy", str(config_file), "--out", str(run_dir), "--quiet", "--set", "hierarchy.linkage=average"]
+def test_hierarchy_refuses_to_rewrite_another_runs_tree(config_file, run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = (copy / "hierarchy.json").read_text()
+    args = ["hierarchy", str(config_file), "--out", str(copy), "--quiet", "--set", "hierarchy.linkage=average"]
     assert main(args) == 2
-    assert "hierarchy differs" in capsys.readouterr().err
-    assert (run_dir / "hierarchy.json").read_text() == before
+    err = capsys.readouterr().err
+    assert "hierarchy differs from this one (linkage ward -> average; linkage matrix" in err and len(err.splitlines()) == 1
+    assert (copy / "hierarchy.json").read_text() == before
+    # The same tree with another superclass name would make the report's names wrong too.
+    members = json.loads((copy / "run.json").read_text())["levels"]["k=2"]["names"][0].split("+")
+    names = ["--set", f"hierarchy.names={{Named: {members}}}"]
+    assert main(["hierarchy", str(config_file), "--out", str(copy), "--quiet", *names]) == 2
+    assert "(superclasses or their names at level k=2)" in capsys.readouterr().err
+    # The same hierarchy is written again (a damaged hierarchy.json is repaired this way).
+    (copy / "hierarchy.json").write_text("{")
+    assert main(["hierarchy", str(config_file), "--out", str(copy), "--quiet"]) == 0
+    assert (copy / "hierarchy.json").read_text() == before
+
+
+def test_another_grid_needs_force_and_the_report_then_shows_only_it(config_file, run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    report = (copy / "report.md").read_text()
+    args = ["run", str(config_file), "--out", str(copy), "--quiet", "--set", "quant.bits=[8]", "--set", "quant.plans=[{name: full}]"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another grid (quant.bits: [8, 4, 2] -> [8]; quant.plans:" in err and "grid: 6 removed" in err
+    assert (copy / "report.md").read_text() == report
+    assert main([*args, "--force"]) == 0
+    rows = _csv_rows(copy / "results.csv")
+    assert {(r["bits"], r["plan"]) for r in rows} == {("8", "full")} and len(rows) == 2 * N_LEVELS
+    text = (copy / "report.md").read_text()
+    assert "- grid: 2 quantization specs" in text and "4-bit" not in text and "2-bit" not in text
+    assert json.loads((copy / "run.json").read_text())["grid"][0]["tag"].startswith("asymmetric-8b")
+    with sqlite3.connect(copy / "results.sqlite") as con:  # the earlier results stay in the database
+        assert con.execute("SELECT COUNT(DISTINCT spec_key) FROM specs").fetchone()[0] == N_SPECS
+
+
+def test_a_database_deleted_mid_run_stops_the_run(config_file, tmp_path, monkeypatch, capsys):
+    real = pipeline.evaluate_point
+    out = tmp_path / "run"
+
+    def delete_after_first(point, prep, key):
+        if (out / "results.sqlite").is_file() and (out / "run.json").is_file():
+            with sqlite3.connect(out / "results.sqlite") as con:
+                if con.execute("SELECT COUNT(*) FROM specs").fetchone()[0] == 1:
+                    (out / "results.sqlite").unlink()
+            con.close()
+        return real(point, prep, key)
+
+    monkeypatch.setattr(pipeline, "evaluate_point", delete_after_first)
+    assert main(["run", str(config_file), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"results database {out / 'results.sqlite'} was deleted or replaced while this command ran" in err
+    assert len(err.splitlines()) == 1 and not (out / ".lock").exists()
+
+
+def test_a_plan_that_skips_every_layer_is_refused_before_the_float_evaluation(config_file, tmp_path, monkeypatch, capsys):
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the float model was evaluated")
+
+    monkeypatch.setattr(pipeline, "collect_logits", no_evaluation)
+    plans = "quant.plans=[{name: full}, {name: nothing, skip: ['conv1', 'layer*', 'fc']}]"
+    assert main(["run", str(config_file), "--out", str(tmp_path / "run"), "--quiet", "--set", plans]) == 2
+    assert "plan 'nothing' leaves every layer of model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_damaged_run_directory_is_one_clear_error(run_dir, tmp_path, capsys):

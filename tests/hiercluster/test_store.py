@@ -1,0 +1,130 @@
+"""The results store: damaged files are one clear error at whatever operation meets them; storage errors are not damage."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from hiercluster.errors import HierclusterError
+from hiercluster.store import RESULT_COLUMNS, ResultsStore, check_database
+
+
+def _spec(key: str, levels: int = 40) -> dict:
+    """One finished spec with enough level rows to fill several database pages."""
+    row = {c: 0.5 for c in RESULT_COLUMNS}
+    row.update({"spec_key": key, "tag": key, "scheme": "asymmetric", "clipping": "minmax", "granularity": "per_channel",
+                "plan": "full", "method": "rtn", "grouping": "learned", "bits": 4, "k": 2})
+    return {
+        "spec_row": row,
+        "level_rows": [{"level": f"k={i}", "k": i} for i in range(levels)],
+        "spec_json": {"bits": 4},
+        "plan_json": {"name": "full"},
+        "prediction_share": [0.5, 0.5],
+        "layers": [{"name": "fc"}],
+    }
+
+
+@pytest.fixture()
+def db(tmp_path) -> Path:
+    path = tmp_path / "results.sqlite"
+    with ResultsStore(path) as store:
+        for i in range(5):
+            store.add_spec(**_spec(f"s{i}"))
+    return path
+
+
+def _damage_page(path: Path, table: str = "results") -> None:
+    """Overwrite the start of ``table``'s root b-tree page (a data page, not the file header)."""
+    with sqlite3.connect(path) as con:
+        root = con.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+        size = con.execute("PRAGMA page_size").fetchone()[0]
+    con.close()
+    assert root > 1
+    with open(path, "r+b") as fh:
+        fh.seek((root - 1) * size)
+        fh.write(b"\xff" * 64)
+
+
+def _bump_change_counter(path: Path) -> None:
+    """What another writer does to the header: an open connection then drops its page cache."""
+    with open(path, "r+b") as fh:
+        fh.seek(24)
+        counter = int.from_bytes(fh.read(4), "big")
+        fh.seek(24)
+        fh.write((counter + 1).to_bytes(4, "big"))
+
+
+def test_damaged_pages_found_at_open(db):
+    _damage_page(db)
+    with pytest.raises(HierclusterError, match=rf"results database {db} is damaged \(Page \d+: .*\); move it away"):
+        ResultsStore(db)
+    with pytest.raises(HierclusterError, match="is damaged"):
+        check_database(db)
+
+
+def test_damage_met_by_a_query_after_open_is_one_clear_error(db):
+    store = ResultsStore(db)
+    assert len(store.results()) == 5 * 40
+    _damage_page(db)
+    _bump_change_counter(db)
+    with pytest.raises(HierclusterError, match=r"is damaged \(database disk image is malformed\)"):
+        store.results()
+    store.close()
+
+
+def test_a_file_that_is_not_a_database(tmp_path):
+    (tmp_path / "results.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(HierclusterError, match="is damaged \\(file is not a database\\)"):
+        ResultsStore(tmp_path / "results.sqlite")
+
+
+def test_a_folder_is_refused(tmp_path):
+    (tmp_path / "results.sqlite").mkdir()
+    with pytest.raises(HierclusterError, match="results.sqlite is a folder, not a file"):
+        ResultsStore(tmp_path / "results.sqlite")
+
+
+def test_a_full_disk_is_not_called_damage(db):
+    store = ResultsStore(db)
+    pages = store._con.execute("PRAGMA page_count").fetchone()[0]
+    store._con.execute(f"PRAGMA max_page_count = {pages}")  # the database cannot grow: SQLite's "disk is full"
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        store.add_spec(**_spec("big", levels=400))
+    store.close()
+    with ResultsStore(db) as again:  # nothing was lost
+        assert len(again.done_keys()) == 5
+
+
+def test_a_read_only_database_is_not_called_damage(db):
+    store = ResultsStore(db)
+    store._con.close()
+    store._con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)  # as a read-only file or folder opens
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        store.add_spec(**_spec("new"))
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_database_deleted_or_replaced_while_open_is_never_written(db, how):
+    store = ResultsStore(db)
+    db.unlink()
+    if how == "replaced":
+        ResultsStore(db).close()
+    with pytest.raises(HierclusterError, match=f"results database {db} was deleted or replaced while this command ran"):
+        store.add_spec(**_spec("new"))
+    store.close()
+
+
+def test_values_of_the_wrong_type_are_damage(db):
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE results SET fine_acc = 'high' WHERE spec_key = 's3'")
+        con.execute("UPDATE specs SET layers = '{not json' WHERE spec_key = 's1'")
+    con.close()
+    with ResultsStore(db) as store:
+        assert len(store.results(["s0"])) == 40  # other specs' rows are not read
+        with pytest.raises(HierclusterError, match="damaged \\(the fine_acc of spec 's3' is 'high', not real\\)"):
+            store.results()
+        with pytest.raises(HierclusterError, match="damaged \\(the details of spec 's1' are not JSON\\)"):
+            store.spec_details("s1")
