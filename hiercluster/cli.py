@@ -438,10 +438,11 @@ def storage_problem(exc: BaseException, command: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hiercluster.interrupt import handle_interrupts, requested
+    from hiercluster.interrupt import check, handle_interrupts, requested
 
     with handle_interrupts():
         try:
+            check()  # a Ctrl-C while torch loaded
             code = args.func(args)
         except HierclusterError as exc:
             print(f"hiercluster {args.command}: error: {exc}", file=sys.stderr)

@@ -55,8 +55,6 @@ def handle_interrupts(message: str = "stopping at the next safe point (Ctrl-C ag
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    import torch.nn as nn  # torch's heavy lazy imports happen here, before any Ctrl-C can be pending
-
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum: int, frame: object) -> None:
@@ -68,10 +66,16 @@ def handle_interrupts(message: str = "stopping at the next safe point (Ctrl-C ag
 
     _requested.clear()
     signal.signal(signal.SIGINT, on_sigint)
-    hook = nn.modules.module.register_module_forward_pre_hook(_forward_check)
+    hook = None
     try:
+        # torch loads here, after the handler: a Ctrl-C while it loads only sets the flag
+        # (``import hiercluster.cli`` does not load torch, so a command's start-up is covered).
+        import torch.nn as nn
+
+        hook = nn.modules.module.register_module_forward_pre_hook(_forward_check)
         yield
     finally:
         _requested.clear()
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)

@@ -18,43 +18,47 @@ True
 True
 """
 
-from quant.calibrate import METHODS, needs_calibration
-from quant.errors import QuantError
-from quant.fold import fold_batchnorm
-from quant.functional import (
-    QParams,
-    choose_qparams,
-    dequantize,
-    dequantize_sum,
-    fake_quantize,
-    quantize,
-    quantize_residual,
-)
-from quant.model import quantize_model
-from quant.packing import load_packed, model_size, read_packed_header, save_packed
-from quant.plan import QuantPlan
-from quant.report import LayerReport, QuantReport
-from quant.spec import QuantSpec
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "LayerReport",
-    "QParams",
-    "QuantError",
-    "QuantPlan",
-    "QuantReport",
-    "QuantSpec",
-    "choose_qparams",
-    "dequantize",
-    "dequantize_sum",
-    "fake_quantize",
-    "fold_batchnorm",
-    "load_packed",
-    "read_packed_header",
-    "model_size",
-    "needs_calibration",
-    "quantize",
-    "quantize_model",
-    "quantize_residual",
-    "save_packed",
-]
+import importlib
+from typing import Any
+
+# public name -> module that defines it. Imported on first use, so that ``import quant``
+# (and its torch-free helpers such as ``quant._validate``) stays light: a program can set
+# itself up (a Ctrl-C handler, say) before torch loads.
+_EXPORTS = {
+    "METHODS": "quant.calibrate",
+    "needs_calibration": "quant.calibrate",
+    "QuantError": "quant.errors",
+    "fold_batchnorm": "quant.fold",
+    "QParams": "quant.functional",
+    "choose_qparams": "quant.functional",
+    "dequantize": "quant.functional",
+    "dequantize_sum": "quant.functional",
+    "fake_quantize": "quant.functional",
+    "quantize": "quant.functional",
+    "quantize_residual": "quant.functional",
+    "quantize_model": "quant.model",
+    "load_packed": "quant.packing",
+    "model_size": "quant.packing",
+    "read_packed_header": "quant.packing",
+    "save_packed": "quant.packing",
+    "QuantPlan": "quant.plan",
+    "LayerReport": "quant.report",
+    "QuantReport": "quant.report",
+    "QuantSpec": "quant.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'quant' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
