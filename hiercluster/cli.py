@@ -10,22 +10,33 @@ import argparse
 import errno
 import os
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hiercluster.errors import HierclusterError
+from hiercluster.errors import HierclusterError, path_problem, quote_path, short_repr
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+# The longest argparse message printed: it quotes the user's argument ("invalid int value:
+# 'xxx...'"), which may be as long as the system allows (128 KiB).
+_MAX_USAGE_MESSAGE = 300
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that exits with 2 and one line on a usage error (argparse's own convention)."""
+    """argparse that exits with 2 and one line on a usage error (argparse's own exit code).
+
+    argparse prints the whole usage block first; here the line points to ``--help`` instead.
+    """
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+        message = " ".join(message.split())
+        if len(message) > _MAX_USAGE_MESSAGE:
+            message = message[: _MAX_USAGE_MESSAGE - 3] + "..."
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -113,7 +124,9 @@ def cmd_evaluate_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _run_dir(args: argparse.Namespace, cfg) -> Path:
-    return Path(args.out) if args.out else Path(cfg.output.dir)
+    """``--out``, else config key output.dir; kept in ``args.out`` so that an error can name the run's database."""
+    args.out = args.out or cfg.output.dir
+    return Path(args.out)
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -183,7 +196,7 @@ def cmd_hierarchy(args: argparse.Namespace) -> int:
     out = _run_dir(args, cfg)
     check_run_dir(out)
     with RunLock(out, _command_line(args)):
-        prep = prepare(cfg, out, progress=not args.quiet)
+        prep = prepare(cfg, out, progress=not args.quiet, float_logits=False)  # a tree needs no float logits
         check_same_hierarchy(prep, out)
         write_hierarchy_files(prep, out)
     h = prep.hierarchy
@@ -217,8 +230,12 @@ def _plan_from_args(args: argparse.Namespace, cfg):
     if args.plan is None:
         return quant.QuantPlan()
     if args.plan not in plans:
-        raise HierclusterError(f"--plan {args.plan!r} is not in config key quant.plans (names: {', '.join(plans)})")
-    return quant.QuantPlan.from_dict(plans[args.plan].quant_plan_dict())
+        names = ", ".join(short_repr(name, 40) for name in list(plans)[:10]) + (", ..." if len(plans) > 10 else "")
+        raise HierclusterError(f"--plan {short_repr(args.plan)} is not in config key quant.plans (names: {names})")
+    try:
+        return quant.QuantPlan.from_dict(plans[args.plan].quant_plan_dict())
+    except ValueError as exc:  # a plan setting out of range (layer_bits: {conv1: 99}); QuantError is one too
+        raise HierclusterError(f"config section quant: {exc}") from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -235,7 +252,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.method not in quant.METHODS:
-        raise HierclusterError(f"--method {args.method!r} is not a method; allowed: {', '.join(quant.METHODS)}")
+        raise HierclusterError(f"--method {short_repr(args.method)} is not a method; allowed: {', '.join(quant.METHODS)}")
     out = Path(args.out)
     report_file = out.with_name(out.name + ".json")
     check_output_file(out)
@@ -306,11 +323,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except quant.QuantError as exc:
         raise HierclusterError(str(exc)) from None
     with RunLock(out, _command_line(args)):
-        prep = prepare(cfg, out, progress=not args.quiet)
+        prep = prepare(cfg, out, progress=not args.quiet, float_logits=False)
         try:
             qmodel = quant.load_packed(packed, prep.model)
         except quant.QuantError as exc:
             raise HierclusterError(str(exc)) from None
+        prep.evaluate_float(progress=not args.quiet)  # after the packed model is known to fit
         qlogits, _ = collect_logits(qmodel, prep.loader())
     rows = level_metrics(prep, qlogits)
     _print_levels_table(rows, f"{packed} against merged heads ({cfg.eval.reduction}, {cfg.eval.random_seeds} random groupings):")
@@ -404,40 +422,119 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# A full disk (or a file-size limit) and a folder that cannot be written are the user's to fix.
+# A full disk (or a file-size limit) and a read-only file system are the user's to fix.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_NOT_WRITABLE = {errno.EROFS}
+_PERMISSION = {errno.EACCES, errno.EPERM}
 
 
-def storage_problem(exc: BaseException, command: str) -> str | None:
-    """One line for a full disk or an unwritable folder, or None for any other error (a bug).
+def storage_problem(exc: BaseException, command: str, db_file: Path | None = None) -> str | None:
+    """One line for a full disk, an unwritable folder or a results database that cannot be used, or None.
 
     ``OSError`` carries an errno; SQLite says the same things in words
-    ("database or disk is full", "attempt to write a readonly database", "disk I/O error").
-    Work that finished is never undone by such an error: results are committed per spec
-    and files are replaced atomically, so the advice is to fix the cause and re-run.
+    ("database or disk is full", "attempt to write a readonly database", "disk I/O error",
+    "database is locked"). ``db_file`` is the run's results database, when the command has
+    one: SQLite's errors do not name their file. Work that finished is never undone by
+    such an error: results are committed per spec and files are replaced atomically, so
+    the advice is to fix the cause and re-run.
     """
     resume = "finished specs are saved; " if command in ("run", "evaluate", "hierarchy") else ""
     if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-        where = f" writing {exc.filename}" if exc.filename else ""
+        where = f" writing {quote_path(exc.filename)}" if exc.filename else ""
         return f"no space left on the device{where} ({os.strerror(exc.errno)}); {resume}free space and re-run"
-    if isinstance(exc, OSError) and exc.errno in _NOT_WRITABLE:
-        where = exc.filename or "a file"
+    if isinstance(exc, OSError) and (exc.errno in _NOT_WRITABLE or (exc.errno in _PERMISSION and _denied_writing(exc))):
+        where = quote_path(exc.filename) if exc.filename else "a file"
         return f"cannot write {where} ({os.strerror(exc.errno)}); {resume}make it writable or choose another --out, and re-run"
     if isinstance(exc, sqlite3.OperationalError):
-        text = str(exc)
-        if "full" in text or "disk I/O error" in text:
-            return f"the results database could not be written (SQLite: {text}); {resume}free space and re-run"
-        if "readonly" in text or "unable to open database file" in text:
-            return (
-                f"the results database could not be written (SQLite: {text}); {resume}"
-                "make the run directory writable or choose another --out, and re-run"
-            )
+        return _database_problem(str(exc), resume, db_file)
     return None
 
 
+def _denied_writing(exc: OSError) -> bool:
+    """Whether permission was denied to write: the file's folder is not writable (``os.access``).
+
+    A file that exists and cannot be read, or a case ``os.access`` cannot tell (root),
+    is left to :func:`hiercluster.errors.path_problem`, whose words fit reading too.
+    """
+    if exc.filename is None:
+        return True  # SQLite and other writers that do not say which file
+    path = os.fsdecode(exc.filename)
+    if os.path.lexists(path) and not os.access(path, os.R_OK):
+        return False
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.isdir(parent) and not os.access(parent, os.W_OK)
+
+
+def _database_problem(text: str, resume: str, db_file: Path | None) -> str | None:
+    """One line for an SQLite error that is not damage: full, read-only, not a file, or in use."""
+    name = f"the results database {quote_path(db_file)}" if db_file is not None else "the results database"
+    kind = _file_kind_of(db_file)
+    if kind is not None:
+        return f"{name} is {kind}, not a database file; move it away and re-run"
+    if "locked" in text:
+        return (
+            f"{name} is in use by another program (SQLite: {text}); {resume}"
+            "close that program (or wait for it) and re-run"
+        )
+    if "full" in text or "disk I/O error" in text:
+        return f"{name} could not be written (SQLite: {text}); {resume}free space and re-run"
+    if "readonly" in text or "unable to open database file" in text:
+        return (
+            f"{name} could not be written (SQLite: {text}); {resume}"
+            "make the run directory writable or choose another --out, and re-run"
+        )
+    return None
+
+
+def _file_kind_of(path: Path | None) -> str | None:
+    """What ``path`` is when it exists and is not a regular file ("a named pipe (FIFO)"), else None."""
+    from quant._files import file_kind
+
+    if path is None:
+        return None
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def _results_database(args: argparse.Namespace) -> Path | None:
+    """The results database of the command's run directory, when it has one (see :func:`_run_dir`)."""
+    folder = getattr(args, "run_dir", None) or getattr(args, "out", None)
+    if folder is None or args.command not in ("run", "evaluate", "hierarchy", "report"):
+        return None
+    return Path(folder) / "results.sqlite"
+
+
+def _problem(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """The one line for an ``OSError``, SQLite or pathlib error the user can fix, or None (a bug)."""
+    return storage_problem(exc, args.command, _results_database(args)) or path_problem(exc)
+
+
+def _one_line(message: str) -> str:
+    """``message`` with line breaks and control characters escaped (``\\n``), so that it prints as one line.
+
+    Messages are written as one line; what they quote may still hold a line break (a
+    file name may, on Linux), and one line is what a user's scripts and the tests rely on.
+    """
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed command line, or the exit code of ``--help`` or of a usage error (already printed)."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits; main returns its code, so that callers and tests see it
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
     from hiercluster.interrupt import check, handle_interrupts, requested
 
     with handle_interrupts():
@@ -445,16 +542,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             check()  # a Ctrl-C while torch loaded
             code = args.func(args)
         except HierclusterError as exc:
-            print(f"hiercluster {args.command}: error: {exc}", file=sys.stderr)
+            print(f"hiercluster {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
             code = EXIT_BAD_INPUT
         except KeyboardInterrupt:
             print(f"hiercluster {args.command}: interrupted", file=sys.stderr)
             code = EXIT_INTERRUPTED
-        except (OSError, sqlite3.Error) as exc:
-            problem = storage_problem(exc, args.command)
+        except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: pathlib's "Symlink loop from ..."
+            problem = _problem(exc, args)
             if problem is None:
                 raise
-            print(f"hiercluster {args.command}: error: {problem}", file=sys.stderr)
+            print(f"hiercluster {args.command}: error: {_one_line(problem)}", file=sys.stderr)
             code = EXIT_BAD_INPUT
         if requested() and code != EXIT_INTERRUPTED:  # Ctrl-C during a step that had no check left
             print(f"hiercluster {args.command}: interrupted", file=sys.stderr)

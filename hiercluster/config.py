@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ MAX_CONFIG_DEPTH = 32
 MAX_GRID_ITEMS = 64
 # The most explicit hierarchy.levels: one per class of ImageNet-1k.
 MAX_LEVELS = 1000
+# The most classes any model here has (hiercluster.models.MAX_NUM_CLASSES, above ImageNet-21k's
+# 21,841): the largest number of groups a level may ask for.
+MAX_CLASSES = 100_000
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,9 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
     "eval.tolerance": (0.0, None, False),
     "eval.seed": (0, 2**63 - 1, False),  # numpy's default_rng takes no negative seed
     "calibration.seed": (0, 2**63 - 1, False),  # torch.Generator.manual_seed's range
+    # a number of groups: at most the classes a checkpoint may have (models.MAX_NUM_CLASSES; not
+    # imported here, that would load torch); the run checks it against the data's own count
+    "hierarchy.levels": (1, MAX_CLASSES, False),
 }
 # key path -> the highest allowed (None: no cap) of a value that must be > 0. The caps are
 # far above real use and far below what would exhaust memory or time.
@@ -420,7 +427,7 @@ def _check_list(path: str, rule: str, items: tuple[Any, ...]) -> None:
 
 def _check_scalar(path: str, rule: str, value: Any) -> None:
     if rule in _CHOICES and value not in _CHOICES[rule]:
-        close = difflib.get_close_matches(str(value), _CHOICES[rule], n=1)
+        close = difflib.get_close_matches(str(value)[:100], _CHOICES[rule], n=1)  # [:100]: difflib is quadratic
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise HierclusterError(
             f"config key {path}: {short_repr(value)} is not one of {', '.join(_CHOICES[rule])}{hint}"
@@ -585,9 +592,23 @@ def load_yaml_text(text: str, where: str) -> Any:
         raise HierclusterError(
             f"{where} is larger than {MAX_CONFIG_BYTES // 1024:,} KiB, the most this tool reads; is it the right file?"
         )
+    _check_yaml_bounds_or_invalid(text, where)
+    try:
+        return yaml.load(text, Loader=_LOADER)
+    except yaml.YAMLError as exc:
+        raise HierclusterError(f"{where} is not valid YAML: {_one_line(exc)}") from None
+    except ValueError as exc:  # an integer of over 4,300 decimal digits: Python refuses to convert it
+        if "integer string conversion" not in str(exc):
+            raise
+        raise HierclusterError(
+            f"{where} holds an integer of over {sys.get_int_max_str_digits():,} digits; no setting takes such a number"
+        ) from None
+
+
+def _check_yaml_bounds_or_invalid(text: str, where: str) -> None:
+    """:func:`_check_yaml_bounds`, with a YAML syntax error found on the way reported as one line."""
     try:
         _check_yaml_bounds(text, where)
-        return yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         raise HierclusterError(f"{where} is not valid YAML: {_one_line(exc)}") from None
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hiercluster.errors import HierclusterError, short_repr
+from hiercluster.errors import HierclusterError, quote_path, short_repr
 
 DATASETS = ("fashion_mnist", "mnist", "digits", "cifar10", "cifar100", "imagefolder")
 SPLITS = ("train", "test")
@@ -225,11 +225,11 @@ def load_dataset(
     if name not in DATASETS:
         import difflib
 
-        close = difflib.get_close_matches(name, DATASETS, n=1)
+        close = difflib.get_close_matches(str(name)[:100], DATASETS, n=1)  # [:100]: difflib is quadratic
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise HierclusterError(f"unknown dataset {name!r}{hint}; known: {', '.join(DATASETS)}")
+        raise HierclusterError(f"unknown dataset {short_repr(name)}{hint}; known: {', '.join(DATASETS)}")
     if split not in SPLITS:
-        raise HierclusterError(f"unknown split {split!r} for dataset {name!r}; use one of {', '.join(SPLITS)}")
+        raise HierclusterError(f"unknown split {short_repr(split)} for dataset {name!r}; use one of {', '.join(SPLITS)}")
     if name == "digits":
         dataset: Dataset = _load_digits(split)
     elif name in ("fashion_mnist", "mnist"):
@@ -261,6 +261,11 @@ def _candidate_dirs(name: str, root: str | Path | None) -> list[Path]:
         if d not in unique:
             unique.append(d)
     return unique
+
+
+def _places(folders: list[Path]) -> str:
+    """The folders searched for a dataset, on one line (an error message is one line)."""
+    return ", ".join(quote_path(d) for d in folders)
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -383,14 +388,13 @@ def _load_idx_dataset(name: str, root: str | Path | None, split: str, download: 
         try:
             cls(str(target), train=split == "train", download=True)
         except Exception as exc:  # network errors come in many types
-            raise HierclusterError(f"downloading {name} into {target} failed: {exc}") from None
+            raise HierclusterError(f"downloading {name} into {target} failed: {' '.join(str(exc).split())[:300]}") from None
         img, lbl = _find_idx(target, img_stem), _find_idx(target, lbl_stem)
         found = (img, lbl) if img and lbl else None
     if found is None:
-        places = "\n  ".join(str(d) for d in searched)
         raise HierclusterError(
-            f"{name} ({split} split) not found: no {img_stem}[.gz] and {lbl_stem}[.gz] in any of\n  {places}\n"
-            f"To get it: {_HOW_TO_GET[name]}."
+            f"{name} ({split} split) not found: no {img_stem}[.gz] and {lbl_stem}[.gz] in any of "
+            f"{_places(searched)}; to get it: {_HOW_TO_GET[name]}"
         )
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -565,13 +569,12 @@ def _load_cifar(name: str, root: str | Path | None, split: str, download: bool) 
         try:
             cls(str(target), train=split == "train", download=True)
         except Exception as exc:  # network errors come in many types
-            raise HierclusterError(f"downloading {name} into {target} failed: {exc}") from None
+            raise HierclusterError(f"downloading {name} into {target} failed: {' '.join(str(exc).split())[:300]}") from None
         base = target / folder
     if base is None:
-        places = "\n  ".join(str(d) for d in searched)
         raise HierclusterError(
-            f"{name} ({split} split) not found: no {', '.join(files + [meta_file])} in any of\n  {places}\n"
-            f"To get it: {_HOW_TO_GET[name]}."
+            f"{name} ({split} split) not found: no {', '.join(files + [meta_file])} in any of "
+            f"{_places(searched)}; to get it: {_HOW_TO_GET[name]}"
         )
     batches = [_read_cifar_pickle(base / f) for f in files]
     meta = _read_cifar_pickle(base / meta_file)
@@ -625,7 +628,7 @@ def _load_imagefolder(root: str | Path | None, split: str, augment: bool) -> Dat
     try:
         return torchvision.datasets.ImageFolder(str(base), transform=tf)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise HierclusterError(f"cannot use {base} as an image folder: {exc}") from None
+        raise HierclusterError(f"cannot use {base} as an image folder: {' '.join(str(exc).split())[:300]}") from None
 
 
 def dataset_info(dataset: Dataset) -> dict[str, Any]:

@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import pickle
+import pickletools
 import re
+import stat
+import sys
+import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +35,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hiercluster.errors import HierclusterError, read_text, short_repr
-from quant._files import save_torch_atomic, write_text_atomic
+from hiercluster.config import MAX_CLASSES
+from hiercluster.errors import HierclusterError, quote_path, read_text, short_repr
+from quant._files import file_kind, save_torch_atomic, write_text_atomic
 from quant._validate import check_json
 
 # How torch's weights-only unpickler names an object it refuses, e.g. "GLOBAL posix.system".
 _FORBIDDEN_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
-_PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle, protocol 2 or later
+# torch.save's legacy format starts with its magic number 0x1950a86a20f9469cfc6c, pickled at protocol 2.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+# Bytes of a checkpoint read to say what it is when torch could not load it: the pickle opcodes
+# that name the top-level object come first.
+_HEAD_BYTES = 4096
+# Modules whose classes are models: a checkpoint pickling one holds a whole model, not a state_dict.
+_MODEL_MODULES = ("torch.nn.", "torchvision.models.", "hiercluster.models")
 
 # The largest metadata JSON read: a real one is a few KB (its training history grows by a
 # few numbers per epoch); anything near this is not a metadata file.
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 # Upper bounds on the numbers that size the rebuilt model, so that a damaged metadata file
 # is refused instead of allocating without bound: 100,000 classes is above ImageNet-21k's
-# 21,841; 1,024 input channels is above hyperspectral images'; a width of 1,024 makes a
-# small ResNet of hundreds of millions of parameters (the usual width is 16).
-MAX_NUM_CLASSES = 100_000
+# 21,841 (config.MAX_CLASSES, which also bounds hierarchy.levels); 1,024 input channels is
+# above hyperspectral images'; a width of 1,024 makes a small ResNet of hundreds of millions
+# of parameters (the usual width is 16).
+MAX_NUM_CLASSES = MAX_CLASSES
 MAX_IN_CHANNELS = 1024
 MAX_WIDTH = 1024
+# The longest name a metadata file may give (arch, dataset, each class): torchvision's longest
+# model name has 22 characters and ImageNet's longest class name 121; a longer one is damage,
+# and would fill every message that quotes it.
+MAX_NAME_CHARS = 200
 
 # depth -> blocks per stage is (depth - 2) / 6 for the CIFAR ResNet family.
 SMALL_RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
@@ -180,10 +198,11 @@ def build_model(
     else:
         names = torchvision_classifiers()
         if arch not in names:
-            close = difflib.get_close_matches(arch, available_archs(), n=3)
+            # arch[:100]: difflib's cost grows with the square of the length, and no arch name is that long
+            close = difflib.get_close_matches(arch[:100], available_archs(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise HierclusterError(
-                f"unknown arch {arch!r}{hint} Small ResNets: {', '.join(sorted(SMALL_RESNET_DEPTHS))}; "
+                f"unknown arch {short_repr(arch)}{hint} Small ResNets: {', '.join(sorted(SMALL_RESNET_DEPTHS))}; "
                 "or any torchvision classification model name."
             )
         import torchvision
@@ -262,12 +281,11 @@ def metadata_path(checkpoint: str | Path) -> Path:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.is_dir():
-        raise HierclusterError(f"checkpoint {path} is a folder; give the .pt file inside it")
-    if not path.is_file():
-        raise HierclusterError(f"checkpoint not found: {path}")
+    _check_checkpoint_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns (3 lines) about a pickle protocol it did not write
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or non-torch file
         raise HierclusterError(_load_failure(path, exc)) from None
     for key in ("state_dict", "model_state_dict", "model"):
@@ -284,45 +302,138 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_checkpoint_file(path: Path) -> None:
+    """Refuse a checkpoint path that is missing or not a regular file (torch.load would hang on a FIFO).
+
+    Other ``OSError`` (a symbolic link loop, a name too long) propagate: the CLI names them.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise HierclusterError(f"checkpoint not found: {quote_path(path)}") from None
+    if stat.S_ISDIR(mode):
+        raise HierclusterError(f"checkpoint {path} is a folder; give the .pt file inside it")
+    if not stat.S_ISREG(mode):
+        raise HierclusterError(f"checkpoint {path} is {file_kind(mode)}, not a file; give a .pt file")
+
+
 def _load_failure(path: Path, exc: Exception) -> str:
     """One line saying why ``torch.load(path, weights_only=True)`` failed, in the tool's words.
 
-    torch's own message for a refused object suggests re-running with
-    ``weights_only=False``; cut short, it reads as if the tool did so. This names the
-    forbidden object instead, or says that the file is not a torch checkpoint at all.
+    torch's own message for a refused object spans lines, suggests re-running with
+    ``weights_only=False`` and, cut short, reads as if the tool did so. This says what
+    the file holds instead: a whole pickled model, another forbidden object (named), a
+    plain Python pickle (of which type), or not a torch checkpoint at all.
     """
-    text = str(exc)
     if isinstance(exc, OSError):
-        return f"cannot read checkpoint {path}: {exc.strerror or text}"
-    if "Weights only load failed" in text:
-        forbidden = _FORBIDDEN_GLOBAL.search(text)
-        if forbidden:
+        return f"cannot read checkpoint {path}: {exc.strerror or exc}"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_HEAD_BYTES)
+    except OSError as err:
+        return f"cannot read checkpoint {path}: {err.strerror or err}"
+    text = str(exc)
+    forbidden = _FORBIDDEN_GLOBAL.search(text) if "Weights only load failed" in text else None
+    if forbidden:
+        name = forbidden.group(1)
+        if _is_module_class(name):
             return (
-                f"checkpoint {path} holds a forbidden object (GLOBAL {forbidden.group(1)}) and was not loaded; "
-                "only state_dicts of tensors are read (weights_only=True)"
+                f"checkpoint {path} holds a whole pickled model (GLOBAL {name}), not a state_dict; "
+                "save model.state_dict() instead (torch.save(model.state_dict(), path))"
             )
-        detail = next(
-            (line.strip() for line in text.splitlines()[1:] if line.strip() and not line.startswith("Check the doc")),
-            "",
-        )
         return (
-            f"checkpoint {path} holds an object that is not a tensor and was not loaded ({detail[:200]}); "
+            f"checkpoint {path} holds a forbidden object (GLOBAL {name}) and was not loaded; "
             "only state_dicts of tensors are read (weights_only=True)"
         )
-    with open(path, "rb") as fh:
-        head = fh.read(4)
     if not head:
         return f"{path} is not a torch checkpoint (the file is empty); expected a state_dict saved with torch.save"
-    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+    if not head.startswith(_ZIP_MAGIC) and not head.startswith(_TORCH_LEGACY_MAGIC):
+        pickled = _pickled_type(head)
+        if pickled is not None and _is_module_class(pickled):
+            return (
+                f"{path} is a plain Python pickle of a whole model ({pickled}), not a state_dict; "
+                "save model.state_dict() with torch.save instead"
+            )
+        if pickled is not None:
+            return (
+                f"{path} is a plain Python pickle (of {pickled}), not a torch checkpoint; "
+                "expected a state_dict saved with torch.save(model.state_dict(), path)"
+            )
         return (
-            f"{path} is not a torch checkpoint (not a zip or pickle file: it starts with {short_repr(head)}); "
+            f"{path} is not a torch checkpoint (not a zip or pickle file: it starts with {short_repr(head[:4])}); "
             "expected a state_dict saved with torch.save"
         )
-    first = text.strip().splitlines()[0][:200] if text.strip() else "no detail"
+    if "Weights only load failed" in text:
+        return (
+            f"checkpoint {path} holds an object that is not a tensor and was not loaded ({_weights_only_detail(text)}); "
+            "only state_dicts of tensors are read (weights_only=True)"
+        )
+    first = " ".join(text.split())[:200] or "no detail"
     return (
         f"cannot read checkpoint {path} (damaged or truncated? copy it again): {type(exc).__name__}: {first}. "
         "Expected a state_dict saved with torch.save (loaded with weights_only=True)."
     )
+
+
+def _is_module_class(name: str) -> bool:
+    """Whether the pickled global ``name`` (``module.Class``) is a model class (an ``nn.Module``).
+
+    Nothing is imported for this: the class is looked up among modules already loaded,
+    and torch's, torchvision's and this package's model modules count by name.
+    """
+    module_name, _, cls_name = name.rpartition(".")
+    cls = getattr(sys.modules.get(module_name), cls_name, None)
+    if isinstance(cls, type):
+        return issubclass(cls, nn.Module)
+    return module_name.startswith(_MODEL_MODULES)
+
+
+def _weights_only_detail(text: str) -> str:
+    """The cause in torch's weights-only message ("Unsupported operand 100"), on one line."""
+    _, _, cause = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in cause.splitlines() if line.strip() and not line.startswith("Check the doc")]
+    detail = lines[0] if lines else "no detail"
+    return short_repr(detail, 120).strip("'\"")
+
+
+# The pickle opcodes that open the top-level object, and what it is then.
+_PICKLE_TYPES = {
+    "EMPTY_DICT": "a dict", "DICT": "a dict", "EMPTY_LIST": "a list", "LIST": "a list",
+    "EMPTY_TUPLE": "a tuple", "TUPLE": "a tuple", "TUPLE1": "a tuple", "TUPLE2": "a tuple", "TUPLE3": "a tuple",
+    "EMPTY_SET": "a set", "FROZENSET": "a frozenset", "NONE": "None", "NEWTRUE": "a bool", "NEWFALSE": "a bool",
+}  # fmt: skip
+
+
+def _pickled_type(head: bytes) -> str | None:
+    """The type of the object a pickle starting with ``head`` holds, read from its opcodes (nothing is run).
+
+    ``"a dict"``, ``"a list"``, ``"hiercluster.models.CifarResNet"`` (a class instance), or
+    ``"an object"`` when a pickle's first opcodes do not say; None when ``head`` does not
+    start like a pickle (protocol 2 and later start with PROTO, 0 and 1 with a container
+    or a class).
+    """
+    binary = head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL
+    if not binary and head[:1] not in (b"(", b"}", b"]", b")", b"c"):
+        return None
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(head):
+            name = opcode.name
+            if name in ("PROTO", "FRAME", "MARK") or name.endswith(("PUT", "MEMOIZE")):
+                continue
+            if name in _PICKLE_TYPES:
+                return _PICKLE_TYPES[name]
+            if name in ("GLOBAL", "INST"):
+                return short_repr(str(arg).replace(" ", "."), 80).strip("'")
+            if name == "STACK_GLOBAL" and len(strings) >= 2:
+                return short_repr(f"{strings[-2]}.{strings[-1]}", 80).strip("'")
+            if isinstance(arg, str) and "UNICODE" in name:
+                strings.append(arg)
+                continue
+            break
+    except (ValueError, EOFError, UnicodeDecodeError):  # cut at the head's end, or no pickle after all
+        pass
+    return "an object" if binary else None
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -390,11 +501,13 @@ def read_metadata(checkpoint: str | Path) -> dict[str, Any]:
         not an object, or a key has the wrong type or an out-of-range value.
     """
     meta_file = metadata_path(checkpoint)
-    if not meta_file.is_file():
+    try:
+        meta_file.lstat()  # other errors (a name too long, a path under a file) are the CLI's to name
+    except FileNotFoundError:
         raise HierclusterError(
             f"no metadata file {meta_file} beside checkpoint {checkpoint} (hiercluster train writes one); "
             "without it the architecture must be given (config key model.arch)"
-        )
+        ) from None
     text = read_text(meta_file, "metadata file", max_bytes=MAX_METADATA_BYTES)
     try:
         meta = json.loads(text)
@@ -433,11 +546,33 @@ def _check_metadata(meta: Any, meta_file: Path) -> None:
             raise HierclusterError(
                 f"metadata file {meta_file}, key {name!r}: expected an integer in [1, {highest:,}], got {short_repr(meta[name])}"
             )
+    for name in ("arch", "dataset"):
+        if isinstance(meta.get(name), str):
+            _check_name(meta[name], f"metadata file {meta_file}, key {name!r}")
+    for i, class_name in enumerate(meta.get("classes", ())):
+        _check_name(class_name, f"metadata file {meta_file}, key 'classes'[{i}]")
     if "classes" in meta and len(meta["classes"]) != meta["num_classes"]:
         raise HierclusterError(
             f"metadata file {meta_file} is inconsistent: {len(meta['classes'])} class names but num_classes "
             f"{meta['num_classes']}"
         )
+
+
+def _check_name(name: str, where: str) -> None:
+    """Refuse a name over :data:`MAX_NAME_CHARS` characters or holding a line break or control character."""
+    if len(name) > MAX_NAME_CHARS:
+        raise HierclusterError(
+            f"{where}: a name of {len(name):,} characters ({short_repr(name, 40)}); at most {MAX_NAME_CHARS} are allowed"
+        )
+    if any(unicodedata.category(c) in _CONTROL_CATEGORIES for c in name):
+        raise HierclusterError(
+            f"{where}: {short_repr(name, 60)} holds a line break or control character; names are one line of text"
+        )
+
+
+# Unicode categories that break a message's single line or hide text: control characters
+# (\n, \r, \x1b, ...) and the line and paragraph separators.
+_CONTROL_CATEGORIES = {"Cc", "Zl", "Zp"}
 
 
 def check_fits_data(
@@ -454,14 +589,19 @@ def check_fits_data(
     if int(meta["num_classes"]) != len(class_names):
         problems.append(f"it has {meta['num_classes']} classes, the data has {len(class_names)}")
     elif meta.get("classes") and list(meta["classes"]) != list(class_names):
-        problems.append(f"its classes are {', '.join(meta['classes'][:4])}, ..., the data's are {', '.join(class_names[:4])}, ...")
+        problems.append(f"its classes are {_first_names(meta['classes'])}, the data's are {_first_names(class_names)}")
     if meta.get("dataset") and dataset != "imagefolder" and meta["dataset"] != dataset:
-        problems.append(f"it was trained on {meta['dataset']!r}, the data is {dataset!r}")
+        problems.append(f"it was trained on {short_repr(meta['dataset'], 40)}, the data is {short_repr(dataset, 40)}")
     if problems:
         raise HierclusterError(
             f"checkpoint {checkpoint} does not fit the data: " + "; ".join(problems)
             + ". Evaluate it on the dataset it was trained on, or use another checkpoint."
         )
+
+
+def _first_names(names: list[str]) -> str:
+    """The first class names, each quoted short (an image folder's names are the user's folder names)."""
+    return ", ".join(short_repr(n, 30) for n in names[:4]) + (", ..." if len(names) > 4 else "")
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -79,7 +79,7 @@ class GridPoint:
 
     def __post_init__(self) -> None:
         if self.method not in quant.METHODS:
-            raise ValueError(f"GridPoint method {self.method!r} is not one of {', '.join(quant.METHODS)}")
+            raise ValueError(f"GridPoint method {short_repr(self.method)} is not one of {', '.join(quant.METHODS)}")
 
     @property
     def method_label(self) -> str:
@@ -95,7 +95,7 @@ class GridPoint:
     def calibration_user(self) -> str:
         """What in this point needs calibration data, for error messages."""
         if self.method != "rtn":
-            return f"method {self.method!r}"
+            return f"method {short_repr(self.method)}"
         if self.bn_reestimate:
             return "BN re-estimation (quant.bn_reestimate)"
         return "activation quantization (quant.activation_bits)"
@@ -134,7 +134,7 @@ def check_methods(cfg: RunConfig) -> None:
     for i, m in enumerate(cfg.quant.methods):
         if m.name not in quant.METHODS:
             raise HierclusterError(
-                f"config key quant.methods[{i}]: unknown method {m.name!r}; allowed: {', '.join(quant.METHODS)}"
+                f"config key quant.methods[{i}]: unknown method {short_repr(m.name)}; allowed: {', '.join(quant.METHODS)}"
             )
         missing = [p for p in m.plans if p not in plan_names]
         if missing:
@@ -160,7 +160,7 @@ def expand_grid(cfg: RunConfig) -> list[GridPoint]:
         # Plan names become file names (exported models): no path separators, no leading dot.
         if not PLAN_NAME.fullmatch(name):
             raise HierclusterError(
-                f"config key quant.plans[{i}].name: {name[:40]!r} is not allowed; use letters, digits and _ - + . "
+                f"config key quant.plans[{i}].name: {short_repr(name, 40)} is not allowed; use letters, digits and _ - + . "
                 "(not starting with a dot), at most 64 characters"
             )
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -244,10 +244,10 @@ def load_calibration(cfg: RunConfig, needed_by: str) -> list[torch.Tensor]:
     """
     c = cfg.calibration
     root = data_root(cfg)
-    where = f"config key calibration.split is {c.split!r}"
+    where = f"config key calibration.split is {short_repr(c.split)}"
     if not _has_split(cfg.data.dataset, root, c.split):
         raise HierclusterError(
-            f"{needed_by} needs calibration data, but dataset {cfg.data.dataset} at {root} has no {c.split!r} split "
+            f"{needed_by} needs calibration data, but dataset {cfg.data.dataset} at {root} has no {short_repr(c.split)} split "
             f"({where}; an image folder needs {'train/' if c.split == 'train' else 'val/ or test/'})"
         )
     try:
@@ -258,7 +258,7 @@ def load_calibration(cfg: RunConfig, needed_by: str) -> list[torch.Tensor]:
     n = len(dataset)
     if c.samples > n:
         raise HierclusterError(
-            f"config key calibration.samples is {c.samples}, more than the {n} images of the {c.split!r} split "
+            f"config key calibration.samples is {c.samples}, more than the {n} images of the {short_repr(c.split)} split "
             f"of {cfg.data.dataset}; use at most {n}"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(c.seed))[: c.samples]
@@ -275,8 +275,8 @@ class Prepared:
     checkpoint_digest: str
     class_names: list[str]
     eval_set: Any
-    labels: torch.Tensor
-    float_logits: torch.Tensor
+    labels: torch.Tensor | None  # None until evaluate_float (``hiercluster hierarchy`` never needs them)
+    float_logits: torch.Tensor | None
     hierarchy: ClassHierarchy
     levels: dict[str, tuple[int, np.ndarray, str]] = field(default_factory=dict)
     reference_groups: dict[str, Any] | None = None
@@ -287,6 +287,25 @@ class Prepared:
     def loader(self) -> Any:
         """Batches of the evaluation set (scoring only: nothing is ever fitted on it)."""
         return make_loader(self.eval_set, self.cfg.data.batch_size, num_workers=self.cfg.data.workers)
+
+    def evaluate_float(self, progress: bool = True, write_cache: bool = False) -> None:
+        """Set ``float_logits`` and ``labels``: from the run directory's cache when it matches, else computed.
+
+        ``write_cache``: save computed logits there (``run`` only; see :func:`prepare`).
+        """
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        cache = self.out_dir / LOGITS_FILE
+        cache_id = _cache_id(cfg, len(self.eval_set), self.checkpoint_digest)
+        found = read_logits_cache(cache, cache_id, len(self.eval_set), len(self.class_names))
+        if found is None:
+            loader = make_loader(self.eval_set, cfg.data.batch_size, num_workers=cfg.data.workers)
+            found = collect_logits(self.model, loader, progress=progress, desc="float model")
+            if write_cache:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                save_torch_atomic(cache, {"id": cache_id, "logits": found[0], "labels": found[1]})
+        self.float_logits, self.labels = found
+        self.timings["float_eval_s"] = time.perf_counter() - t0
 
     def calibration_batches(self, needed_by: str) -> list[torch.Tensor]:
         """The run's calibration batches, loaded on first use and kept."""
@@ -308,7 +327,8 @@ def load_float_model(cfg: RunConfig, class_names: list[str], in_channels: int) -
         meta = read_metadata(path)
         if cfg.model.arch and meta["arch"] != cfg.model.arch:
             raise HierclusterError(
-                f"config key model.arch is {cfg.model.arch!r} but {path} holds a {meta['arch']!r}; fix or remove model.arch"
+                f"config key model.arch is {short_repr(cfg.model.arch)} but {path} holds a {short_repr(meta['arch'])}; "
+                "fix or remove model.arch"
             )
         check_fits_data(meta, path, cfg.data.dataset, class_names, in_channels)
         model, _ = load_checkpoint(path)
@@ -330,10 +350,7 @@ def _levels(
     cfg: RunConfig, hierarchy: ClassHierarchy, class_names: list[str], reference: dict[str, Any] | None
 ) -> dict[str, tuple[int, np.ndarray, str]]:
     c = len(class_names)
-    ks = list(cfg.hierarchy.levels) or list(range(c, 1, -1))
-    for k in ks:
-        if not 1 <= k <= c:
-            raise HierclusterError(f"config key hierarchy.levels: k={k} is outside 1..{c} (the number of classes)")
+    ks = list(cfg.hierarchy.levels) or list(range(c, 1, -1))  # checked against c by _check_level_ks
     levels = {f"k={k}": (k, hierarchy.cut(k=k), "learned") for k in sorted(set(ks), reverse=True)}
     if reference is not None:
         ref = as_assignment(reference, class_names)
@@ -370,12 +387,25 @@ def prepare(
     progress: bool = True,
     calibration_for: str | None = None,
     grid: Sequence[GridPoint] = (),
+    float_logits: bool = True,
+    write_cache: bool = False,
 ) -> Prepared:
-    """Load the model and data, get the float logits (cached) and build the hierarchy.
+    """Load the model and data, build the hierarchy and its levels, then get the float logits.
 
-    ``calibration_for`` (what needs it, e.g. ``"method 'gptq'"``) also loads the
-    calibration set, before any long work, so that its errors come first; so are the
-    ``grid``'s plans checked against the model's layers (:func:`check_plans_fit`).
+    Everything that can refuse the config comes before the float evaluation: the
+    ``grid``'s plans against the model's layers (:func:`check_plans_fit`), the levels
+    against the class count, the reference grouping, ``hierarchy.names``, and, with
+    ``calibration_for`` (what needs it, e.g. ``"method 'gptq'"``), the calibration set.
+
+    Parameters
+    ----------
+    float_logits : bool
+        Evaluate the float model (or read its cached logits). ``hiercluster hierarchy``
+        needs no logits: then ``labels`` and ``float_logits`` stay None.
+    write_cache : bool
+        Save freshly computed float logits as the run directory's cache. Only ``run``
+        does: ``evaluate`` reads a cache that matches its model and data but never
+        writes one, so that no other command (refused or not) changes a run's files.
     """
     t0 = time.perf_counter()
     root = data_root(cfg)
@@ -383,6 +413,12 @@ def prepare(
     class_names = list(eval_set.classes)
     model, ckpt = load_float_model(cfg, class_names, int(dataset_info(eval_set)["in_channels"]))
     check_plans_fit(model, grid, cfg.model.checkpoint)
+    _check_level_ks(cfg, len(class_names))
+    reference = (
+        _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference", eval_set) if cfg.hierarchy.reference else None
+    )
+    if reference is not None:
+        as_assignment(reference, class_names)  # an unknown or missing class is refused now, not after the hierarchy
     digest = file_digest(ckpt)
     timings = {"load_s": time.perf_counter() - t0}
     calibration = None
@@ -392,40 +428,53 @@ def prepare(
         timings["calibration_load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    data_id = {
-        "dataset": cfg.data.dataset,
-        "root": cfg.data.root,
-        "split": cfg.data.eval_split,
-        "n": len(eval_set),
-        "checkpoint": digest,
-    }
-    cache = out_dir / LOGITS_FILE
-    logits = labels = None
-    if cache.is_file():
-        try:
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
-            if saved.get("id") == json.dumps(data_id, sort_keys=True):
-                logits, labels = saved["logits"], saved["labels"]
-        except Exception:  # a stale or damaged cache is recomputed, never trusted
-            logits = None
-    if logits is None:
-        loader = make_loader(eval_set, cfg.data.batch_size, num_workers=cfg.data.workers)
-        logits, labels = collect_logits(model, loader, progress=progress, desc="float model")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_torch_atomic(cache, {"id": json.dumps(data_id, sort_keys=True), "logits": logits, "labels": labels})
-    timings["float_eval_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     hierarchy = _build_hierarchy(cfg, model, class_names, root)
-    reference = (
-        _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference", eval_set) if cfg.hierarchy.reference else None
-    )
     levels = _levels(cfg, hierarchy, class_names, reference)
     timings["hierarchy_s"] = time.perf_counter() - t0
-    return Prepared(
-        cfg, out_dir, model, digest, class_names, eval_set, labels, logits, hierarchy, levels, reference, timings,
-        calibration,
+    prep = Prepared(
+        cfg, out_dir, model, digest, class_names, eval_set, None, None, hierarchy, levels, reference, timings, calibration
     )
+    if float_logits:
+        prep.evaluate_float(progress=progress, write_cache=write_cache)
+    return prep
+
+
+def _check_level_ks(cfg: RunConfig, n_classes: int) -> None:
+    """Every ``hierarchy.levels`` k is a possible number of groups of ``n_classes`` classes."""
+    for k in cfg.hierarchy.levels:
+        if not 1 <= k <= n_classes:
+            raise HierclusterError(
+                f"config key hierarchy.levels: k={k} is outside 1..{n_classes} (the number of classes)"
+            )
+
+
+def _cache_id(cfg: RunConfig, n: int, digest: str) -> str:
+    """What the float logits depend on: the cache is used only when this matches."""
+    data_id = {"dataset": cfg.data.dataset, "root": cfg.data.root, "split": cfg.data.eval_split, "n": n, "checkpoint": digest}
+    return json.dumps(data_id, sort_keys=True)
+
+
+def read_logits_cache(path: Path, cache_id: str, n: int, n_classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(logits, labels)`` from a run directory's cache when it matches ``cache_id`` and its shapes; else None.
+
+    A stale, damaged or hand-made cache is recomputed, never trusted.
+    """
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any unreadable file: torch raises many kinds
+        return None
+    if not isinstance(saved, dict) or saved.get("id") != cache_id:
+        return None
+    logits, labels = saved.get("logits"), saved.get("labels")
+    if not (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor)):
+        return None
+    if logits.shape != (n, n_classes) or labels.shape != (n,) or not logits.is_floating_point():
+        return None
+    if labels.dtype != torch.int64 or (n and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes):
+        return None
+    return logits, labels
 
 
 def check_plans_fit(model: nn.Module, grid: Sequence[GridPoint], model_name: str | None = None) -> None:
@@ -444,7 +493,7 @@ def check_plans_fit(model: nn.Module, grid: Sequence[GridPoint], model_name: str
     for plan in dict.fromkeys(p.plan for p in grid):
         if all(plan.is_skipped(name) for name in names):
             raise HierclusterError(
-                f"config key quant.plans: plan {plan.name!r} leaves every layer of {what} float (skip patterns "
+                f"config key quant.plans: plan {short_repr(plan.name)} leaves every layer of {what} float (skip patterns "
                 f"{short_repr(list(plan.skip))} match all {len(names)} of its layers): nothing to quantize; "
                 "narrow its skip patterns or remove the plan"
             )
@@ -625,7 +674,7 @@ def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool)
 
     start = time.perf_counter()
     user = next((p.calibration_user for p in grid if p.needs_calibration), None)
-    prep = prepare(cfg, out_dir, progress=progress, calibration_for=user, grid=grid)
+    prep = prepare(cfg, out_dir, progress=progress, calibration_for=user, grid=grid, write_cache=True)
     if cfg.output.export_models:
         prep.packed_cache = out_dir / PACKED_CACHE_DIR
     save_config(cfg, out_dir / CONFIG_FILE)
@@ -648,7 +697,7 @@ def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool)
             bar.update(1)
         bar.close()
         sweep_s = time.perf_counter() - start
-        rows = store.results(keys)
+        rows = store.results(keys, complete=True)
         store.export_csv(out_dir / CSV_FILE, keys)
     run_info["timings"] = {**prep.timings, "sweep_s": sweep_s, "specs_run": len(todo), "specs_total": len(grid)}
     write_json(out_dir / RUN_FILE, run_info)

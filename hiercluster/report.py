@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hiercluster.errors import HierclusterError, read_text
+from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.evaluate import min_bits
 from hiercluster.store import ResultsStore, method_label
 from quant._files import write_text_atomic
@@ -57,7 +57,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
     info = read_run_info(run_dir)
     store = ResultsStore(run_dir / DB_FILE)
     try:
-        rows = store.results([g["key"] for g in info["grid"]])
+        rows = store.results([g["key"] for g in info["grid"]], complete=True)
     except BaseException:
         store.close()
         raise
@@ -197,39 +197,50 @@ def bias_choice(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return next(r for r in candidates if r["bits"] == low)
 
 
+def _details(store: ResultsStore, key: str, info: dict[str, Any]) -> dict[str, Any]:
+    """The checked details of a spec that has result rows (missing details are damage)."""
+    details = store.spec_details(key, n_classes=len(info["class_names"]))
+    if details is None:
+        raise store.damaged(f"spec {short_repr(key, 30)} has results but no details")
+    return details
+
+
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.md`` and its plots into ``run_dir``; returns the report path."""
+    """Write ``report.md`` and its plots into ``run_dir``; returns the report path.
+
+    Everything is read and checked before the first file is written, so a damaged run
+    directory is refused with its files as they were.
+    """
     from hiercluster import plots, report_plots
+    from hiercluster.hierarchy import ClassHierarchy
+    from hiercluster.rundir import HIERARCHY_FILE
 
     run_dir = Path(run_dir)
     info, rows, store = load_run(run_dir)
     try:
-        tol = info["tolerance"]
-        names = {name: lv["names"] for name, lv in info["levels"].items()}
-        table = headline(rows, tol)
-        fig = {}
-        if (run_dir / "hierarchy.json").is_file():
-            from hiercluster.hierarchy import ClassHierarchy
-
-            fig["dendrogram"] = plots.plot_dendrogram(ClassHierarchy.from_json(run_dir / "hierarchy.json"), run_dir / "dendrogram.png")
-        if rows:
-            fig["accuracy_vs_bits"] = report_plots.plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png")
-            fig["pareto"] = report_plots.plot_pareto(rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info))
-            details = {key: store.spec_details(key) for key in dict.fromkeys(r["spec_key"] for r in rows)}
-            uniform_keys = {r["spec_key"] for r in uniform_rows(rtn_rows(rows))}
-            fig["quartiles"] = report_plots.plot_quartiles(
-                {k: d for k, d in details.items() if k in uniform_keys}, run_dir / "quartiles.png"
-            )
-            chosen = bias_choice(rows)
-            if chosen is not None:
-                share_q = details[chosen["spec_key"]]["prediction_share"]
-                fig["prediction_share"] = plots.plot_prediction_share(
-                    info["float_prediction_share"], share_q, info["class_names"], run_dir / "prediction_share.png",
-                    title=f"Prediction share: float vs {chosen['tag']}",
-                )
-        md = _markdown(info, rows, table, names, fig, store)
+        details = {key: _details(store, key, info) for key in dict.fromkeys(r["spec_key"] for r in rows)}
     finally:
         store.close()
+    tree = ClassHierarchy.from_json(run_dir / HIERARCHY_FILE) if (run_dir / HIERARCHY_FILE).is_file() else None
+    table = headline(rows, info["tolerance"])
+    names = {name: lv["names"] for name, lv in info["levels"].items()}
+    chosen = bias_choice(rows)
+    fig = {}
+    if tree is not None:
+        fig["dendrogram"] = plots.plot_dendrogram(tree, run_dir / "dendrogram.png")
+    if rows:
+        fig["accuracy_vs_bits"] = report_plots.plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png")
+        fig["pareto"] = report_plots.plot_pareto(rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info))
+        uniform_keys = {r["spec_key"] for r in uniform_rows(rtn_rows(rows))}
+        fig["quartiles"] = report_plots.plot_quartiles(
+            {k: d for k, d in details.items() if k in uniform_keys}, run_dir / "quartiles.png"
+        )
+    if chosen is not None:
+        fig["prediction_share"] = plots.plot_prediction_share(
+            info["float_prediction_share"], details[chosen["spec_key"]]["prediction_share"], info["class_names"],
+            run_dir / "prediction_share.png", title=f"Prediction share: float vs {chosen['tag']}",
+        )
+    md = _markdown(info, rows, table, names, fig, details)
     path = run_dir / "report.md"
     write_text_atomic(path, md)
     return path
@@ -237,7 +248,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 def _markdown(
     info: dict[str, Any], rows: Sequence[dict[str, Any]], table: list[dict[str, Any]], names: dict[str, list[str]],
-    fig: dict[str, Path], store: ResultsStore,
+    fig: dict[str, Path], details: dict[str, dict[str, Any]],
 ) -> str:
     h = info["hierarchy"]
     timings = info.get("timings", {})
@@ -288,7 +299,7 @@ def _markdown(
     lines.append("")
     chosen = bias_choice(rows)
     if chosen is not None:
-        share = store.spec_details(chosen["spec_key"])["prediction_share"]
+        share = details[chosen["spec_key"]]["prediction_share"]
         pairs = sorted(
             zip(info["class_names"], info["float_prediction_share"], share), key=lambda t: -abs(t[2] - t[1])
         )
@@ -317,49 +328,30 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
 
     ``models/manifest.json`` maps every level to its model file, grouping file and reduction.
     A calibrated winner is copied from the sweep's packed cache when it is there (GPTQ or
-    AdaRound are not fitted twice); the others are quantized again, which is cheap.
+    AdaRound are not fitted twice); the others are quantized again, which is cheap. The
+    manifest is derived from the results, so a damaged one is simply rewritten; the files
+    the previous manifest listed and this one does not (another grid's winners) are removed.
     """
-    import shutil
+    from hiercluster.rundir import MANIFEST_FILE, MODELS_DIR
 
-    import quant
-    import yaml
-
-    from hiercluster.pipeline import PACKED_CACHE_DIR, level_names, quantize_point
-
-    model_dir = out_dir / "models"
+    model_dir = out_dir / MODELS_DIR
     model_dir.mkdir(exist_ok=True)
+    manifest_path = model_dir / MANIFEST_FILE
+    old = _previous_manifest(manifest_path)
+    written = {  # spec key -> file name; a resumed run reuses what is still there
+        entry["spec_key"]: entry["model"]
+        for entry in (old["levels"].values() if old else ())
+        if (model_dir / entry["model"]).is_file()
+    }
     by_key = dict(zip(keys, grid))
-    manifest_path = model_dir / "manifest.json"
-    written: dict[str, str] = {}  # spec key -> file name; a resumed run reuses what is still there
-    if manifest_path.is_file():
-        try:
-            for entry in json.loads(read_text(manifest_path, "model manifest"))["levels"].values():
-                if (model_dir / entry["model"]).is_file():
-                    written[entry["spec_key"]] = entry["model"]
-        except (json.JSONDecodeError, KeyError, TypeError, HierclusterError):  # damaged: rewritten below
-            written = {}
     manifest: dict[str, Any] = {"reduction": prep.cfg.eval.reduction, "levels": {}}
     for t in headline(rows, prep.cfg.eval.tolerance):
         w = t["winner"]
         if w is None:
             continue
-        point = by_key[w["spec_key"]]
         if w["spec_key"] not in written:
-            path = model_dir / f"{point.tag}.hcq"
-            cached = out_dir / PACKED_CACHE_DIR / f"{w['spec_key']}.hcq"
-            if cached.is_file():  # a calibrated model the sweep saved: the same bytes, without fitting it again
-                shutil.copyfile(cached, path)
-            else:
-                qmodel, qreport = quantize_point(prep.model, point, prep)
-                quant.save_packed(path, qmodel, qreport, overwrite=True)
-            written[w["spec_key"]] = path.name
-        _, assignment, _ = prep.levels[t["level"]]
-        names = level_names(prep, t["level"])
-        groups: dict[str, list[str]] = defaultdict(list)
-        for cls, g in zip(prep.class_names, assignment.tolist()):
-            groups[names[g]].append(cls)
-        group_file = model_dir / f"{t['level'].replace('=', '')}_groups.yaml"
-        write_text_atomic(group_file, yaml.safe_dump(dict(groups), sort_keys=False))
+            written[w["spec_key"]] = _export_model(prep, by_key[w["spec_key"]], w["spec_key"], out_dir, model_dir).name
+        group_file = _write_level_groups(prep, t["level"], model_dir)
         manifest["levels"][t["level"]] = {
             "model": written[w["spec_key"]],
             "spec_key": w["spec_key"],
@@ -370,4 +362,63 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
             "drop_pp": w["drop"],
         }
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    # After the new manifest is in place: a kill before this leaves extra files, never a manifest naming missing ones.
+    for name in sorted(_listed_files(old) - _listed_files(manifest)):
+        if (model_dir / name).is_file():
+            (model_dir / name).unlink()
     return manifest_path
+
+
+def _previous_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest a previous export wrote, or None when there is none or it is damaged (it is rewritten)."""
+    from hiercluster.rundir import read_manifest
+
+    if not path.is_file():
+        return None
+    try:
+        return read_manifest(path)
+    except HierclusterError:
+        return None
+
+
+def _listed_files(manifest: dict[str, Any] | None) -> set[str]:
+    """The file names a manifest lists (models and grouping files): the only files an export ever removes."""
+    if manifest is None:
+        return set()
+    return {name for entry in manifest["levels"].values() for name in (entry["model"], entry["groups"])}
+
+
+def _export_model(prep: Any, point: Any, key: str, out_dir: Path, model_dir: Path) -> Path:
+    """Write one winner's bit-packed model as ``models/TAG.hcq``, whole or not at all."""
+    import shutil
+
+    import quant
+    from quant._files import write_atomic
+
+    from hiercluster.pipeline import PACKED_CACHE_DIR, quantize_point
+
+    path = model_dir / f"{point.tag}.hcq"
+    cached = out_dir / PACKED_CACHE_DIR / f"{key}.hcq"
+    if cached.is_file():  # a calibrated model the sweep saved: the same bytes, without fitting it again
+        with open(cached, "rb") as src:
+            write_atomic(path, lambda dst: shutil.copyfileobj(src, dst))
+    else:
+        qmodel, qreport = quantize_point(prep.model, point, prep)
+        quant.save_packed(path, qmodel, qreport, overwrite=True)
+    return path
+
+
+def _write_level_groups(prep: Any, level: str, model_dir: Path) -> Path:
+    """``models/kK_groups.yaml``: the level's superclasses and their classes."""
+    import yaml
+
+    from hiercluster.pipeline import level_names
+
+    _, assignment, _ = prep.levels[level]
+    names = level_names(prep, level)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for cls, g in zip(prep.class_names, assignment.tolist()):
+        groups[names[g]].append(cls)
+    path = model_dir / f"{level.replace('=', '')}_groups.yaml"
+    write_text_atomic(path, yaml.safe_dump(dict(groups), sort_keys=False))
+    return path

@@ -14,9 +14,11 @@ and ``hierarchy`` refuses to replace the tree of a finished run with another one
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +39,10 @@ CSV_FILE = "results.csv"
 REPORT_FILE = "report.md"
 LOCK_FILE = ".lock"
 PACKED_CACHE_DIR = "packed"  # bit-packed calibrated models of the sweep, by spec key, for export without refitting
+LEVELS_DIR = "levels"  # one grouping YAML per reported level
+MODELS_DIR = "models"  # the exported headline winners and their manifest
+# Folders a run writes at its top level: never a file there.
+RUN_FOLDERS = (LEVELS_DIR, MODELS_DIR, PACKED_CACHE_DIR)
 # Any command writing a run directory leaves one of these: how a run directory is told from a user's folder.
 MARKERS = (RUN_FILE, DB_FILE, LOGITS_FILE, HIERARCHY_FILE)
 # Files a run writes at its top level: never a folder there, never the target of another command's --out.
@@ -47,6 +53,8 @@ MAX_RUN_FILE_BYTES = 64 * 1024 * 1024
 # The lock file holds one short JSON line; a holder's command line is cut to this many characters.
 MAX_LOCK_BYTES = 4096
 _COMMAND_CHARS = 300
+# A key of a damaged record (a level name) is quoted up to this many characters: "k=1000" needs 6.
+_KEY_CHARS = 40
 # Differences listed in one refusal; the rest are counted, so the message stays one readable line.
 MAX_LISTED_CHANGES = 8
 
@@ -54,6 +62,15 @@ MAX_LISTED_CHANGES = 8
 # data.download change neither, nor do the sections train and output.
 _RESULT_SECTIONS = ("data", "model", "hierarchy", "quant", "calibration", "eval")
 _NOT_RESULTS = {("data", "workers"), ("data", "batch_size"), ("data", "download")}
+
+MANIFEST_FILE = "manifest.json"
+# models/manifest.json holds one short entry per level: about 300 bytes each, 1,000 levels far below this.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MANIFEST_SPEC: dict[str, Any] = {"reduction": str, "levels": dict}
+# What report.export_models writes for each level.
+MANIFEST_ENTRY_SPEC: dict[str, Any] = {
+    "model": str, "spec_key": str, "groups": str, "bits": int, "method": str, "tag": str, "drop_pp": float,
+}
 
 _LEVEL_SPEC = {"k": int, "kind": str, "assignment": [int], "names": [str]}
 # What pipeline._run_info writes (keys ending in "?" are absent from some runs).
@@ -122,6 +139,11 @@ def check_run_dir(out_dir: Path) -> None:
             raise HierclusterError(
                 f"{out_dir / name} is a folder, but a run directory keeps its {name} file there; move it away"
             )
+    for name in RUN_FOLDERS:
+        if (out_dir / name).exists() and not (out_dir / name).is_dir():
+            raise HierclusterError(
+                f"{out_dir / name} is a file, but a run directory keeps its {name} folder there; move it away"
+            )
 
 
 def check_is_run(run_dir: Path) -> None:
@@ -134,6 +156,8 @@ def check_is_run(run_dir: Path) -> None:
     for name in (RUN_FILE, DB_FILE):
         if (run_dir / name).is_dir():
             raise HierclusterError(f"{run_dir / name} is a folder, but a run directory keeps its {name} file there")
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise HierclusterError(f"{run_dir / name} is not a regular file (a pipe or device?); move it away")
         if not (run_dir / name).is_file():
             raise HierclusterError(
                 f"{run_dir} is not a hiercluster run directory (no {name}); give the folder `hiercluster run` wrote"
@@ -145,6 +169,10 @@ def check_output_file(path: Path, flag: str = "--out") -> None:
     path = Path(path)
     if path.is_dir():
         raise HierclusterError(f"{flag} {path} is a folder; give a file name, such as {path / 'model.hcq'}")
+    if path.is_symlink() and not path.exists():  # the output would replace the link itself
+        raise HierclusterError(f"{flag} {path} is a symbolic link that leads nowhere (or back to itself); choose another path")
+    if path.exists() and not path.is_file():
+        raise HierclusterError(f"{flag} {path} exists and is not a regular file (a pipe or device?); choose another path")
     check_parent_folders(path, flag)
     parent = path.absolute().parent
     if path.name in RUN_FILES and any((parent / name).exists() for name in MARKERS):
@@ -206,8 +234,7 @@ class RunLock:
         self._created_dir = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            # No O_TRUNC: the holder's description must survive a refused attempt.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -225,6 +252,40 @@ class RunLock:
         except BaseException:
             self.release()
             raise
+
+    def _open(self) -> int:
+        """Open (or create) the lock file itself: never what a link or another name of it points to.
+
+        The holder truncates and writes the file, so a ``.lock`` that is a symbolic link, a
+        hard link to another file, a folder or a pipe would have it write where it must not.
+        """
+        try:
+            # No O_TRUNC: the holder's description must survive a refused attempt. O_NONBLOCK: a FIFO
+            # placed here does not hang the open (it changes nothing for a regular file).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP):
+                raise  # a read-only or full disk: the CLI names it
+            raise self._not_a_lock_file() from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise self._not_a_lock_file()
+        return fd
+
+    def _not_a_lock_file(self) -> HierclusterError:
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            what = "not a plain file"
+        else:
+            what = next(
+                (name for test, name in _FILE_KINDS if test(st.st_mode)),
+                "a file with other names (a hard link)" if st.st_nlink > 1 else "not a plain file",
+            )
+        return HierclusterError(
+            f"{self.path} is {what}, not the lock file this tool keeps there; move it away and run again"
+        )
 
     def _write_holder(self) -> None:
         holder = {"pid": os.getpid(), "command": self.command[:_COMMAND_CHARS], "started": time.time()}
@@ -258,6 +319,17 @@ class RunLock:
             who += f" since {time.strftime(fmt, time.localtime(started))}"
         advice = "wait for it to finish" + (" or use another --out" if self.other_out else "")
         return f"run directory {self.out_dir} is in use by {who}; {advice}"
+
+
+# What a ``.lock`` that is not a plain file is, for the refusal.
+_FILE_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+)
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -322,7 +394,7 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     if len(info["float_prediction_share"]) != n:
         raise _damaged(path, f"float_prediction_share has {len(info['float_prediction_share'])} entries for {n} classes", remedy)
     for name, level in info["levels"].items():
-        where = f"levels.{name}"
+        where = f"levels.{_one_line(name, _KEY_CHARS)}"
         try:
             check_json(level, _LEVEL_SPEC, where, error=HierclusterError)
         except HierclusterError as exc:
@@ -334,6 +406,34 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
                 f"{short_repr(assignment)} and {len(level['names'])} names", remedy,
             )
     return info
+
+
+def _is_plain_name(name: str, suffix: str) -> bool:
+    """Whether ``name`` names a file in the same folder, ending in ``suffix``, as the export writes them."""
+    separators = {"/", "\\", "\0"}
+    return len(name) > len(suffix) and name.endswith(suffix) and not name.startswith(".") and not separators & set(name)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """``models/manifest.json`` of a run directory, validated; a damaged one is a :class:`HierclusterError`.
+
+    Its file names must be plain names of the kinds the export writes (``*.hcq``,
+    ``*_groups.yaml``), so that a hand-edited manifest can never name a file elsewhere.
+    """
+    remedy = "run `hiercluster run` again on this folder to export the models again"
+    manifest = read_json_record(path, "model manifest", MANIFEST_SPEC, remedy, MAX_MANIFEST_BYTES)
+    for level, entry in manifest["levels"].items():
+        where = f"levels.{_one_line(level, _KEY_CHARS)}"
+        try:
+            check_json(entry, MANIFEST_ENTRY_SPEC, where, error=HierclusterError)
+        except HierclusterError as exc:
+            raise _damaged(path, str(exc), remedy) from None
+        for key, suffix in (("model", ".hcq"), ("groups", "_groups.yaml")):
+            if not _is_plain_name(entry[key], suffix):
+                raise _damaged(
+                    path, f"{where}.{key}: {short_repr(entry[key])} is not a file name ending in {suffix}", remedy
+                )
+    return manifest
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from hiercluster.errors import HierclusterError, short_repr
 from quant._files import write_text_atomic
+from quant._validate import check_json
 
 _T = TypeVar("_T")
 
@@ -241,11 +242,13 @@ class ResultsStore:
             )
 
     @_guarded
-    def results(self, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    def results(self, keys: Iterable[str] | None = None, complete: bool = False) -> list[dict[str, Any]]:
         """Rows of ``results`` as dicts (only those of ``keys`` when given), in insertion order.
 
         Every value is checked against its column's type: a row edited by hand into nonsense
-        is reported as damage here, not as a ``TypeError`` deep inside the report.
+        is reported as damage here, not as a ``TypeError`` deep inside the report. With
+        ``complete``, a missing value (NULL) where this code always writes one is damage too;
+        without it, rows of older code (NULL in the columns added since) are read as they are.
         """
         cur = self._con.execute("SELECT * FROM results ORDER BY rowid")
         names = [d[0] for d in cur.description]
@@ -254,13 +257,15 @@ class ResultsStore:
         for values in cur:
             row = dict(zip(names, values))
             if wanted is None or row["spec_key"] in wanted:
-                self._check_types(row)
+                self._check_types(row, complete)
                 rows.append(row)
         return rows
 
-    def _check_types(self, row: dict[str, Any]) -> None:
+    def _check_types(self, row: dict[str, Any], complete: bool) -> None:
         for column, sql_type in _COLUMN_TYPES.items():
             value = row.get(column)
+            if value is None and complete and column not in _MAY_BE_NULL:
+                raise self.damaged(f"the {column} of spec {short_repr(row.get('spec_key'), 30)} is missing")
             if value is not None and not isinstance(value, _PYTHON_TYPES[sql_type]):
                 raise self.damaged(
                     f"the {column} of spec {short_repr(row.get('spec_key'), 30)} is {short_repr(value, 30)}, "
@@ -268,13 +273,18 @@ class ResultsStore:
                 )
 
     @_guarded
-    def spec_details(self, key: str) -> dict[str, Any] | None:
-        """The ``specs`` row of ``key`` with its JSON decoded, or None."""
+    def spec_details(self, key: str, n_classes: int | None = None) -> dict[str, Any] | None:
+        """The ``specs`` row of ``key`` with its JSON decoded and its shape checked, or None.
+
+        A row edited by hand into JSON of another shape (or, given ``n_classes``, a
+        prediction share of another length) is damage, reported as one error.
+        """
         row = self._con.execute("SELECT * FROM specs WHERE spec_key = ?", (key,)).fetchone()
         if row is None:
             return None
+        where = f"the details of spec {short_repr(key, 30)}"
         try:
-            return {
+            details = {
                 "spec_key": row[0],
                 "spec": json.loads(row[1]),
                 "plan": json.loads(row[2]),
@@ -282,7 +292,15 @@ class ResultsStore:
                 "layers": json.loads(row[4]),
             }
         except (TypeError, ValueError, RecursionError):
-            raise self.damaged(f"the details of spec {short_repr(key, 30)} are not JSON") from None
+            raise self.damaged(f"{where} are not JSON") from None
+        try:
+            check_json(details, SPEC_DETAILS_SPEC, "", error=HierclusterError)
+        except HierclusterError as exc:
+            raise self.damaged(f"{where}: {str(exc).lstrip('.')}") from None
+        share = details["prediction_share"]
+        if n_classes is not None and len(share) != n_classes:
+            raise self.damaged(f"{where}: prediction_share has {len(share)} values for {n_classes} classes")
+        return details
 
     def export_csv(self, path: str | Path, keys: Iterable[str] | None = None) -> Path:
         """Write ``results`` (optionally only ``keys``) to a CSV file with a header row."""
@@ -296,6 +314,24 @@ class ResultsStore:
 
 
 _COLUMN_TYPES = {**SPEC_COLUMNS, **LEVEL_COLUMNS}
+# Columns that hold NULL in rows this code writes: a spec without activation quantization; method and
+# BN re-estimation of rows written before they existed (read as round to nearest).
+_MAY_BE_NULL = {"activation_bits", "method", "bn_reestimate"}
+
+# The JSON of a ``specs`` row as the report reads it (:meth:`ResultsStore.spec_details`): the weight
+# spec's scheme and bits, one prediction share per class, and each layer's weight quartiles.
+_QUARTILES = ("min", "q1", "median", "q3", "max")  # quant.metrics.QUARTILES, not imported here: that loads torch
+_LAYER_SPEC: dict[str, Any] = {
+    "name": str,
+    "bits": (int, None),
+    **{f"{when}_{stat}": float for when in ("before", "after") for stat in _QUARTILES},
+}
+SPEC_DETAILS_SPEC: dict[str, Any] = {
+    "spec": {"scheme": str, "bits": int},
+    "plan": dict,
+    "prediction_share": [float],
+    "layers": [_LAYER_SPEC],
+}
 # What sqlite3 returns for each declared type; an INTEGER column may hold a whole REAL after
 # SQLite's own conversions, and a REAL column an integer.
 _PYTHON_TYPES: dict[str, tuple[type, ...]] = {"TEXT": (str,), "INTEGER": (int, float), "REAL": (int, float)}

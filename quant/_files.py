@@ -3,10 +3,71 @@
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+
+class NotRegularFileError(OSError):
+    """A path to read that is a folder, a named pipe, a device or a socket, not a regular file.
+
+    ``kind`` says which ("a named pipe (FIFO)"); ``filename`` is the path. An
+    ``OSError``, so code that reports failed opens reports this one too.
+    """
+
+    def __init__(self, path: str | Path, kind: str) -> None:
+        super().__init__(f"{path} is {kind}, not a regular file")
+        self.filename = str(path)
+        self.kind = kind
+
+    def __str__(self) -> str:  # OSError's own reads "[Errno None] None: 'path'" once filename is set
+        return f"{self.filename} is {self.kind}, not a regular file"
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, in words: "a folder", "a named pipe (FIFO)", "a device", ..."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` opened for reading in binary, refused unless it is a regular file.
+
+    O_NONBLOCK so that opening a FIFO with no writer returns at once instead of
+    hanging; fstat on the open descriptor, so the checked file is the one read.
+
+    Raises
+    ------
+    NotRegularFileError
+        ``path`` is a folder, a FIFO, a device or a socket.
+    OSError
+        ``open`` failed (missing, permission denied, a symbolic link loop, ...).
+
+    Examples
+    --------
+    >>> open_regular("/dev/null")
+    Traceback (most recent call last):
+    ...
+    quant._files.NotRegularFileError: /dev/null is a device, not a regular file
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, file_kind(mode))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:

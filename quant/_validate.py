@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -9,18 +10,18 @@ from typing import Any
 def one_of(owner: str, field: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
-        raise ValueError(f"{owner}.{field}={value!r} is invalid; allowed: {', '.join(map(repr, allowed))}")
+        raise ValueError(f"{owner}.{field}={short_repr(value)} is invalid; allowed: {', '.join(map(repr, allowed))}")
 
 
 def int_in(owner: str, field: str, value: Any, lo: int, hi: int) -> None:
     # bool is an int subclass; True as a bit width is always a mistake.
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{owner}.{field}={value!r} is invalid; allowed: an integer in [{lo}, {hi}]")
+        raise ValueError(f"{owner}.{field}={short_repr(value)} is invalid; allowed: an integer in [{lo}, {hi}]")
 
 
 def boolean(owner: str, field: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{field}={value!r} is invalid; allowed: True or False")
+        raise ValueError(f"{owner}.{field}={short_repr(value)} is invalid; allowed: True or False")
 
 
 def number_in(owner: str, field: str, value: Any, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
@@ -30,7 +31,7 @@ def number_in(owner: str, field: str, value: Any, lo: float, hi: float, *, lo_op
         ok = (number > lo if lo_open else number >= lo) and (number < hi if hi_open else number <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"{owner}.{field}={value!r} is invalid; allowed: a number in {interval}")
+        raise ValueError(f"{owner}.{field}={short_repr(value)} is invalid; allowed: a number in {interval}")
     return number
 
 
@@ -40,7 +41,7 @@ def known_keys(owner: str, data: Mapping[str, Any], valid: Iterable[str]) -> Non
     valid = tuple(valid)
     unknown = [k for k in data if k not in valid]
     if unknown:
-        raise ValueError(f"{owner}: unknown key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+        raise ValueError(f"{owner}: unknown key {short_repr(unknown[0])}; valid keys: {', '.join(valid)}")
 
 
 def _describe(spec: Any) -> str:
@@ -107,7 +108,7 @@ def check_json(value: Any, spec: Any, where: str, error: type[Exception] = Value
             if name not in value:
                 if key.endswith("?"):
                     continue
-                raise error(f"{where}: the key {name!r} is missing")
+                raise error(f"{where}: the key {short_repr(name)} is missing")
             check_json(value[name], sub, f"{where}.{name}", error)
     elif not _matches_type(value, spec):
         _fail(value, spec, where, error)
@@ -117,18 +118,36 @@ def _fail(value: Any, spec: Any, where: str, error: type[Exception]) -> None:
     raise error(f"{where}: expected {_describe(spec)}, got {short_repr(value)}")
 
 
+# The largest integer a message quotes (about 30 digits, far above any real setting); a larger
+# one is described by its size: repr() of one over 4,300 digits raises (Python's guard against
+# quadratic conversion), and a long run of digits says nothing more to the reader.
+_MAX_INT_BITS = 100
+
+
 def short_repr(value: object, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters, for error messages about user values.
 
-    A value can be huge (a YAML alias bomb expands to millions of items); an error
-    message quotes only its start. Containers are cut before ``repr`` walks them.
+    A value can be huge (a YAML alias bomb expands to millions of items, a hex literal
+    to thousands of digits); an error message quotes only its start. Containers are cut
+    before ``repr`` walks them, a huge integer is described by its number of digits,
+    and a value whose ``repr`` fails is named by its type.
 
     Examples
     --------
     >>> short_repr(list(range(100)), 20)
     '[0, 1, 2, 3, 4, 5...'
+    >>> short_repr(16 ** 4000)
+    '<an integer of about 4,817 digits>'
     """
-    if isinstance(value, (list, tuple, dict, set)) and len(value) > limit:
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        # bits * log10(2) is the digit count to within one; computing it exactly costs as much as repr
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1:,} digits>"
+    if isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > limit:
         value = list(value)[:limit] if not isinstance(value, dict) else dict(list(value.items())[:limit])
-    text = repr(value)
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        value = value[:limit]  # repr of the start only: a 100 MB string is not copied to be cut
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError, MemoryError):  # a nested huge integer, or nesting deeper than the stack
+        return f"<a {type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -36,7 +36,6 @@ import json
 import lzma
 import math
 import os
-import stat
 import struct
 import sys
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ from torch import Tensor
 
 from quant import activations
 from quant._validate import check_json, short_repr
-from quant._files import write_atomic
+from quant._files import NotRegularFileError, open_regular, write_atomic
 from quant.bitpack import pack_bits, packed_size, unpack_bits
 from quant.errors import QuantError
 from quant.fold import fold_batchnorm
@@ -270,32 +269,15 @@ def save_packed(path: str | Path, qmodel: nn.Module, report: QuantReport, *, ove
 
 
 def _open_regular(path: Path) -> BinaryIO:
-    """``path`` opened for reading, refused unless it is a regular file.
-
-    O_NONBLOCK so that opening a FIFO with no writer returns at once instead of
-    hanging; fstat on the open descriptor, so the checked file is the one read.
-    """
+    """``path`` opened for reading (:func:`quant._files.open_regular`), refused unless it is a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        return open_regular(path)
+    except NotRegularFileError as err:
+        raise QuantError(f"{path} is {err.kind}, not a quant packed file") from None
     except FileNotFoundError:
         raise QuantError(f"{path}: no such file") from None
     except OSError as err:
         raise QuantError(f"{path} cannot be read: {err.strerror}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise QuantError(f"{path} is {_file_kind(mode)}, not a quant packed file")
-    return os.fdopen(fd, "rb")
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 class _Front(NamedTuple):

@@ -8,7 +8,9 @@ substring of it), no traceback, and no file that was in the folder before change
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import io
 import shutil
 import tempfile
@@ -60,6 +62,13 @@ def digits_config(tmp: Path, extra: str = "", name: str = "config.yaml", **secti
 _CACHE: dict[str, Path] = {}
 
 
+def _session_folder(prefix: str) -> Path:
+    """A temporary folder for what the session computes once, removed when the test process exits."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(functools.partial(shutil.rmtree, folder, ignore_errors=True))
+    return folder
+
+
 @contextlib.contextmanager
 def _quiet():
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -71,7 +80,7 @@ def trained_digits() -> Path:
     if "ckpt" not in _CACHE:
         from hiercluster.cli import main
 
-        folder = Path(tempfile.mkdtemp(prefix="bad-inputs-ckpt-"))
+        folder = _session_folder("bad-inputs-ckpt-")
         out = folder / "model.pt"
         with _quiet():  # the first call may come from a case's make(): keep its stderr for the case
             assert main(["train", str(DIGITS), "--out", str(out), "--set", "train.epochs=1"]) == 0
@@ -101,7 +110,7 @@ def finished_run(tmp: Path) -> tuple[Path, Path]:
     if "run" not in _CACHE:
         from hiercluster.cli import main
 
-        folder = Path(tempfile.mkdtemp(prefix="bad-inputs-run-"))
+        folder = _session_folder("bad-inputs-run-")
         ref_ckpt = copy_checkpoint(folder)
         ref_config = digits_config(folder, model={"checkpoint": ref_ckpt.name}, **SMALL_GRID)
         with _quiet():

@@ -231,6 +231,94 @@ def _run_file_is_a_folder(tmp: Path) -> list[str]:
     return ["run", str(config), "--out", str(run), "--quiet"]
 
 
+def _report_with_lock(make_lock: Callable[[Path, Path], None]) -> Callable[[Path], list[str]]:
+    """``report`` on a finished run whose ``.lock`` was made by ``make_lock(lock path, user's file)``."""
+
+    def make(tmp: Path) -> list[str]:
+        _, run = finished_run(tmp)
+        precious = tmp / "precious.txt"
+        precious.write_text("the user's own words\n")
+        make_lock(run / ".lock", precious)
+        return ["report", str(run)]
+
+    return make
+
+
+def _lock_symlink(lock: Path, precious: Path) -> None:
+    lock.symlink_to(precious)
+
+
+def _lock_hard_link(lock: Path, precious: Path) -> None:
+    os.link(precious, lock)
+
+
+def _lock_fifo(lock: Path, precious: Path) -> None:
+    os.mkfifo(lock)
+
+
+def _lock_folder(lock: Path, precious: Path) -> None:
+    lock.mkdir()
+
+
+def _other_checkpoint(tmp: Path) -> Path:
+    """``m2.pt``: the session's checkpoint with other classifier weights (another tree), metadata beside it."""
+    import torch
+
+    ckpt = copy_checkpoint(tmp)
+    state = torch.load(ckpt, weights_only=True)
+    state["fc.weight"] = torch.randn(state["fc.weight"].shape, generator=torch.Generator().manual_seed(7))
+    torch.save(state, tmp / "m2.pt")
+    (tmp / "m2.json").write_text(ckpt.with_suffix(".json").read_text())
+    return tmp / "m2.pt"
+
+
+def _hierarchy_other_checkpoint(tmp: Path) -> list[str]:
+    config, run = finished_run(tmp)
+    m2 = _other_checkpoint(tmp)
+    return ["hierarchy", str(config), "--out", str(run), "--quiet", "--set", f"model.checkpoint={m2}"]
+
+
+def _forced_run_refused_after_load(override: str) -> Callable[[Path], list[str]]:
+    """``run --force`` with another checkpoint and ``override``, a mistake found once the model is loaded.
+
+    The refusal must come before the float evaluation: the run's logits cache stays as it was.
+    """
+
+    def make(tmp: Path) -> list[str]:
+        config, run = finished_run(tmp)
+        m2 = _other_checkpoint(tmp)
+        return ["run", str(config), "--out", str(run), "--quiet", "--force", "--set", f"model.checkpoint={m2}",
+                "--set", override]
+
+    return make
+
+
+def _edit_specs(sql: str) -> Callable[[Path], list[str]]:
+    """``report`` after ``sql`` edited the results database of a finished run."""
+
+    def make(tmp: Path) -> list[str]:
+        _, run = finished_run(tmp)
+        with sqlite3.connect(run / "results.sqlite") as con:
+            con.execute(sql)
+        con.close()
+        return ["report", str(run)]
+
+    return make
+
+
+def _run_folder_is_a_file(name: str, command: str) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        config, run = finished_run(tmp)
+        if (run / name).is_dir():
+            for p in (run / name).iterdir():
+                p.unlink()
+            (run / name).rmdir()
+        (run / name).write_text("a file where the run keeps a folder\n")
+        return [command, str(config), "--out", str(run), "--quiet"]
+
+    return make
+
+
 CASES: dict[str, Case] = {
     "run while another command holds the lock": Case(
         _run_while_locked, "is in use by process 4242 (hiercluster run other.yaml) since"
@@ -277,4 +365,45 @@ CASES: dict[str, Case] = {
     "report on a missing folder": Case(_report_missing_folder, "run directory not found"),
     "a plan that skips every layer": Case(_skip_every_layer, "plan 'none' leaves every layer"),
     "evaluate --packed a folder": Case(_evaluate_packed_folder, "is a folder; give a packed model file"),
+    ".lock is a symbolic link to a user's file": Case(
+        _report_with_lock(_lock_symlink), ".lock is a symbolic link, not the lock file this tool keeps there"
+    ),
+    ".lock is a hard link to a user's file": Case(
+        _report_with_lock(_lock_hard_link), ".lock is a file with other names (a hard link), not the lock file"
+    ),
+    ".lock is a named pipe": Case(_report_with_lock(_lock_fifo), ".lock is a named pipe, not the lock file"),
+    ".lock is a folder (report)": Case(_report_with_lock(_lock_folder), ".lock is a folder, not the lock file"),
+    "hierarchy of another checkpoint into a finished run": Case(
+        _hierarchy_other_checkpoint, "holds a run whose hierarchy differs from this one"
+    ),
+    "run --force, another checkpoint, a level k above the class count": Case(
+        _forced_run_refused_after_load("hierarchy.levels=[50, 2]"), "hierarchy.levels: k=50 is outside 1..10"
+    ),
+    "run --force, another checkpoint, a missing reference grouping": Case(
+        _forced_run_refused_after_load("hierarchy.reference=nowhere.yaml"), "hierarchy.reference: file not found"
+    ),
+    "run --force, another checkpoint, hierarchy.names with an unknown class": Case(
+        _forced_run_refused_after_load("hierarchy.names={Odd: ['1', 'eleven']}"), "unknown class 'eleven'"
+    ),
+    "specs: a prediction share that is an object": Case(
+        _edit_specs("""UPDATE specs SET prediction_share = '{"a": 1}'"""),
+        "prediction_share: expected a list of a number, got {'a': 1}",
+    ),
+    "specs: layers that are numbers": Case(
+        _edit_specs("UPDATE specs SET layers = '[1, 2]'"), "layers[0]: expected an object, got 1"
+    ),
+    "specs: a spec that is text": Case(
+        _edit_specs("""UPDATE specs SET spec_json = '"4-bit"'"""), "spec: expected an object, got '4-bit'"
+    ),
+    "specs: a prediction share of another length": Case(
+        _edit_specs("UPDATE specs SET prediction_share = '[0.5, 0.5]'"), "prediction_share has 2 values for 10 classes"
+    ),
+    "specs: a spec's details deleted": Case(_edit_specs("DELETE FROM specs"), "has results but no details"),
+    "results: a drop set to NULL": Case(_edit_specs('UPDATE results SET "drop" = NULL'), "' is missing); move it away"),
+    "models is a file (run)": Case(
+        _run_folder_is_a_file("models", "run"), "models is a file, but a run directory keeps its models folder there"
+    ),
+    "levels is a file (hierarchy)": Case(
+        _run_folder_is_a_file("levels", "hierarchy"), "levels is a file, but a run directory keeps its levels folder"
+    ),
 }

@@ -414,3 +414,28 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_an_export_from_the_packed_cache_is_whole_or_absent(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from types import SimpleNamespace
+
+    from hiercluster import report
+
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "key.hcq").write_bytes(b"x" * 10_000)
+    (tmp_path / "models").mkdir()
+    point = SimpleNamespace(tag="asymmetric-2b+full+gptq")
+    path = report._export_model(None, point, "key", tmp_path, tmp_path / "models")
+    assert path.read_bytes() == b"x" * 10_000
+
+    def half_then_full_disk(src, dst, *args):
+        dst.write(src.read(5_000))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "packed" / "key.hcq").write_bytes(b"y" * 10_000)
+    monkeypatch.setattr(shutil, "copyfileobj", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        report._export_model(None, point, "key", tmp_path, tmp_path / "models")
+    assert path.read_bytes() == b"x" * 10_000 and [p.name for p in (tmp_path / "models").iterdir()] == [path.name]

@@ -148,8 +148,8 @@ def test_every_positive_cap_allows_the_cap_and_refuses_one_more(key, cap):
 def test_every_closed_range_allows_its_ends_and_refuses_beyond(key, bound):
     lo, hi, _ = bound
     load_config(None, [f"{key}={lo}", f"{key}={hi}"])
-    for bad in (lo - 1, hi + 1):
-        with pytest.raises(HierclusterError, match=f"config key {key}: must be >= {lo} and <= {hi}"):
+    for bad in (lo - 1, hi + 1):  # a list key (hierarchy.levels) names the item: hierarchy.levels[0]
+        with pytest.raises(HierclusterError, match=rf"config key {key}(\[0\])?: must be >= {lo} and <= {hi}"):
             load_config(None, [f"{key}={bad}"])
 
 
@@ -313,3 +313,94 @@ def test_the_shipped_checkpoint_is_found_from_another_folder(tmp_path, monkeypat
     cfg = load_config(REPO / "configs" / "fashion_mnist.yaml")
     assert resolve_path(cfg.model.checkpoint, cfg.source).resolve() == REPO / "data" / "checkpoints" / "fashion_mnist_resnet20.pt"
     assert resolve_path(cfg.model.checkpoint, cfg.source).is_file()
+
+
+# --- integers of thousands of digits ---------------------------------------------------
+
+
+def test_a_decimal_integer_over_pythons_conversion_limit_is_one_line():
+    with pytest.raises(HierclusterError, match="^x.yaml holds an integer of over 4,300 digits; no setting takes"):
+        load_yaml_text("epochs: " + "9" * 5000, "x.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=0x" + "f" * 4000, "config key train.epochs: must be > 0 and <= 10,000, got <an integer of about 4,817 digits>"),
+        ("hierarchy.levels=[0x" + "f" * 4000 + "]", "config key hierarchy.levels[0]: must be >= 1 and <= 100000, got <an integer"),
+        ("quant.bits=[0x" + "f" * 4000 + "]", "config key quant.bits[0]: <an integer of about 4,817 digits> bits is outside"),
+        ("eval.seed=-0x" + "f" * 4000, "config key eval.seed: must be >= 0"),
+    ],
+)
+def test_a_hex_integer_of_thousands_of_digits_is_refused_and_quoted_by_size(override, message):
+    with pytest.raises(HierclusterError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and len(str(err.value)) < 200
+
+
+def test_hierarchy_levels_are_bounded_by_the_most_classes_a_model_has():
+    from hiercluster.models import MAX_NUM_CLASSES
+
+    assert config.MAX_CLASSES == MAX_NUM_CLASSES
+    assert load_config(None, [f"hierarchy.levels=[{config.MAX_CLASSES}, 2]"]).hierarchy.levels == (config.MAX_CLASSES, 2)
+    with pytest.raises(HierclusterError, match=r"hierarchy.levels\[0\]: must be >= 1"):
+        load_config(None, ["hierarchy.levels=[0]"])
+
+
+def test_a_choice_of_megabytes_is_quoted_short():
+    with pytest.raises(HierclusterError) as err:
+        load_config(None, ["eval.reduction=" + "r" * 500_000])
+    assert "eval.reduction: 'rrr" in str(err.value) and len(str(err.value)) < 200
+
+
+# --- files that are not regular files ---------------------------------------------------
+
+
+def _open_write_end_later(path: Path) -> None:
+    """Open the FIFO's write end in a thread: a reader that blocked on it is released, so a regression fails, not hangs."""
+    import threading
+
+    def release() -> None:
+        with open(path, "wb"):
+            pass
+
+    threading.Thread(target=release, daemon=True).start()
+
+
+def test_a_config_that_is_a_fifo_is_refused_at_once(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "c.yaml")
+    _open_write_end_later(tmp_path / "c.yaml")
+    with pytest.raises(HierclusterError, match=r"^config file .*c.yaml is a named pipe \(FIFO\), not a file$"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_device_is_refused_as_a_grouping():
+    with pytest.raises(HierclusterError, match=r"^grouping file /dev/null is a device, not a file$"):
+        read_yaml("/dev/null", "grouping file")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / ("x" * 300 + ".yaml"), "cannot be read: File name too long; a name in it is longer"),
+        (lambda tmp: _loop(tmp / "c.yaml"), "cannot be read: Too many levels of symbolic links; a symbolic link"),
+        (lambda tmp: _under_a_file(tmp), "cannot be read: Not a directory; a part of it that should be a folder is a file"),
+    ],
+    ids=["a name too long", "a symbolic link loop", "a path under a file"],
+)
+def test_a_config_path_the_file_system_refuses_is_one_line(tmp_path, make, message):
+    with pytest.raises(HierclusterError) as err:
+        load_config(make(tmp_path))
+    assert str(err.value).startswith("config file ") and message in str(err.value) and len(str(err.value)) < 400
+
+
+def _loop(path: Path) -> Path:
+    path.symlink_to(path)
+    return path
+
+
+def _under_a_file(tmp: Path) -> Path:
+    (tmp / "afile").write_text("x")
+    return tmp / "afile" / "c.yaml"

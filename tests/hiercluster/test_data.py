@@ -96,7 +96,29 @@ def test_missing_dataset_names_places_and_remedy(tmp_path, monkeypatch):
     with pytest.raises(HierclusterError) as err:
         load_dataset("mnist", root=tmp_path / "nowhere", split="train")
     msg = str(err.value)
-    assert str(tmp_path / "nowhere") in msg and str(tmp_path / "env") in msg and "To get it" in msg
+    assert str(tmp_path / "nowhere") in msg and str(tmp_path / "env") in msg and "; to get it: copy" in msg
+    assert "\n" not in msg  # one line: the places are listed with commas
+
+
+def test_missing_cifar_is_one_line(tmp_path, monkeypatch):
+    import hiercluster.data as data
+
+    monkeypatch.delenv("HIERCLUSTER_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "_PROJECT_DATA", tmp_path / "project")
+    with pytest.raises(HierclusterError) as err:
+        load_dataset("cifar10", root=tmp_path / "nowhere", split="test")
+    msg = str(err.value)
+    assert f"in any of {tmp_path / 'nowhere' / 'cifar-10-batches-py'}, {tmp_path / 'nowhere'}, " in msg
+    assert "; to get it: extract" in msg and "\n" not in msg
+
+
+def test_a_huge_dataset_or_split_name_is_quoted_short():
+    for kwargs in ({"name": "x" * 1_000_000}, {"name": "digits", "split": "s" * 1_000_000}):
+        with pytest.raises(HierclusterError) as err:
+            load_dataset(**kwargs)
+        assert "'xxx" in str(err.value) or "'sss" in str(err.value)
+        assert len(str(err.value)) < 300
 
 
 def test_unknown_names_suggest():

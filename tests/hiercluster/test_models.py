@@ -1,5 +1,6 @@
 """Model zoo: shapes, classifier access, penultimate features, checkpoints and their errors."""
 
+import errno
 import json
 import os
 import pickle
@@ -220,3 +221,124 @@ def test_metadata_file_over_the_cap_is_refused_unread(tmp_path, monkeypatch):
     ckpt = _meta_beside_checkpoint(tmp_path, json.dumps({**GOOD_META, "note": "x" * 200}))
     with pytest.raises(HierclusterError, match="is larger than"):
         load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"arch": "a" * 201}, "key 'arch': a name of 201 characters"),
+        ({"dataset": "d" * 2_000_000}, "key 'dataset': a name of 2,000,000 characters"),
+        ({"classes": ["a", "b" * 201]}, "key 'classes'[1]: a name of 201 characters"),
+        ({"classes": ["a", "b\nc"]}, "key 'classes'[1]: 'b\\nc' holds a line break or control character"),
+        ({"classes": ["a", "b\x1b[1mc"]}, "holds a line break or control character"),
+        ({"arch": "resnet8\u2028"}, "key 'arch': 'resnet8\\u2028' holds a line break"),
+    ],
+    ids=["arch too long", "dataset of 2 MB", "class name too long", "class name with a newline", "an escape code",
+         "a Unicode line separator"],
+)
+def test_metadata_names_are_bounded_and_one_line(tmp_path, change, expected):
+    ckpt = _meta_beside_checkpoint(tmp_path, json.dumps({**GOOD_META, **change}))
+    with pytest.raises(HierclusterError) as err:
+        load_checkpoint(ckpt)
+    assert expected in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_metadata_names_at_the_cap_are_read(tmp_path):
+    from hiercluster.models import MAX_NAME_CHARS, read_metadata
+
+    meta = {**GOOD_META, "dataset": "d" * MAX_NAME_CHARS, "classes": ["a" * MAX_NAME_CHARS, "b c/d"]}
+    assert read_metadata(_meta_beside_checkpoint(tmp_path, json.dumps(meta)))["dataset"] == "d" * MAX_NAME_CHARS
+
+
+def test_unknown_arch_of_megabytes_is_quoted_short():
+    with pytest.raises(HierclusterError) as err:
+        build_model("x" * 2_000_000, 10)
+    assert "unknown arch 'xxx" in str(err.value) and len(str(err.value)) < 400
+
+
+def test_data_that_does_not_fit_quotes_class_names_on_one_line():
+    from hiercluster.models import check_fits_data
+
+    meta = {**GOOD_META, "classes": ["a", "b"]}
+    with pytest.raises(HierclusterError) as err:
+        check_fits_data(meta, "m.pt", "x" * 100_000, ["line\none" * 1000, "b"], 1)
+    msg = str(err.value)
+    assert "its classes are 'a', 'b', the data's are 'line\\none" in msg and "\n" not in msg and len(msg) < 400
+
+
+def _plain_pickle(protocol):
+    return pickle.dumps({"a": 1}, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_a_plain_pickle_is_named_by_its_type_without_torch_warnings(tmp_path, protocol, recwarn):
+    path = tmp_path / "m.pt"
+    path.write_bytes(_plain_pickle(protocol))
+    with pytest.raises(HierclusterError) as err:
+        load_weights(build_model("resnet8", 10, 1), path)
+    assert str(err.value) == (
+        f"{path} is a plain Python pickle (of a dict), not a torch checkpoint; "
+        "expected a state_dict saved with torch.save(model.state_dict(), path)"
+    )
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # torch's warning is silenced
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy format"])
+def test_a_whole_pickled_model_says_to_save_its_state_dict(tmp_path, legacy):
+    path = tmp_path / "m.pt"
+    torch.save(build_model("resnet8", 10, 1, width=4), path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(HierclusterError) as err:
+        load_weights(build_model("resnet8", 10, 1, width=4), path)
+    assert str(err.value) == (
+        f"checkpoint {path} holds a whole pickled model (GLOBAL hiercluster.models.CifarResNet), not a state_dict; "
+        "save model.state_dict() instead (torch.save(model.state_dict(), path))"
+    )
+
+
+def test_a_model_pickled_without_torch_says_so(tmp_path):
+    path = tmp_path / "m.pt"
+    path.write_bytes(pickle.dumps(build_model("resnet8", 10, 1, width=4)))
+    with pytest.raises(HierclusterError, match=r"is a plain Python pickle of a whole model \(hiercluster.models.CifarResNet\)"):
+        load_weights(build_model("resnet8", 10, 1, width=4), path)
+
+
+def test_a_weights_only_refusal_without_a_global_quotes_only_its_cause():
+    from hiercluster.models import _weights_only_detail
+
+    text = (
+        "Weights only load failed. In PyTorch 2.6, ...\nPlease file an issue with the following so that we can make "
+        "`weights_only=True` compatible with your use case: WeightsUnpickler error: \n\nUnsupported operand 100\n\n"
+        "Check the documentation of torch.load to learn more"
+    )
+    assert _weights_only_detail(text) == "Unsupported operand 100"
+
+
+@pytest.mark.parametrize(
+    "head, expected",
+    [
+        (b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00]\x94.", "a list"),
+        (b"(lp0\n.", "a list"),
+        (b"cposix\nsystem\n.", "posix.system"),
+        (b"\x80\x02K\x05.", "an object"),
+        (b"hello world", None),
+        (b"(hello", None),
+        (b"PK\x03\x04", None),
+    ],
+)
+def test_the_type_of_a_pickle_is_read_from_its_opcodes(head, expected):
+    from hiercluster.models import _pickled_type
+
+    assert _pickled_type(head) == expected
+
+
+def test_a_checkpoint_that_is_a_fifo_is_refused_without_opening_it(tmp_path):
+    os.mkfifo(tmp_path / "m.pt")  # torch.load would wait for a writer forever
+    with pytest.raises(HierclusterError, match=r"checkpoint .*m.pt is a named pipe \(FIFO\), not a file"):
+        load_weights(build_model("resnet8", 10, 1), tmp_path / "m.pt")
+
+
+def test_a_checkpoint_path_in_a_symlink_loop_is_left_to_the_cli(tmp_path):
+    os.symlink(tmp_path / "m.pt", tmp_path / "m.pt")
+    with pytest.raises(OSError) as err:  # the CLI's one mapping names it (errno ELOOP)
+        load_weights(build_model("resnet8", 10, 1), tmp_path / "m.pt")
+    assert err.value.errno == errno.ELOOP

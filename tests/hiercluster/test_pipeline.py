@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,7 +284,14 @@ def test_another_grid_needs_force_and_the_report_then_shows_only_it(config_file,
     err = capsys.readouterr().err
     assert "holds a run of another grid (quant.bits: [8, 4, 2] -> [8]; quant.plans:" in err and "grid: 6 removed" in err
     assert (copy / "report.md").read_text() == report
+    old_exports = _listed_exports(copy)
+    (copy / "models" / "mine.hcq").write_text("not written by the tool")
     assert main([*args, "--force"]) == 0
+    # The previous grid's exports are gone; what the tool did not write stays.
+    new_exports = _listed_exports(copy)
+    assert {p.name for p in (copy / "models").iterdir()} == new_exports | {"manifest.json", "mine.hcq"}
+    assert old_exports - new_exports and all(b.startswith("asymmetric-8b") or b.startswith("pow2-8b")
+                                             for b in new_exports if b.endswith(".hcq"))
     rows = _csv_rows(copy / "results.csv")
     assert {(r["bits"], r["plan"]) for r in rows} == {("8", "full")} and len(rows) == 2 * N_LEVELS
     text = (copy / "report.md").read_text()
@@ -347,3 +355,137 @@ def test_quantize_never_writes_over_a_checkpoints_metadata(config_file, digits_c
     hcq = digits_checkpoint.with_suffix(".hcq")  # beside the checkpoint, with its report as r8.hcq.json
     assert main(["quantize", str(config_file), "--bits", "4", "--out", str(hcq)]) == 0
     assert meta.read_text() == before and hcq.with_name("r8.hcq.json").is_file()
+
+
+def _listed_exports(run: Path) -> set[str]:
+    """The model and grouping files ``run/models/manifest.json`` lists."""
+    manifest = json.loads((run / "models" / "manifest.json").read_text())
+    return {name for entry in manifest["levels"].values() for name in (entry["model"], entry["groups"])}
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("text", ['{"levels": []}', "[" * 100_000, '{"reduction": "prob_sum", "levels": {"k=2": 3}}'])
+def test_a_damaged_manifest_is_rewritten_and_the_run_finishes(config_file, run_dir, tmp_path, text):
+    copy = _copy(run_dir, tmp_path)
+    manifest = copy / "models" / "manifest.json"
+    expected = json.loads(manifest.read_text())
+    manifest.write_text(text)
+    (copy / "report.md").unlink()
+    assert main(["run", str(config_file), "--out", str(copy), "--quiet"]) == 0
+    assert json.loads(manifest.read_text()) == expected and (copy / "report.md").is_file()
+
+
+def test_a_manifest_naming_files_elsewhere_removes_nothing_there(config_file, run_dir, tmp_path):
+    copy = _copy(run_dir, tmp_path)
+    manifest = copy / "models" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    entry = next(iter(data["levels"].values()))
+    (tmp_path / "outside.hcq").write_text("the user's")
+    entry["model"] = "../../outside.hcq"
+    manifest.write_text(json.dumps(data))
+    assert main(["run", str(config_file), "--out", str(copy), "--quiet"]) == 0
+    assert (tmp_path / "outside.hcq").read_text() == "the user's"
+    assert "../../outside.hcq" not in manifest.read_text()
+
+
+def _other_checkpoint(checkpoint: Path, folder: Path) -> Path:
+    """The checkpoint with other classifier weights (another model, another tree), metadata beside it."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["fc.weight"] = torch.randn(state["fc.weight"].shape, generator=torch.Generator().manual_seed(7))
+    torch.save(state, folder / "other.pt")
+    (folder / "other.json").write_text(checkpoint.with_suffix(".json").read_text())
+    return folder / "other.pt"
+
+
+def test_evaluate_reads_a_runs_logits_cache_but_never_writes_it(config_file, run_dir, digits_checkpoint, tmp_path,
+                                                                 monkeypatch, capsys):
+    copy = _copy(run_dir, tmp_path)
+    cache = copy / "float_logits.pt"
+    before = cache.read_bytes()
+    packed = tmp_path / "m8.hcq"
+    assert main(["quantize", str(config_file), "--bits", "8", "--out", str(packed)]) == 0
+    calls = []
+    real = pipeline.collect_logits
+    monkeypatch.setattr(pipeline, "collect_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["evaluate", str(config_file), "--packed", str(packed), "--out", str(copy), "--quiet"]) == 0
+    assert calls == []  # the matching cache gave the float logits (the quantized model runs in cli)
+    other = ["--set", f"model.checkpoint={_other_checkpoint(digits_checkpoint, tmp_path)}"]
+    assert main(["evaluate", str(config_file), "--packed", str(packed), "--out", str(copy), "--quiet", *other]) == 0
+    assert calls == [1] and cache.read_bytes() == before  # another model's logits: computed, not written over the run's
+    assert main(["evaluate", str(config_file), "--packed", str(packed), "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    assert not (tmp_path / "ev").exists()  # nothing written, so no folder left behind
+    capsys.readouterr()
+
+
+def test_the_hierarchy_alone_needs_no_float_logits(config_file, tmp_path, monkeypatch):
+    from hiercluster.config import load_config
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the float model was evaluated")
+
+    monkeypatch.setattr(pipeline, "collect_logits", no_evaluation)
+    prep = pipeline.prepare(load_config(config_file), tmp_path / "h", progress=False, float_logits=False)
+    assert prep.float_logits is None and prep.labels is None and set(prep.levels) == {"k=10", "k=5", "k=3", "k=2", "reference"}
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("hierarchy.levels=[10, 50]", "config key hierarchy.levels: k=50 is outside 1..10"),
+        ("hierarchy.reference=missing.yaml", "config key hierarchy.reference: file not found"),
+        ("hierarchy.reference=null", None),  # the control: this config gets as far as the float evaluation
+        ("hierarchy.names={Odd: ['1', 'eleven']}", "eleven"),
+    ],
+)
+def test_every_config_refusal_comes_before_the_float_evaluation(config_file, tmp_path, monkeypatch, capsys, override, message):
+    def no_evaluation(*args, **kwargs):
+        raise RuntimeError("the float model was evaluated")
+
+    monkeypatch.setattr(pipeline, "collect_logits", no_evaluation)
+    args = ["run", str(config_file), "--out", str(tmp_path / "run"), "--quiet", "--set", override]
+    if message is None:
+        with pytest.raises(RuntimeError, match="the float model was evaluated"):
+            main(args)
+        return
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_logits_cache_is_used_only_when_it_matches(tmp_path):
+    from hiercluster.pipeline import read_logits_cache
+
+    path = tmp_path / "float_logits.pt"
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    assert read_logits_cache(path, "id", 4, 3) is None  # no file
+    torch.save({"id": "id", "logits": logits, "labels": labels}, path)
+    found = read_logits_cache(path, "id", 4, 3)
+    assert torch.equal(found[0], logits) and torch.equal(found[1], labels)
+    assert read_logits_cache(path, "another id", 4, 3) is None
+    for saved in (
+        {"id": "id", "logits": logits[:3], "labels": labels},  # another number of images
+        {"id": "id", "logits": logits, "labels": torch.tensor([0, 2, 1, 3])},  # a label outside the classes
+        {"id": "id", "logits": logits.long(), "labels": labels},
+        {"id": "id", "logits": [1.0], "labels": labels},
+        [logits, labels],
+    ):
+        torch.save(saved, path)
+        assert read_logits_cache(path, "id", 4, 3) is None, saved
+    path.write_bytes(b"PK\x03\x04 damaged")
+    assert read_logits_cache(path, "id", 4, 3) is None
+
+
+def test_hierarchy_command_with_fc_weights_evaluates_nothing_and_writes_no_logits(config_file, tmp_path, monkeypatch, capsys):
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("a forward pass over data")
+
+    monkeypatch.setattr(pipeline, "collect_logits", no_forward_pass)
+    assert main(["hierarchy", str(config_file), "--out", str(tmp_path / "h"), "--quiet"]) == 0
+    assert (tmp_path / "h" / "hierarchy.json").is_file() and not (tmp_path / "h" / "float_logits.pt").exists()
+    capsys.readouterr()

@@ -21,6 +21,7 @@ from hiercluster.rundir import (
     check_output_file,
     check_run_dir,
     check_same_grid,
+    read_manifest,
     read_run_info,
     write_json,
 )
@@ -217,3 +218,99 @@ def test_a_damaged_run_json_does_not_block_the_run_that_rewrites_it(saved_run):
     (out / "run.json").write_text("{")
     cfg = load_config(None, ["data.dataset=digits", "quant.bits=[4, 2]", "eval.random_seeds=20"])
     check_same_grid(cfg, tags, out, "ab" * 32, force=False)
+
+
+# --- the lock file itself, and the run's own folders ----------------------------------------
+
+
+def _symlink(lock: Path, target: Path) -> None:
+    lock.symlink_to(target)
+
+
+def _hard_link(lock: Path, target: Path) -> None:
+    os.link(target, lock)
+
+
+def _fifo(lock: Path, target: Path) -> None:
+    os.mkfifo(lock)
+
+
+def _folder(lock: Path, target: Path) -> None:
+    lock.mkdir()
+
+
+@pytest.mark.parametrize(
+    "make, what",
+    [(_symlink, "a symbolic link"), (_hard_link, r"a file with other names \(a hard link\)"), (_fifo, "a named pipe"),
+     (_folder, "a folder")],
+)
+def test_a_lock_path_that_is_not_a_plain_file_is_refused_and_left_alone(tmp_path, make, what):
+    run = tmp_path / "run"
+    run.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine\n")
+    make(run / LOCK_FILE, precious)
+    with pytest.raises(HierclusterError, match=f"{run / LOCK_FILE} is {what}, not the lock file this tool keeps there; "
+                       "move it away and run again"):
+        RunLock(run, "hiercluster report run").acquire()
+    assert precious.read_text() == "mine\n" and os.path.lexists(run / LOCK_FILE)
+
+
+def test_a_dangling_lock_symlink_creates_nothing_at_its_target(tmp_path):
+    (tmp_path / LOCK_FILE).symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(HierclusterError, match="is a symbolic link"):
+        RunLock(tmp_path, "hiercluster run x").acquire()
+    assert not (tmp_path / "elsewhere.txt").exists()
+
+
+@pytest.mark.parametrize("name", ["levels", "models", "packed"])
+def test_a_file_where_the_run_keeps_a_folder_is_refused(tmp_path, name):
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / name).write_text("mine")
+    with pytest.raises(HierclusterError, match=f"{tmp_path / name} is a file, but a run directory keeps its {name} folder"):
+        check_run_dir(tmp_path)
+
+
+# --- the model manifest ----------------------------------------------------------------------
+
+
+def _manifest(**entry_changes) -> dict:
+    entry = {"model": "asymmetric-4b.hcq", "spec_key": "k1", "groups": "k2_groups.yaml", "bits": 4, "method": "rtn",
+             "tag": "asymmetric-4b", "drop_pp": 0.5}
+    entry.update(entry_changes)
+    return {"reduction": "prob_sum", "levels": {"k=2": entry}}
+
+
+def test_a_manifest_reads_back_as_written(tmp_path):
+    write_json(tmp_path / "manifest.json", _manifest())
+    assert read_manifest(tmp_path / "manifest.json") == _manifest()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"reduction": "prob_sum", "levels": []}, "levels: expected dict, got []"),
+        (_manifest(bits="4"), "levels.k=2.bits: expected an integer, got '4'"),
+        (_manifest(model="../../outside.hcq"), "levels.k=2.model: '../../outside.hcq' is not a file name ending in .hcq"),
+        (_manifest(model="notes.txt"), "levels.k=2.model: 'notes.txt' is not a file name ending in .hcq"),
+        (_manifest(groups=".hidden_groups.yaml"), "levels.k=2.groups: '.hidden_groups.yaml' is not a file name"),
+    ],
+)
+def test_a_damaged_manifest_is_named(tmp_path, data, message):
+    write_json(tmp_path / "manifest.json", data)
+    with pytest.raises(HierclusterError) as info:
+        read_manifest(tmp_path / "manifest.json")
+    assert str(info.value).startswith(f"{tmp_path / 'manifest.json'} is damaged: {message}")
+
+
+def test_a_deeply_nested_manifest_is_damaged_not_a_recursion_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(HierclusterError, match="is damaged: not valid JSON"):
+        read_manifest(tmp_path / "manifest.json")
+
+
+def test_a_huge_level_name_is_quoted_only_in_part(tmp_path):
+    write_json(tmp_path / "manifest.json", {"reduction": "prob_sum", "levels": {"k" * 100_000: 3}})
+    with pytest.raises(HierclusterError, match=r"is damaged: levels\.k+\.\.\.: expected an object, got 3") as info:
+        read_manifest(tmp_path / "manifest.json")
+    assert len(str(info.value)) < 300

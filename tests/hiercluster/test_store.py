@@ -11,6 +11,14 @@ from hiercluster.errors import HierclusterError
 from hiercluster.store import RESULT_COLUMNS, ResultsStore, check_database
 
 
+def _layer(**changes) -> dict:
+    """One layer's statistics as the report reads them."""
+    quartiles = ("min", "q1", "median", "q3", "max")
+    layer = {"name": "fc", "bits": 4, **{f"{w}_{q}": 0.1 for w in ("before", "after") for q in quartiles}}
+    layer.update(changes)
+    return layer
+
+
 def _spec(key: str, levels: int = 40) -> dict:
     """One finished spec with enough level rows to fill several database pages."""
     row = {c: 0.5 for c in RESULT_COLUMNS}
@@ -19,10 +27,10 @@ def _spec(key: str, levels: int = 40) -> dict:
     return {
         "spec_row": row,
         "level_rows": [{"level": f"k={i}", "k": i} for i in range(levels)],
-        "spec_json": {"bits": 4},
+        "spec_json": {"scheme": "asymmetric", "bits": 4},
         "plan_json": {"name": "full"},
         "prediction_share": [0.5, 0.5],
-        "layers": [{"name": "fc"}],
+        "layers": [_layer()],
     }
 
 
@@ -128,3 +136,52 @@ def test_values_of_the_wrong_type_are_damage(db):
             store.results()
         with pytest.raises(HierclusterError, match="damaged \\(the details of spec 's1' are not JSON\\)"):
             store.spec_details("s1")
+
+
+def test_details_read_back_as_written(tmp_path):
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        store.add_spec(**_spec("s"))
+        details = store.spec_details("s", n_classes=2)
+        assert details["prediction_share"] == [0.5, 0.5] and details["layers"] == [_layer()]
+        assert store.spec_details("missing") is None
+
+
+@pytest.mark.parametrize(
+    "column, text, message",
+    [
+        ("prediction_share", '{"a": 1}', "prediction_share: expected a list of a number, got {'a': 1}"),
+        ("prediction_share", '["high", 0.5]', r"prediction_share\[0\]: expected a number, got 'high'"),
+        ("layers", "[1, 2]", r"layers\[0\]: expected an object, got 1"),
+        ("layers", '[{"name": "fc"}]', r"layers\[0\]: the key 'bits' is missing"),
+        ("spec_json", '"4-bit"', "spec: expected an object, got '4-bit'"),
+        ("spec_json", '{"scheme": "asymmetric", "bits": null}', "spec.bits: expected an integer, got None"),
+        ("plan_json", "[]", "plan: expected dict, got"),
+    ],
+)
+def test_details_of_the_wrong_shape_are_damage(tmp_path, column, text, message):
+    db = tmp_path / "results.sqlite"
+    with ResultsStore(db) as store:
+        store.add_spec(**_spec("s"))
+    with sqlite3.connect(db) as con:
+        con.execute(f"UPDATE specs SET {column} = ?", (text,))
+    con.close()
+    with ResultsStore(db) as store, pytest.raises(HierclusterError, match=rf"is damaged \(the details of spec 's': {message}"):
+        store.spec_details("s")
+
+
+def test_a_prediction_share_per_another_class_count_is_damage(db):
+    with ResultsStore(db) as store:
+        with pytest.raises(HierclusterError, match=r"prediction_share has 2 values for 10 classes\)"):
+            store.spec_details("s0", n_classes=10)
+
+
+def test_a_missing_value_is_damage_only_where_this_code_writes_one(db):
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE results SET \"drop\" = NULL WHERE spec_key = 's2'")
+        con.execute("UPDATE results SET activation_bits = NULL")
+    con.close()
+    with ResultsStore(db) as store:
+        assert len(store.results(["s1"], complete=True)) == 40  # activation_bits may be NULL
+        assert len(store.results(["s2"])) == 40  # rows of older code are read as they are
+        with pytest.raises(HierclusterError, match=r"damaged \(the drop of spec 's2' is missing\)"):
+            store.results(["s2"], complete=True)
