@@ -62,6 +62,17 @@ class DataConfig:
     batch_size: int = 128
     workers: int = 0
     download: bool = False
+    # A fixed, stratified subset of this many evaluation images (the same every run), for trying things out.
+    limit: int | None = None
+    # Image folders (``imagefolder``): input size, channels (1 grayscale, 3 RGB), normalization
+    # (per-channel lists, or ``auto``: computed on the training split) and resizing
+    # (``shorter_side``: shorter side to image_size*256/224, then a center crop; ``exact``;
+    # ``none``: images must already have the size). Unset: the checkpoint's metadata, else ImageNet's.
+    image_size: int | None = None
+    channels: int | None = None
+    mean: tuple[float, ...] | str | None = None
+    std: tuple[float, ...] | str | None = None
+    resize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,6 @@ class TrainConfig:
     crop_padding: int = 2
     hflip: bool = True
     seed: int = 0
-    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +230,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Section ``runtime``: how the work runs. ``threads``: torch threads for every command
+    (default: the cores available to the process); ``--threads`` overrides it."""
+
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Section ``output``: the run directory (``--out`` overrides it).
 
@@ -243,6 +261,7 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -271,6 +290,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "hierarchy.split": ("train", "test"),
     "calibration.split": ("train", "test"),
     "eval.reduction": ("prob_sum", "mean_logit", "argmax_then_map"),
+    "data.channels": (1, 3),
+    "data.resize": ("none", "shorter_side", "exact"),
     "quant.schemes": SCHEMES,
     "quant.plans.schemes": SCHEMES,
     "quant.methods.schemes": SCHEMES,
@@ -284,7 +305,8 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.crop_padding": (0, 256, False),  # pixels; 1-4 is usual, 256 pads even a 224-px image past its size
     "train.momentum": (0.0, None, False),
     "train.weight_decay": (0.0, None, False),
-    "train.threads": (1, 1024, False),  # more threads than any machine has cores
+    "runtime.threads": (1, 1024, False),  # more threads than any machine has cores
+    "data.image_size": (8, 4096, False),  # pixels per side: a 4096x4096 RGB batch of 128 is already 25 GiB
     "train.seed": (0, 2**63 - 1, False),  # torch.manual_seed's range
     "data.workers": (0, 256, False),  # DataLoader processes: more than any machine has cores
     "eval.tolerance": (0.0, None, False),
@@ -297,7 +319,8 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
 # key path -> the highest allowed (None: no cap) of a value that must be > 0. The caps are
 # far above real use and far below what would exhaust memory or time.
 _POSITIVE: dict[str, float | None] = {
-    "data.batch_size": 65_536,  # images per batch: far above any batch a CNN is evaluated with
+    "data.batch_size": 65_536,
+    "data.limit": 100_000_000,  # images; more than any evaluation split has  # images per batch: far above any batch a CNN is evaluated with
     "train.batch_size": 65_536,
     "calibration.batch_size": 65_536,
     "train.epochs": 10_000,  # 100x a long schedule
@@ -339,6 +362,8 @@ _MAX_ITEMS: dict[str, int] = {
     "quant.methods": MAX_GRID_ITEMS,
     **{key: MAX_GRID_ITEMS for key in _UNIQUE if key.startswith("quant.")},
 }
+# Keys that used to exist -> where they live now.
+_MOVED = {"train.threads": "runtime.threads"}
 # Dataclasses an item of which may be written as a bare string: the string is this field.
 _SHORT_FORM: dict[type, str] = {MethodConfig: "name"}
 
@@ -456,6 +481,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if path in _MOVED:
+            raise HierclusterError(f"config key {path} has moved: write it as {_MOVED[path]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""

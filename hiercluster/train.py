@@ -50,8 +50,6 @@ def train_model(
     the caller's, and shuffling and augmentation draw from generators seeded from it.
     """
     torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     decay, no_decay = [], []

@@ -166,7 +166,8 @@ CASES: dict[str, Case] = {
     "train.epochs 1e6": Case(_set("train.epochs=1000000"), "train.epochs: must be > 0 and <= 10,000"),
     "model.width 4096": Case(_set("model.width=4096"), "model.width: must be > 0 and <= 1,024"),
     "data.workers 10,000": Case(_set("data.workers=10000"), "data.workers: must be >= 0 and <= 256"),
-    "train.threads 1e6": Case(_set("train.threads=1000000"), "train.threads: must be >= 1 and <= 1024"),
+    "runtime.threads 1e6": Case(_set("runtime.threads=1000000"), "runtime.threads: must be >= 1 and <= 1024"),
+    "train.threads (moved)": Case(_set("train.threads=2"), "train.threads has moved: write it as runtime.threads"),
     "train.crop_padding 1e9": Case(_set("train.crop_padding=1000000000"), "train.crop_padding: must be >= 0 and <= 256"),
     "activation_calibration_batches 1e9": Case(
         _set("quant.activation_calibration_batches=1000000000"), "quant.activation_calibration_batches: must be > 0"
