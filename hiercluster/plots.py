@@ -22,7 +22,12 @@ if TYPE_CHECKING:
     from hiercluster.hierarchy import ClassHierarchy
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A ``width`` x ``height`` inch figure with constrained layout on its own Agg canvas (no pyplot).
+
+    The canvas is attached so that text sizes can be measured before saving
+    (:meth:`~matplotlib.backend_bases.FigureCanvasBase.get_renderer`).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -55,7 +60,7 @@ def plot_dendrogram(hierarchy: ClassHierarchy, path: str | Path, title: str | No
     if not hasattr(hierarchy, "linkage_matrix_"):
         raise HierclusterError("plot_dendrogram needs a fitted ClassHierarchy")
     n = hierarchy.n_classes_
-    fig = _new_figure(7.0, max(2.5, 0.28 * n + 1.0))
+    fig = new_figure(7.0, max(2.5, 0.28 * n + 1.0))
     ax = fig.add_subplot()
     dendrogram(
         hierarchy.linkage_matrix_,
@@ -100,7 +105,7 @@ def plot_prediction_share(
         raise HierclusterError(
             f"prediction shares must have one value per class ({n}), got {sf.shape} and {sq.shape}"
         )
-    fig = _new_figure(max(5.0, 0.55 * n + 1.5), 3.8)
+    fig = new_figure(max(5.0, 0.55 * n + 1.5), 3.8)
     ax = fig.add_subplot()
     x = np.arange(n)
     width = 0.4

@@ -2,6 +2,9 @@
 
 :func:`write_report` reads ``run.json``, ``results.sqlite`` and ``hierarchy.json``, so
 ``hiercluster report DIR`` rebuilds the same report without touching a model.
+
+Every table names the grid dimensions (:data:`DIMS`) that vary in the run, and each spec
+by its full tag; a table that shows a subset of the specs says which.
 """
 
 from __future__ import annotations
@@ -16,11 +19,118 @@ from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.evaluate import min_bits
 from hiercluster.store import ResultsStore, method_label
 from quant._files import write_text_atomic
+from quant._validate import check_json
+
+# The grid dimensions of a result row as (row column, label), in the order of a spec's tag.
+# Headings and tables are built from this list: a dimension is named wherever the run's rows
+# hold more than one value of it, so a new grid option needs only a line here.
+DIMS: tuple[tuple[str, str], ...] = (
+    ("scheme", "scheme"),
+    ("bits", "bits"),
+    ("clipping", "clipping"),
+    ("granularity", "granularity"),
+    ("plan", "plan"),
+    ("method", "method"),
+    ("activation_bits", "activations"),
+)
+# A float model this close to chance (pp) or below has nothing for quantization to lose:
+# its drops and fewest bits are noise, so the report and the terminal warn.
+CHANCE_MARGIN_PP = 2.0
+# Superclass names are cut here in the headline, so that a row stays one readable line.
+MAX_GROUPS_CHARS = 90
+# Tags listed by name when a table leaves specs out; more are counted (the CSV has them all).
+MAX_LISTED_TAGS = 3
+# The shape of run.json's optional evaluation subset (``data.limit``); older runs lack it.
+DATA_LIMIT_SPEC = {"limit": int, "of": int}
+
+
+def fmt_number(value: float, digits: int = 2, signed: bool = False) -> str:
+    """``value`` with ``digits`` decimals; what rounds to zero prints as zero without a sign.
+
+    The one number format of the report, so that no table shows ``-0.00``.
+
+    Examples
+    --------
+    >>> fmt_number(-0.001), fmt_number(-0.001, signed=True), fmt_number(0.37, signed=True), fmt_number(-1.25, 1)
+    ('0.00', '0.00', '+0.37', '-1.2')
+    """
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return f"{0:.{digits}f}" if float(text) == 0 else text  # "-0.00", "+0.00": zero after rounding
+
+
+def fewest_bits_cell(bits: int, lowest: int | None) -> str:
+    """The headline's answer: ``"4"``, or ``"≤ 3 (lowest tested)"`` when no narrower width was tried.
+
+    Examples
+    --------
+    >>> fewest_bits_cell(4, 3), fewest_bits_cell(3, 3)
+    ('4', '≤ 3 (lowest tested)')
+    """
+    return f"≤ {bits} (lowest tested)" if bits == lowest else str(bits)
 
 
 def row_method(row: dict[str, Any]) -> str:
     """The method label of a result row (``"gptq+bn"``, ``"rtn"``)."""
     return method_label(row.get("method"), row.get("bn_reestimate"))
+
+
+def dim_value(row: dict[str, Any], column: str) -> str:
+    """The value of the grid dimension ``column`` in a result row, as tables show it.
+
+    ``method`` includes BN re-estimation (``"gptq+bn"``); ``activation_bits`` reads
+    ``"a4"``, or ``"float"`` when the activations were not quantized.
+    """
+    if column == "method":
+        return row_method(row)
+    value = row.get(column)
+    if column == "activation_bits":
+        return "float" if value is None else f"a{value}"
+    return "-" if value is None else str(value)
+
+
+def dim_values(rows: Sequence[dict[str, Any]], column: str) -> list[str]:
+    """The distinct values of dimension ``column`` in ``rows``, in order of first appearance."""
+    return list(dict.fromkeys(dim_value(r, column) for r in rows))
+
+
+def varying_dims(rows: Sequence[dict[str, Any]], skip: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The dimensions of :data:`DIMS` (except ``skip``) that take more than one value in ``rows``."""
+    return [(c, label) for c, label in DIMS if c not in skip and len(dim_values(rows, c)) > 1]
+
+
+def dims_label(row: dict[str, Any], dims: Sequence[tuple[str, str]]) -> str:
+    """``"granularity per_tensor, clipping mse"``: the row's values of ``dims``."""
+    return ", ".join(f"{label} {dim_value(row, c)}" for c, label in dims)
+
+
+def subset_note(shown: Sequence[dict[str, Any]], hidden: Sequence[dict[str, Any]], why: str) -> str:
+    """One sentence saying which specs a table leaves out and where they are; ``""`` when none.
+
+    The left-out specs are described by the dimension values the shown ones lack (``"plan
+    first8"``), else listed by tag.
+
+    Examples
+    --------
+    >>> shown = [{"spec_key": "a", "tag": "t4", "plan": "full", "bits": 4}]
+    >>> hidden = [{"spec_key": "b", "tag": "t2f", "plan": "first8", "bits": 2}]
+    >>> subset_note(shown, hidden, "mixed precision")
+    'Not shown: 1 spec with mixed precision (plan first8); results.csv has every spec.'
+    """
+    keys = list(dict.fromkeys(r["spec_key"] for r in hidden))
+    if not keys:
+        return ""
+    parts = []
+    for column, label in DIMS:
+        present = set(dim_values(shown, column))
+        extra = [v for v in dim_values(hidden, column) if v not in present]
+        if extra and column != "bits":
+            parts.append(f"{label} {', '.join(extra)}")
+    if not parts:
+        tags = list(dict.fromkeys(r["tag"] for r in hidden))
+        parts = [", ".join(f"`{t}`" for t in tags[:MAX_LISTED_TAGS]) + (f" and {len(tags) - MAX_LISTED_TAGS} more"
+                                                                          if len(tags) > MAX_LISTED_TAGS else "")]
+    n = len(keys)
+    return f"Not shown: {n} spec{'s' if n > 1 else ''} with {why} ({'; '.join(parts)}); results.csv has every spec."
 
 
 def uniform_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -47,14 +157,16 @@ def rtn_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]], ResultsStore]:
     """``(run.json, result rows of the run's current grid, open store)`` of a run directory.
 
-    ``run.json`` is validated (:func:`hiercluster.rundir.read_run_info`) and the rows are
-    read through the store's checks, so a damaged run directory is one clear error.
+    ``run.json`` is validated (:func:`hiercluster.rundir.read_run_info`, and here what
+    only the report reads) and the rows are read through the store's checks, so a
+    damaged run directory is one clear error.
     """
-    from hiercluster.rundir import DB_FILE, check_is_run, read_run_info
+    from hiercluster.rundir import DB_FILE, RUN_FILE, check_is_run, read_run_info
 
     run_dir = Path(run_dir)
     check_is_run(run_dir)
     info = read_run_info(run_dir)
+    _check_report_info(info, run_dir / RUN_FILE)
     store = ResultsStore(run_dir / DB_FILE)
     try:
         rows = store.results([g["key"] for g in info["grid"]], complete=True)
@@ -64,11 +176,30 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]],
     return info, rows, store
 
 
+def _check_report_info(info: dict[str, Any], path: Path) -> None:
+    """The optional run.json entries only the report reads have their shape (absent in older runs)."""
+    if info.get("data_limit") is None:
+        return
+    try:
+        check_json(info["data_limit"], DATA_LIMIT_SPEC, "data_limit", error=HierclusterError)
+    except HierclusterError as exc:
+        raise HierclusterError(f"{path} is damaged: {exc}; run `hiercluster run` again on this folder") from None
+    limit = info["data_limit"]
+    if not 0 < limit["limit"] <= limit["of"]:
+        raise HierclusterError(
+            f"{path} is damaged: data_limit: {limit['limit']} of {limit['of']} images is not a subset; "
+            "run `hiercluster run` again on this folder"
+        )
+
+
 def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
     """For every level, the fewest bits whose drop is within ``tolerance`` pp, and who got there.
 
-    Among the specs at that bit width, the one with the smallest drop is reported.
+    Among the specs at that bit width, the one with the smallest drop is reported. Each
+    entry also carries ``lowest_bits``, the narrowest width the grid tried: an answer
+    equal to it is only an upper bound.
     """
+    lowest = min((r["bits"] for r in rows), default=None)
     by_level: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_level[r["level"]].append(r)
@@ -82,69 +213,74 @@ def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str,
                 "grouping": level_rows[0]["grouping"],
                 "acc_float": level_rows[0]["acc_float"],
                 "min_bits": best["bits"] if best else None,
+                "lowest_bits": lowest,
                 "winner": best,
             }
         )
     return table
 
 
-def format_headline(table: Sequence[dict[str, Any]], names: dict[str, list[str]], tolerance: float) -> str:
-    """The headline table as Markdown (also printed by ``hiercluster run``)."""
+def random_drop_cell(row: dict[str, Any]) -> str:
+    """``"+0.82 ± 0.11"``: the drop of random groupings of the same sizes, mean ± std (pp)."""
+    return f"{fmt_number(row['random_drop_mean'], signed=True)} ± {fmt_number(row['random_drop_std'])}"
+
+
+def format_headline(
+    table: Sequence[dict[str, Any]], names: dict[str, list[str]], tolerance: float, n_classes: int | None = None
+) -> str:
+    """The headline table as Markdown (also printed by ``hiercluster run`` and ``report``).
+
+    The winner is named by its full tag. ``n_classes``: the level with one class per
+    group has no random baseline (every random grouping is the same), shown as ``-``.
+    """
     lines = [
-        f"| level | k | fewest bits (drop <= {tolerance:g} pp) | avg bits | scheme / clipping / method / plan | float acc % | "
-        "quant acc % | drop pp | advantage pp | superclasses |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| level | k | fewest bits (drop ≤ {tolerance:g} pp) | winning spec | avg bits | float acc % | "
+        "quant acc % | drop pp | random drop pp (mean ± std) | advantage pp | superclasses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
         w = t["winner"]
         groups = ", ".join(names.get(t["level"], []))
-        if len(groups) > 90:
-            groups = groups[:87] + "..."
+        if len(groups) > MAX_GROUPS_CHARS:
+            groups = groups[: MAX_GROUPS_CHARS - 3] + "..."
         if w is None:
             lines.append(
-                f"| {t['level']} | {t['k']} | none in grid | - | - | {100 * t['acc_float']:.2f} | - | - | - | {groups} |"
+                f"| {t['level']} | {t['k']} | none in grid | - | - | {100 * t['acc_float']:.2f} | - | - | - | - | {groups} |"
             )
             continue
+        one_per_class = n_classes is not None and t["k"] == n_classes
+        random_drop = "-" if one_per_class else random_drop_cell(w)
+        advantage = "-" if one_per_class else fmt_number(w["advantage"], signed=True)
         lines.append(
-            f"| {t['level']} | {t['k']} | {w['bits']} | {w['avg_bits']:.3f} | "
-            f"{w['scheme']} / {w['clipping']} / {row_method(w)} / {w['plan']} | "
-            f"{100 * w['acc_float']:.2f} | {100 * w['acc_quant']:.2f} | {w['drop']:+.2f} | {w['advantage']:+.2f} | {groups} |"
+            f"| {t['level']} | {t['k']} | {fewest_bits_cell(w['bits'], t.get('lowest_bits'))} | `{w['tag']}` | "
+            f"{w['avg_bits']:.3f} | {100 * w['acc_float']:.2f} | {100 * w['acc_quant']:.2f} | "
+            f"{fmt_number(w['drop'], signed=True)} | {random_drop} | {advantage} | {groups} |"
         )
     return "\n".join(lines)
 
 
+def chance_warning(float_accuracy: float, n_classes: int) -> str | None:
+    """A one-line warning when the float model is within :data:`CHANCE_MARGIN_PP` of chance or below, else None.
+
+    Examples
+    --------
+    >>> chance_warning(0.1, 10).split(":")[0]
+    'the float model is at chance level (10.00% on 10 classes; chance is 10.00%)'
+    >>> chance_warning(0.5, 10) is None
+    True
+    """
+    acc, chance = 100 * float_accuracy, 100 / n_classes
+    if acc > chance + CHANCE_MARGIN_PP:
+        return None
+    where = "at" if acc >= chance - CHANCE_MARGIN_PP else "below"
+    return (
+        f"the float model is {where} chance level ({acc:.2f}% on {n_classes} classes; chance is {chance:.2f}%): "
+        "its drops and fewest bits say nothing about quantization"
+    )
+
+
 def _kb(n: float | None) -> str:
     return "-" if n is None else f"{n / 1024:.1f}"
-
-
-def seed_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
-    """The seed paper's table: accuracy and size per precision and scheme (uniform precision, fine labels).
-
-    One row block per method (with or without BN re-estimation), scheme and clipping.
-    """
-    fine = [r for r in uniform_rows(rows) if r["level"] == _fine_level(info)]
-    if not fine:
-        return "_No results at the fine level._"
-    fp32 = fine[0]["fp32_bytes"]
-    acc0 = info["float_accuracy"]
-    out = []
-    for method, scheme, clipping in dict.fromkeys((row_method(r), r["scheme"], r["clipping"]) for r in fine):
-        out += [
-            f"**{scheme}, {clipping} clipping, {method}**",
-            "",
-            "| precision | acc % | -Δ acc pp | packed KB | Δ size % | gzip KB | xz KB | avg bits |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| FP32 | {100 * acc0:.2f} | 0.00 | {_kb(fp32)} | 0.0 | - | - | 32 |",
-        ]
-        sel = [r for r in fine if (row_method(r), r["scheme"], r["clipping"]) == (method, scheme, clipping)]
-        for r in sorted(sel, key=lambda r: -r["bits"]):
-            out.append(
-                f"| {r['bits']}-bit | {100 * r['fine_acc']:.2f} | {100 * (acc0 - r['fine_acc']):.2f} | "
-                f"{_kb(r['packed_bytes'])} | {100 * (1 - r['packed_bytes'] / fp32):.1f} | {_kb(r['gzip_bytes'])} | "
-                f"{_kb(r['xz_bytes'])} | {r['avg_bits']:.2f} |"
-            )
-        out.append("")
-    return "\n".join(out)
 
 
 def _fine_level(info: dict[str, Any]) -> str:
@@ -152,34 +288,111 @@ def _fine_level(info: dict[str, Any]) -> str:
     return f"k={c}" if f"k={c}" in info["levels"] else next(iter(info["levels"]))
 
 
-def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
-    """Grouped accuracy per level x bits with the random baseline and the advantage, per scheme, method and plan."""
-    out = []
-    combo = lambda r: (r["scheme"], r["clipping"], row_method(r), r["plan"])  # noqa: E731
-    for scheme, clipping, method, plan in dict.fromkeys(combo(r) for r in rows):
-        sel = [r for r in rows if combo(r) == (scheme, clipping, method, plan)]
-        bits = sorted({r["bits"] for r in sel}, reverse=True)
+def _one_per_class(info: dict[str, Any], level: str) -> bool:
+    """Whether ``level`` puts every class in its own group (its random baseline is the model itself)."""
+    lv = info["levels"].get(level)
+    return isinstance(lv, dict) and lv.get("k") == len(info["class_names"])
+
+
+def _blocks(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``rows`` split by every varying dimension but bits: ``[(label, rows)]``, label "" for one block."""
+    dims = varying_dims(rows, skip=("bits",))
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(dim_value(r, c) for c, _ in dims), []).append(r)
+    return [(dims_label(group[0], dims), group) for group in groups.values()]
+
+
+def _specs_by_bits(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first row of each spec in ``rows``, widest first (grid order among equal widths)."""
+    first: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        first.setdefault(r["spec_key"], r)
+    return sorted(first.values(), key=lambda r: -r["bits"])
+
+
+def seed_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """The seed paper's table: fine accuracy and size of every uniform-precision spec, by full tag.
+
+    One block per combination of the dimensions that vary (bits aside); a sentence names
+    the specs left out (mixed-precision plans).
+    """
+    fine = [r for r in rows if r["level"] == _fine_level(info)]
+    if not fine:
+        return "_No results at the fine level._"
+    shown = uniform_rows(fine)
+    shown_keys = {r["spec_key"] for r in shown}
+    note = subset_note(shown, [r for r in fine if r["spec_key"] not in shown_keys], "mixed precision")
+    fp32 = fine[0]["fp32_bytes"]
+    acc0 = info["float_accuracy"]
+    out = ["Fine labels; specs with every weight at the nominal width." + (f" {note}" if note else ""), ""]
+    for label, block in _blocks(shown):
+        if label:
+            out += [f"**{label}**", ""]
         out += [
-            f"**{scheme}, {clipping} clipping, {method}, plan {plan}**: grouped accuracy % (drop pp) "
-            "| random grouping of the same sizes: accuracy mean ± std | advantage pp",
-            "",
-            "| level | float acc % | " + " | ".join(f"{b}-bit" for b in bits) + " |",
-            "|---|---|" + "---|" * len(bits),
+            "| spec | bits | acc % | drop pp | packed KB | size saved % | gzip KB | xz KB | avg bits |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| FP32 (float model) | 32 | {100 * acc0:.2f} | {fmt_number(0)} | {_kb(fp32)} | {fmt_number(0, 1)} "
+            "| - | - | 32 |",
         ]
+        for r in _specs_by_bits(block):
+            out.append(
+                f"| `{r['tag']}` | {r['bits']} | {100 * r['fine_acc']:.2f} | "
+                f"{fmt_number(100 * (acc0 - r['fine_acc']), signed=True)} | "
+                f"{_kb(r['packed_bytes'])} | {fmt_number(100 * (1 - r['packed_bytes'] / fp32), 1)} | "
+                f"{_kb(r['gzip_bytes'])} | {_kb(r['xz_bytes'])} | {r['avg_bits']:.2f} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _level_cell(r: dict[str, Any] | None, one_per_class: bool) -> str:
+    """``acc (drop) | random mean±std | advantage``; the random part is ``-`` where every class is a group."""
+    if r is None:
+        return "-"
+    head = f"{100 * r['acc_quant']:.1f} ({fmt_number(r['drop'], 1, signed=True)})"
+    if one_per_class:
+        return f"{head} \\| - \\| -"
+    return (
+        f"{head} \\| {100 * r['random_acc_quant_mean']:.1f}±{fmt_number(100 * r['random_acc_quant_std'], 1)} "
+        f"\\| {fmt_number(r['advantage'], 1, signed=True)}"
+    )
+
+
+def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    """Grouped accuracy per level and spec with the random baseline and the advantage.
+
+    Every spec of the run appears, as a column headed by its full tag; one table per
+    combination of the dimensions that vary (bits aside).
+    """
+    if not rows:
+        return "_No results._"
+    fine = [level for level in info["levels"] if _one_per_class(info, level)]
+    out = [
+        "Each cell: grouped accuracy % (drop pp) \\| random grouping of the same sizes: accuracy % mean ± std "
+        "\\| advantage pp. Columns: every spec, by its full tag."
+        + (f" The {fine[0]} row has no random baseline (every class is its own group)." if fine else ""),
+        "",
+    ]
+    for label, block in _blocks(rows):
+        specs = _specs_by_bits(block)
+        if label:
+            out += [f"**{label}**", ""]
+        out += [
+            "| level | float acc % | " + " | ".join(f"`{s['tag']}`" for s in specs) + " |",
+            "|---|---|" + "---|" * len(specs),
+        ]
+        cells = {(r["level"], r["spec_key"]): r for r in block}
         for level in info["levels"]:
-            cells = []
-            lrows = {r["bits"]: r for r in sel if r["level"] == level}
-            if not lrows:
+            level_rows = [cells.get((level, s["spec_key"])) for s in specs]
+            present = [r for r in level_rows if r is not None]
+            if not present:
                 continue
-            first = next(iter(lrows.values()))
-            for b in bits:
-                r = lrows.get(b)
-                cells.append(
-                    "-" if r is None else
-                    f"{100 * r['acc_quant']:.1f} ({r['drop']:+.1f}) \\| {100 * r['random_acc_quant_mean']:.1f}±"
-                    f"{100 * r['random_acc_quant_std']:.1f} \\| {r['advantage']:+.1f}"
-                )
-            out.append(f"| {level} | {100 * first['acc_float']:.2f} | " + " | ".join(cells) + " |")
+            one = _one_per_class(info, level)
+            out.append(
+                f"| {level} | {100 * present[0]['acc_float']:.2f} | "
+                + " | ".join(_level_cell(r, one) for r in level_rows) + " |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -229,8 +442,10 @@ def write_report(run_dir: str | Path) -> Path:
     if tree is not None:
         fig["dendrogram"] = plots.plot_dendrogram(tree, run_dir / "dendrogram.png")
     if rows:
-        fig["accuracy_vs_bits"] = report_plots.plot_accuracy_vs_bits(rows, run_dir / "accuracy_vs_bits.png")
-        fig["pareto"] = report_plots.plot_pareto(rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info))
+        fig["drop_vs_bits"] = report_plots.plot_drop_vs_bits(rows, run_dir / "drop_vs_bits.png", info["tolerance"])
+        fig["pareto"] = report_plots.plot_pareto(
+            rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info), tolerance=info["tolerance"]
+        )
         uniform_keys = {r["spec_key"] for r in uniform_rows(rtn_rows(rows))}
         fig["quartiles"] = report_plots.plot_quartiles(
             {k: d for k, d in details.items() if k in uniform_keys}, run_dir / "quartiles.png"
@@ -246,42 +461,124 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
-def _markdown(
-    info: dict[str, Any], rows: Sequence[dict[str, Any]], table: list[dict[str, Any]], names: dict[str, list[str]],
-    fig: dict[str, Path], details: dict[str, dict[str, Any]],
-) -> str:
-    h = info["hierarchy"]
-    timings = info.get("timings", {})
+def _evaluated_on(info: dict[str, Any]) -> str:
+    """``"on 500 of 10,000 test images (a fixed stratified subset)"``, or the whole split's count."""
+    limit = info.get("data_limit")
+    if limit is None:
+        return f"on {info['n_eval']:,} images ({info['eval_split']} split)"
+    return (
+        f"on {limit['limit']:,} of {limit['of']:,} {info['eval_split']} images "
+        "(a fixed stratified subset, `data.limit`)"
+    )
+
+
+def _activations_line(rows: Sequence[dict[str, Any]]) -> str:
+    """Whether the specs quantize activations (layer inputs) too, and to how many bits."""
+    widths = dim_values(rows, "activation_bits")
+    quantized = [w for w in widths if w != "float"]
+    if not quantized:
+        return "- activations: float in every spec (only weights are quantized)"
+    where = "every spec" if len(quantized) == len(widths) else "the specs tagged " + ", ".join(f"+{w}" for w in quantized)
+    bits = ", ".join(w[1:] for w in quantized)
+    return f"- activations: **quantized** to {bits} bits in {where} (layer inputs, ranges calibrated; tag suffix +a<bits>)"
+
+
+def _grid_lines(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The header's grid: spec count, bit widths and lowest tested, what varies and what is fixed."""
+    if not rows:
+        return [f"- grid: {len(info['grid'])} quantization specs; no results yet"]
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    varying = varying_dims(rows, skip=("bits",))
+    # Activations get a line of their own: whether they were quantized at all is easy to miss.
+    fixed = [(c, label) for c, label in DIMS if c not in ("bits", "activation_bits") and (c, label) not in varying]
     lines = [
-        f"# hiercluster report: {info['dataset']}",
-        "",
+        f"- grid: {len(info['grid'])} quantization specs; weight bits {', '.join(map(str, bits))} "
+        f"(lowest tested: **{bits[-1]}**; a fewest-bits answer of {bits[-1]} means \"{bits[-1]} or fewer\")",
+    ]
+    if varying:
+        lines.append("- varying: " + "; ".join(f"{label} ({', '.join(dim_values(rows, c))})" for c, label in varying))
+    lines.append("- the same in every spec: " + ", ".join(f"{label} {dim_values(rows, c)[0]}" for c, label in fixed)
+                 + "; biases stay float32")
+    lines.append(_activations_line(rows))
+    return lines
+
+
+def _timings_line(timings: dict[str, Any]) -> str:
+    """Where the time went; logits read from the run's cache are said to be, not timed as an evaluation."""
+    cached = timings.get("float_logits_cached")
+    float_part = (
+        "float logits reused from the cache" if cached else f"float evaluation {timings.get('float_eval_s', 0):.1f} s"
+    )
+    return (
+        f"- timings: {float_part}, sweep {timings.get('sweep_s', 0):.1f} s "
+        f"({timings.get('specs_run', 0)} of {timings.get('specs_total', 0)} specs run this time)"
+    )
+
+
+def _header(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's title and header bullets, warnings first."""
+    h = info["hierarchy"]
+    lines = [f"# hiercluster report: {info['dataset']}", ""]
+    chance = chance_warning(info["float_accuracy"], len(info["class_names"]))
+    if chance:
+        lines += [f"> **Warning: {chance}.** Check the checkpoint and the data before reading the tables.", ""]
+    cal = info.get("calibration") or {}
+    if cal.get("used_by") and cal.get("from_eval_split"):
+        lines += [
+            "> **Warning: calibration data came from the evaluation split** (`calibration.allow_eval_split: true`): "
+            "the calibrated results were fitted on the images they are scored on, so they are optimistic.",
+            "",
+        ]
+    lines += [
         f"- model: `{info['checkpoint']}` (sha256 {info['checkpoint_sha256'][:12]}), float accuracy "
-        f"**{100 * info['float_accuracy']:.2f}%** on {info['n_eval']} images ({info['eval_split']} split)",
+        f"**{100 * info['float_accuracy']:.2f}%** {_evaluated_on(info)}",
         f"- hierarchy: `{h['embedding']}` embeddings, `{h['linkage']}` linkage, `{h['metric']}` metric",
         f"- merged-head reduction: `{info['reduction']}`; random baseline: {info['random_seeds']} random groupings "
         f"of the same sizes per level; tolerance {info['tolerance']:g} pp",
-        f"- grid: {len(info['grid'])} quantization specs; biases stay float32; "
-        "drop = float acc - quantized acc (pp); advantage = mean random drop - drop (pp)",
+        *_grid_lines(info, rows),
+        "- **drop pp** = float accuracy - quantized accuracy, in percentage points (positive: the quantized model "
+        "is worse); **random drop** = the drop of the random groupings, mean ± std; **advantage pp** = mean random "
+        "drop - drop; **size saved %** = 1 - packed size / FP32 size (positive: smaller than FP32)",
     ]
-    cal = info.get("calibration") or {}
     if cal.get("used_by"):
         lines.append(
             f"- calibration: {cal['images']} unlabeled images of the `{cal['split']}` split (seed {cal['seed']}, "
             f"batches of {cal['batch_size']}), for {', '.join(cal['used_by'])}; rtn = round to nearest, no data; "
             "+bn = BN statistics re-estimated"
         )
-        if cal.get("from_eval_split"):
-            lines[2:2] = [
-                "> **Warning: calibration data came from the evaluation split** (`calibration.allow_eval_split: true`): "
-                "the calibrated results were fitted on the images they are scored on, so they are optimistic.",
-                "",
-            ]
-    if timings:
-        lines.append(
-            f"- timings: float evaluation {timings.get('float_eval_s', 0):.1f} s, sweep {timings.get('sweep_s', 0):.1f} s "
-            f"({timings.get('specs_run', 0)} of {timings.get('specs_total', 0)} specs run this time)"
-        )
-    lines += ["", "## Fewest bits per hierarchy level", "", format_headline(table, names, info["tolerance"]), ""]
+    if info.get("timings"):
+        lines.append(_timings_line(info["timings"]))
+    return lines
+
+
+def _bias_section(info: dict[str, Any], rows: Sequence[dict[str, Any]], details: dict[str, dict[str, Any]]) -> list[str]:
+    """Prediction shares of the float model and of the :func:`bias_choice` spec, biggest change first."""
+    chosen = bias_choice(rows)
+    if chosen is None:
+        return []
+    share = details[chosen["spec_key"]]["prediction_share"]
+    pairs = sorted(zip(info["class_names"], info["float_prediction_share"], share), key=lambda t: -abs(t[2] - t[1]))
+    return [
+        f"## Biased inference at {chosen['bits']} bits (`{chosen['tag']}`)",
+        "",
+        "Share of the evaluation images predicted as each class; sorted by the size of the change "
+        "|quantized - float|, largest first.",
+        "",
+        "| class | float share % | quantized share % |",
+        "|---|---|---|",
+        *(f"| {c} | {100 * a:.1f} | {100 * b:.1f} |" for c, a, b in pairs),
+        "",
+    ]
+
+
+def _markdown(
+    info: dict[str, Any], rows: Sequence[dict[str, Any]], table: list[dict[str, Any]], names: dict[str, list[str]],
+    fig: dict[str, Path], details: dict[str, dict[str, Any]],
+) -> str:
+    lines = _header(info, rows)
+    n_classes = len(info["class_names"])
+    headline_md = format_headline(table, names, info["tolerance"], n_classes)
+    lines += ["", "## Fewest bits per hierarchy level", "", headline_md, ""]
     if "reference_comparison" in info:
         cmp_ = info["reference_comparison"]
         lines += [
@@ -292,31 +589,21 @@ def _markdown(
             "",
         ]
     lines += ["## Accuracy and size per precision (fine labels)", "", seed_table(info, rows), ""]
-    lines += ["## Grouped accuracy per level and bit width", "", level_tables(info, rows), ""]
+    lines += ["## Grouped accuracy per level and spec", "", level_tables(info, rows), ""]
     lines += ["## Hierarchy levels", ""]
     for name, lv in info["levels"].items():
         lines.append(f"- **{name}** ({lv['kind']}): " + "; ".join(lv["names"]))
     lines.append("")
-    chosen = bias_choice(rows)
-    if chosen is not None:
-        share = details[chosen["spec_key"]]["prediction_share"]
-        pairs = sorted(
-            zip(info["class_names"], info["float_prediction_share"], share), key=lambda t: -abs(t[2] - t[1])
-        )
-        lines += [
-            f"## Biased inference at {chosen['bits']} bits ({chosen['tag']})",
-            "",
-            "| class | float share % | quantized share % |",
-            "|---|---|---|",
-        ] + [f"| {c} | {100 * a:.1f} | {100 * b:.1f} |" for c, a, b in pairs] + [""]
+    lines += _bias_section(info, rows, details)
     if fig:
         lines += ["## Plots", ""]
         captions = {
             "dendrogram": "Class hierarchy (dendrogram)",
-            "accuracy_vs_bits": "Grouped accuracy vs bits, one line per level; band: random grouping mean ± std",
+            "drop_vs_bits": "Drop vs bits, one panel per plan, one line per level (each point: the lowest-drop spec); "
+            "band: random grouping mean ± std; off-scale drops as triangles with their values",
             "quartiles": "Weight quartiles before and after quantization, per scheme",
             "prediction_share": "Prediction share, float vs lowest bits",
-            "pareto": "Fine accuracy vs packed size",
+            "pareto": "Fine accuracy vs packed size; labelled: the frontier",
         }
         for key, path in fig.items():
             lines += [f"### {captions[key]}", "", f"![{captions[key]}]({Path(path).name})", ""]

@@ -102,6 +102,7 @@ RUN_INFO_SPEC: dict[str, Any] = {
     "timings?": dict,
     "reference_comparison?": {"k": int, "ari": float, "nmi": float},
     "reference_file?": str,
+    "data_limit?": {"limit": int, "of": int},
 }
 
 

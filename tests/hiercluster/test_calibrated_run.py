@@ -18,7 +18,6 @@ from hiercluster.config import load_config
 from hiercluster.data import load_dataset
 from hiercluster.errors import HierclusterError
 from hiercluster.models import build_model, load_checkpoint, save_checkpoint
-from hiercluster.report import format_headline, level_tables, seed_table
 from hiercluster.store import LEVEL_COLUMNS, SPEC_COLUMNS, ResultsStore
 
 SAMPLES, CAL_BATCH = 96, 32
@@ -240,7 +239,7 @@ def test_allowed_eval_split_is_said_in_the_report_header(config_file, tmp_path):
     cal = json.loads((tmp_path / "r" / "run.json").read_text())["calibration"]
     assert cal["split"] == "test" and cal["allow_eval_split"] and cal["from_eval_split"] and cal["images"] == SAMPLES
     assert cal["used_by"] == ["gptq+bn"]
-    assert (tmp_path / "r" / "accuracy_vs_bits.png").stat().st_size > 1000  # a panel per scheme and method
+    assert (tmp_path / "r" / "drop_vs_bits.png").stat().st_size > 1000  # a panel per scheme and method
 
 
 # --- resume keys and store ----------------------------------------------------------
@@ -322,34 +321,7 @@ def test_an_old_results_database_gets_the_new_columns(tmp_path):
     assert set(names) == set(SPEC_COLUMNS) | set(LEVEL_COLUMNS)
 
 
-# --- report and CLI -----------------------------------------------------------------
-
-
-def _row(method, bn, bits, drop, scheme="asymmetric", level="k=10"):
-    return {"spec_key": f"{method}{bn}{bits}{scheme}", "tag": "t", "scheme": scheme, "bits": bits, "clipping": "mse",
-            "plan": "full", "method": method, "bn_reestimate": bn, "avg_bits": float(bits), "level": level, "k": 10,
-            "grouping": "learned", "acc_float": 0.9, "acc_quant": 0.9 - drop / 100, "drop": drop, "advantage": 0.0,
-            "fine_acc": 0.9 - drop / 100, "fp32_bytes": 4000, "packed_bytes": 100 * bits, "gzip_bytes": 90,
-            "xz_bytes": 80, "random_acc_quant_mean": 0.5, "random_acc_quant_std": 0.1}
-
-
-def test_headline_seed_and_level_tables_carry_the_method():
-    from hiercluster.report import bias_choice, headline
-
-    rows = [_row("rtn", 0, 4, 0.5), _row("rtn", 0, 2, 40.0), _row("gptq", 1, 4, 0.2), _row("gptq", 1, 2, 0.8)]
-    table = headline(rows, 1.0)
-    line = format_headline(table, {"k=10": ["a"]}, 1.0).splitlines()
-    assert "scheme / clipping / method / plan" in line[0]
-    assert "| 2 | 2.000 | asymmetric / mse / gptq+bn / full |" in line[2]
-    info = {"class_names": list("abcdefghij"), "levels": {"k=10": {}}, "float_accuracy": 0.9}
-    seed = seed_table(info, rows)
-    assert "**asymmetric, mse clipping, rtn**" in seed and "**asymmetric, mse clipping, gptq+bn**" in seed
-    rtn_block, gptq_block = seed.split("**asymmetric, mse clipping, gptq+bn**")
-    assert "| 2-bit | 50.00 | 40.00 |" in rtn_block and "| 2-bit | 89.20 | 0.80 |" in gptq_block
-    levels = level_tables(info, rows)
-    assert "**asymmetric, mse clipping, rtn, plan full**" in levels and "gptq+bn, plan full**" in levels
-    assert bias_choice(rows)["method"] == "rtn"  # the bias analysis shows round to nearest when there is one
-    assert bias_choice(rows[2:])["method"] == "gptq"
+# --- CLI (the report's tables are tested in test_report.py) -------------------------
 
 
 def test_quantize_command_uses_the_calibration_section(config_file, checkpoint, tmp_path):

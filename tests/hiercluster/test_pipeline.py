@@ -79,7 +79,7 @@ def test_run_writes_database_csv_report_and_plots(run_dir):
     for heading in ("Fewest bits per hierarchy level", "Accuracy and size per precision", "Grouped accuracy per level",
                     "Learned hierarchy vs reference grouping", "Biased inference"):
         assert heading in report
-    for png in ("dendrogram", "accuracy_vs_bits", "quartiles", "prediction_share", "pareto"):
+    for png in ("dendrogram", "drop_vs_bits", "quartiles", "prediction_share", "pareto"):
         assert (run_dir / f"{png}.png").stat().st_size > 1000
         assert f"({png}.png)" in report
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["quant"]["bits"] == [8, 4, 2]
@@ -126,11 +126,14 @@ def test_results_match_direct_recomputation(run_dir, digits_checkpoint):
 
 
 def test_headline_is_the_fewest_bits_within_tolerance(run_dir):
+    from hiercluster.report import fewest_bits_cell
+
     rows = _csv_rows(run_dir / "results.csv")
     report = (run_dir / "report.md").read_text()
+    lowest = min(int(r["bits"]) for r in rows)
     for level in {r["level"] for r in rows}:
         ok = [int(r["bits"]) for r in rows if r["level"] == level and float(r["drop"]) <= 1.0]
-        expected = str(min(ok)) if ok else "none in grid"
+        expected = fewest_bits_cell(min(ok), lowest) if ok else "none in grid"
         line = next(l for l in report.splitlines() if l.startswith(f"| {level} |"))
         assert line.split("|")[3].strip() == expected
 
