@@ -74,6 +74,43 @@ class DataConfig:
     std: tuple[float, ...] | str | None = None
     resize: str | None = None
 
+    def __post_init__(self) -> None:
+        # The keys on a dataset other than imagefolder are refused by data.resolve_folder_options.
+        if (self.mean is None) != (self.std is None):
+            given, missing = ("mean", "std") if self.std is None else ("std", "mean")
+            raise HierclusterError(
+                f"config key data.{given} is set but data.{missing} is not: give both (a list of one number per "
+                "channel, or auto)"
+            )
+        for name in ("mean", "std"):
+            self._check_normalization(name, getattr(self, name))
+
+    def _check_normalization(self, name: str, value: tuple[float, ...] | str | None) -> None:
+        """``auto`` (never on the evaluation split) or one number per channel; a std > 0."""
+        if isinstance(value, str):
+            if value != "auto":
+                raise HierclusterError(
+                    f"config key data.{name}: {short_repr(value)} is not auto or a list of numbers (one per channel)"
+                )
+            if self.eval_split == "train":
+                raise HierclusterError(
+                    f"config key data.{name} is auto, computed on the training split, but data.eval_split is train: "
+                    "nothing is computed on the evaluation split; give data.mean and data.std as lists"
+                )
+            return
+        if value is None:
+            return
+        if len(value) not in (1, 3) or (self.channels is not None and len(value) != self.channels):
+            want = f"data.channels is {self.channels}" if self.channels is not None else "images have 1 or 3 channels"
+            raise HierclusterError(
+                f"config key data.{name} has {len(value)} values {short_repr(list(value))}, but {want}: "
+                "give one value per channel"
+            )
+        if name == "std":
+            for i, v in enumerate(value):
+                if v <= 0:
+                    raise HierclusterError(f"config key data.std[{i}]: must be > 0 (pixels are divided by it), got {v:g}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -319,8 +356,8 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
 # key path -> the highest allowed (None: no cap) of a value that must be > 0. The caps are
 # far above real use and far below what would exhaust memory or time.
 _POSITIVE: dict[str, float | None] = {
-    "data.batch_size": 65_536,
-    "data.limit": 100_000_000,  # images; more than any evaluation split has  # images per batch: far above any batch a CNN is evaluated with
+    "data.batch_size": 65_536,  # images per batch: far above any batch a CNN is evaluated with
+    "data.limit": 100_000_000,  # images; more than any evaluation split has
     "train.batch_size": 65_536,
     "calibration.batch_size": 65_536,
     "train.epochs": 10_000,  # 100x a long schedule
@@ -452,10 +489,13 @@ def _check_list(path: str, rule: str, items: tuple[Any, ...]) -> None:
 
 def _check_scalar(path: str, rule: str, value: Any) -> None:
     if rule in _CHOICES and value not in _CHOICES[rule]:
-        close = difflib.get_close_matches(str(value)[:100], _CHOICES[rule], n=1)  # [:100]: difflib is quadratic
+        choices = _CHOICES[rule]
+        # [:100]: difflib is quadratic; number choices (data.channels) get no spelling hint
+        words = all(isinstance(c, str) for c in choices)
+        close = difflib.get_close_matches(str(value)[:100], choices, n=1) if words else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise HierclusterError(
-            f"config key {path}: {short_repr(value)} is not one of {', '.join(_CHOICES[rule])}{hint}"
+            f"config key {path}: {short_repr(value)} is not one of {', '.join(map(str, choices))}{hint}"
         )
     if rule in _BITS_KEYS and not MIN_BITS <= value <= MAX_BITS:
         raise HierclusterError(f"config key {path}: {short_repr(value)} bits is outside {MIN_BITS}..{MAX_BITS}")

@@ -3,20 +3,28 @@
 :func:`load_dataset` is the one entry point. Small image sets (Fashion-MNIST, MNIST,
 scikit-learn's digits, CIFAR-10/100) are read whole into memory as uint8 tensors and
 returned as :class:`ImageTensorDataset`, which :func:`make_loader` batches by slicing
-(no per-sample Python calls). ``imagefolder`` uses torchvision's ``ImageFolder``.
+(no per-sample Python calls). ``imagefolder`` is read per image as a :class:`FolderDataset`,
+whose size, channels, normalization, resizing and class order are a :class:`FolderOptions`
+(config keys, else the checkpoint's metadata, else ImageNet's). :func:`limit_dataset`
+takes the fixed, stratified subset of ``data.limit`` from either kind.
 
 Nothing is downloaded unless ``download=True`` is passed explicitly.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gzip
 import math
 import os
 import pickle
 import struct
+import unicodedata
+import urllib.parse
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hiercluster.errors import HierclusterError, quote_path, short_repr
+from quant._validate import check_json
 
 DATASETS = ("fashion_mnist", "mnist", "digits", "cifar10", "cifar100", "imagefolder")
 SPLITS = ("train", "test")
@@ -86,6 +95,8 @@ class ImageTensorDataset(Dataset):
         Class names, indexed by label.
     name : str
         Dataset name (``fashion_mnist``, ...).
+    mean, std : tuple of float
+        Per-channel normalization applied by :meth:`batch` (pixels scaled to [0, 1] first).
     extras : dict
         Extra label sets from the same files, e.g. CIFAR-100's ``coarse_targets`` and
         ``coarse_classes``.
@@ -110,6 +121,7 @@ class ImageTensorDataset(Dataset):
         self.classes = list(classes)
         self.name = name
         self.extras = extras or {}
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(v) for v in std)
         c = images.shape[1]
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1)
@@ -185,7 +197,12 @@ def make_loader(
 
 
 def load_dataset(
-    name: str, root: str | Path | None = None, split: str = "test", download: bool = False, augment: bool = False
+    name: str,
+    root: str | Path | None = None,
+    split: str = "test",
+    download: bool = False,
+    augment: bool = False,
+    options: FolderOptions | None = None,
 ) -> Dataset:
     """Load a dataset split with class names and standard normalization.
 
@@ -204,6 +221,10 @@ def load_dataset(
     augment : bool, default False
         Random crops and flips per item (``imagefolder`` only; the in-memory sets are
         augmented per batch by the trainer). Evaluation always uses the fixed transform.
+    options : FolderOptions, optional
+        How an image folder's files become inputs (size, channels, normalization,
+        resizing, class order); ``imagefolder`` only. Default: ImageNet's
+        (:func:`resolve_folder_options` builds one from a config and a checkpoint's metadata).
 
     Returns
     -------
@@ -214,7 +235,9 @@ def load_dataset(
     ------
     HierclusterError
         Unknown name or split; data not found (the message lists the places searched and
-        how to get the data); a damaged file; a split that holds no images.
+        how to get the data); a damaged file; a split that holds no images; for an image
+        folder, ``resize: none`` with an image of another size, or ``mean``/``std`` ``auto``
+        without a ``train/`` folder.
 
     Examples
     --------
@@ -230,6 +253,8 @@ def load_dataset(
         raise HierclusterError(f"unknown dataset {short_repr(name)}{hint}; known: {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise HierclusterError(f"unknown split {short_repr(split)} for dataset {name!r}; use one of {', '.join(SPLITS)}")
+    if options is not None and name != "imagefolder":
+        raise ValueError(f"FolderOptions apply to imagefolder only, not to {name!r}")  # a caller's bug, not the user's
     if name == "digits":
         dataset: Dataset = _load_digits(split)
     elif name in ("fashion_mnist", "mnist"):
@@ -237,7 +262,7 @@ def load_dataset(
     elif name in ("cifar10", "cifar100"):
         dataset = _load_cifar(name, root, split, download)
     else:
-        dataset = _load_imagefolder(root, split, augment)
+        dataset = _load_imagefolder(root, split, augment, options or FolderOptions())
     if len(dataset) == 0:  # every later step (training, calibration, accuracy) needs at least one image
         where = f" under {root}" if root is not None else ""
         raise HierclusterError(f"dataset {name} ({split} split){where} holds no images; re-install or re-download it")
@@ -606,46 +631,580 @@ def cifar100_coarse_groups(dataset: ImageTensorDataset) -> dict[str, list[str]]:
     return groups
 
 
-# --- ImageNet-style folders ---------------------------------------------------------
+# --- image folders ------------------------------------------------------------------
+
+RESIZE_MODES = ("none", "shorter_side", "exact")
+# ImageNet's evaluation convention: the shorter side goes to 256 for a 224 center crop; other
+# sizes keep that ratio (28 -> 32, 32 -> 37).
+SHORTER_SIDE_RATIO = 256 / 224
+# A one-channel folder with no other normalization: ImageNet's mean and std averaged over R, G and B.
+GRAY_IMAGENET_NORMALIZATION = ((0.449,), (0.226,))
+# Images read for ``mean``/``std: auto``. 10,000 images fix a channel's mean and std to about
+# 1e-3, far below what changes an accuracy, in seconds for small images and about a minute
+# for ImageNet's JPEGs; a larger training split is sampled (stratified, fixed).
+MAX_AUTO_STATS_IMAGES = 10_000
+# The seed of every fixed subset here (data.limit, the auto statistics' sample): the same images on every run.
+SUBSET_SEED = 0
+# Datasets whose models were trained on whole images of a fixed size (no crop): an image folder
+# evaluated with such a checkpoint is resized to that size by default, not center-cropped.
+WHOLE_IMAGE_DATASETS = ("fashion_mnist", "mnist", "digits", "cifar10", "cifar100")
+# The largest side a checkpoint's metadata may declare (config key data.image_size has the same cap).
+MAX_IMAGE_SIDE = 4096
+# Unicode categories a class name may not hold (a line break or terminal escape would break messages).
+_CONTROL_CATEGORIES = {"Cc", "Zl", "Zp"}
 
 
-def _load_imagefolder(root: str | Path | None, split: str, augment: bool) -> Dataset:
-    if root is None:
-        raise HierclusterError("dataset imagefolder needs a root (data.root): a folder with one sub-folder per class")
-    import torchvision
+@dataclass(frozen=True)
+class FolderOptions:
+    """How the files of an image folder become model inputs; resolved once (:func:`resolve_folder_options`).
+
+    Attributes
+    ----------
+    image_size : (int, int)
+        The model's input size, ``(height, width)``.
+    channels : {1, 3}
+        1: grayscale (PIL's ``convert("L")``); 3: RGB.
+    mean, std : tuple of float, or ``"auto"``
+        Per-channel normalization of pixels scaled to [0, 1], one value per channel.
+        ``"auto"``: computed on the folder's training split (``ROOT/train``) by
+        :func:`folder_statistics`, never on the evaluation split.
+    resize : {"shorter_side", "exact", "none"}
+        ``shorter_side``: the shorter side to ``round(min(image_size) * 256 / 224)``, then a
+        center crop to ``image_size`` (ImageNet's convention); ``exact``: resized to
+        ``image_size`` (the aspect ratio is not kept); ``none``: every image must already
+        be ``image_size`` (another size is refused, naming the file).
+    classes : tuple of str, optional
+        A checkpoint's class order. When the folder's class names are exactly these, label i
+        is ``classes[i]``; otherwise labels follow the folders' sorted names (as
+        torchvision's ``ImageFolder``). A folder's name is its class name percent-decoded
+        (``T-shirt%2Ftop`` holds class ``T-shirt/top``: a folder name cannot hold ``/``).
+    """
+
+    image_size: tuple[int, int] = (224, 224)
+    channels: int = 3
+    mean: tuple[float, ...] | str = NORMALIZATION["imagefolder"][0]
+    std: tuple[float, ...] | str = NORMALIZATION["imagefolder"][1]
+    resize: str = "shorter_side"
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # A caller's bug, not the user's: resolve_folder_options names the config key first.
+        if self.channels not in (1, 3) or self.resize not in RESIZE_MODES or len(self.image_size) != 2:
+            raise ValueError(f"invalid FolderOptions: {self}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value != "auto" and (not isinstance(value, tuple) or len(value) != self.channels):
+                raise ValueError(f"FolderOptions.{name} must be 'auto' or {self.channels} numbers, got {short_repr(value)}")
+        if self.std != "auto" and min(self.std) <= 0:
+            raise ValueError(f"FolderOptions.std must be > 0, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the identity of results computed on the folder."""
+        listed = {k: (v if isinstance(v, str) else list(v)) for k, v in (("mean", self.mean), ("std", self.std))}
+        return {
+            "image_size": list(self.image_size),
+            "channels": self.channels,
+            **listed,
+            "resize": self.resize,
+            "classes": list(self.classes) if self.classes is not None else None,
+        }
+
+
+def resolve_folder_options(
+    dataset: str, data: Any = None, meta: dict[str, Any] | None = None, meta_file: str | Path | None = None
+) -> FolderOptions | None:
+    """The options of an image folder: config keys first, then a checkpoint's metadata, then ImageNet's.
+
+    Parameters
+    ----------
+    dataset : str
+        The config's ``data.dataset``. Other datasets than ``imagefolder`` have fixed
+        images: ``None`` is returned, and any of these keys set for them is refused.
+    data : hiercluster.config.DataConfig, optional
+        Section ``data``: ``image_size``, ``channels``, ``mean``, ``std``, ``resize`` (None: unset).
+    meta : dict, optional
+        The metadata of the checkpoint to evaluate (:func:`hiercluster.models.read_metadata`):
+        ``image_size``, ``in_channels``, ``mean``/``std`` (else the normalization of its
+        ``dataset`` when that is a known one) and ``classes`` (the label order).
+    meta_file : path, optional
+        The metadata's file, named in messages about its values.
+
+    Returns
+    -------
+    FolderOptions or None
+        Unset keys: ``image_size`` 224, 3 channels, ImageNet's mean/std (one channel: their
+        average), ``resize: shorter_side``, or ``exact`` for a checkpoint trained on whole
+        images (:data:`WHOLE_IMAGE_DATASETS`).
+
+    Raises
+    ------
+    HierclusterError
+        ``data.mean``/``data.std`` with another count of values than the channels; a
+        metadata ``image_size``, ``mean`` or ``std`` of the wrong shape; one of the keys
+        set for a dataset other than ``imagefolder``.
+
+    Examples
+    --------
+    >>> meta = {"dataset": "fashion_mnist", "in_channels": 1, "image_size": [28, 28], "classes": ["a", "b"]}
+    >>> opts = resolve_folder_options("imagefolder", None, meta)
+    >>> opts.image_size, opts.channels, opts.mean, opts.resize
+    ((28, 28), 1, (0.286,), 'exact')
+    >>> resolve_folder_options("imagefolder").resize
+    'shorter_side'
+    """
+    if dataset != "imagefolder":
+        _refuse_folder_keys(dataset, data)
+        return None
+    meta = meta or {}
+    where = f"metadata file {meta_file}" if meta_file is not None else "the checkpoint's metadata"
+
+    def key(name: str) -> Any:
+        return getattr(data, name, None) if data is not None else None
+
+    size = key("image_size")
+    image_size = (size, size) if size is not None else _metadata_image_size(meta, where) or (224, 224)
+    channels = key("channels") or (meta["in_channels"] if meta.get("in_channels") in (1, 3) else 3)
+    mean, std = _resolve_normalization(key("mean"), key("std"), channels, meta, where, key("channels") is not None)
+    resize = key("resize") or ("exact" if meta.get("dataset") in WHOLE_IMAGE_DATASETS else "shorter_side")
+    classes = tuple(meta["classes"]) if meta.get("classes") else None
+    return FolderOptions(image_size, channels, mean, std, resize, classes)
+
+
+def _refuse_folder_keys(dataset: str, data: Any) -> None:
+    """The image folder keys set for another dataset would be ignored: refused instead."""
+    given = [k for k in ("image_size", "channels", "mean", "std", "resize") if getattr(data, k, None) is not None]
+    if given:
+        raise HierclusterError(
+            f"config key data.{given[0]} applies to image folders only (data.dataset: imagefolder); the images of "
+            f"{short_repr(dataset, 30)} have a fixed size, channels and normalization: remove the key"
+        )
+
+
+def _metadata_image_size(meta: dict[str, Any], where: str) -> tuple[int, int] | None:
+    """``(height, width)`` from a metadata's ``image_size`` (``[h, w]`` or one number), or None when absent."""
+    value = meta.get("image_size")
+    if value is None:
+        return None
+    where = f"{where}, key 'image_size'"
+    check_json(value, (int, [int]), where, error=HierclusterError)
+    sides = [value, value] if isinstance(value, int) else value
+    if len(sides) != 2 or not all(1 <= s <= MAX_IMAGE_SIDE for s in sides):
+        raise HierclusterError(f"{where}: expected [height, width], each 1..{MAX_IMAGE_SIDE}, got {short_repr(value)}")
+    return int(sides[0]), int(sides[1])
+
+
+def _resolve_normalization(
+    mean: Any, std: Any, channels: int, meta: dict[str, Any], where: str, channels_set: bool
+) -> tuple[Any, Any]:
+    """``(mean, std)``: the config's (checked against ``channels``), the metadata's, its dataset's, or ImageNet's."""
+    if mean is not None or std is not None:  # the config requires both together
+        source = "data.channels" if channels_set else ("the checkpoint's in_channels" if meta else "the default, RGB")
+        for name, value in (("mean", mean), ("std", std)):
+            if value != "auto" and len(value) != channels:
+                raise HierclusterError(
+                    f"config key data.{name} has {len(value)} value{'s' if len(value) != 1 else ''} "
+                    f"{short_repr(list(value))}, but the images have {channels} channel{'s' if channels != 1 else ''} "
+                    f"({source}): give one value per channel"
+                )
+        return (mean if mean == "auto" else tuple(mean)), (std if std == "auto" else tuple(std))
+    if "mean" in meta or "std" in meta:
+        stored = _metadata_normalization(meta, where)
+        if len(stored[0]) == channels:
+            return stored
+    known = NORMALIZATION.get(meta.get("dataset")) if meta.get("dataset") != "imagefolder" else None
+    if known is not None and len(known[0]) == channels:
+        return known
+    # A checkpoint of other channels than the data falls through to here; check_fits_data names that.
+    return NORMALIZATION["imagefolder"] if channels == 3 else GRAY_IMAGENET_NORMALIZATION
+
+
+def _metadata_normalization(meta: dict[str, Any], where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A metadata's ``mean`` and ``std``: equal-length lists of finite numbers, std > 0."""
+    for name in ("mean", "std"):
+        at = f"{where}, key {name!r}"
+        if name not in meta:
+            raise HierclusterError(f"{where} has 'mean' or 'std' but not both; hiercluster train writes both")
+        check_json(meta[name], [float], at, error=HierclusterError)
+        values = meta[name]
+        if not 1 <= len(values) <= 4 or not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
+            raise HierclusterError(
+                f"{at}: expected 1 to 4 finite numbers{', each > 0' if name == 'std' else ''}, got {short_repr(values)}"
+            )
+    if len(meta["mean"]) != len(meta["std"]):
+        raise HierclusterError(f"{where}: 'mean' and 'std' have different lengths ({len(meta['mean'])}, {len(meta['std'])})")
+    return tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"])
+
+
+class FolderDataset(Dataset):
+    """An image folder, one sub-folder per class, read per item with fixed :class:`FolderOptions`.
+
+    Items are ``(normalized float image (C, H, W), label)``.
+
+    Attributes
+    ----------
+    root : Path
+        The split's folder (``ROOT/val``, ...).
+    samples : list of (str, int)
+        Every image file and its label, in sorted order (class folder, then file name).
+    targets : list of int
+        The labels of ``samples``.
+    classes : list of str
+        Class names, indexed by label (see :class:`FolderOptions` for their order and names).
+    options : FolderOptions
+    mean, std : tuple of float
+        The normalization applied (``"auto"`` already computed).
+    """
+
+    name = "imagefolder"
+
+    def __init__(
+        self,
+        root: Path,
+        samples: list[tuple[str, int]],
+        classes: list[str],
+        options: FolderOptions,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool = False,
+    ) -> None:
+        self.root = root
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.classes = classes
+        self.options = options
+        self.mean, self.std = mean, std
+        self.extras: dict[str, Any] = {}
+        self.transform = _folder_transform(options, mean, std, augment)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(_read_image(path, self.options)), label
+
+    def subset(self, indices: Any) -> FolderDataset:
+        """The same folder restricted to the samples at ``indices``, in that order."""
+        part = copy.copy(self)
+        part.samples = [self.samples[int(i)] for i in indices]
+        part.targets = [label for _, label in part.samples]
+        return part
+
+    def check_sizes(self) -> None:
+        """With ``resize: none``, refuse the first image whose size is not ``image_size`` (headers only)."""
+        from PIL import Image
+
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as img:
+                    size = img.size
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise _unreadable(path, exc) from None
+            _check_size(path, size, self.options)
+
+
+def _unreadable(path: str, exc: BaseException) -> HierclusterError:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):  # its text only repeats the path
+        detail = "not an image of a format PIL reads"
+    else:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return HierclusterError(f"cannot read image {quote_path(path)} (damaged, or not an image?): {detail}")
+
+
+def _size_fits(size: tuple[int, int], options: FolderOptions) -> bool:
+    """Whether an image of ``size`` (PIL's width, height) can be used: any size is resized, except with ``none``."""
+    h, w = options.image_size
+    return options.resize != "none" or size == (w, h)
+
+
+def _check_size(path: str, size: tuple[int, int], options: FolderOptions) -> None:
+    """``size`` (PIL's width, height) must be ``options.image_size`` when nothing resizes the image."""
+    h, w = options.image_size
+    if not _size_fits(size, options):
+        raise HierclusterError(
+            f"image {quote_path(path)} is {size[0]}x{size[1]} pixels, but data.resize is 'none' and the model takes "
+            f"{w}x{h} (data.image_size, or the checkpoint's metadata): resize the images, or set data.resize to "
+            "exact or shorter_side"
+        )
+
+
+def _read_image(path: str, options: FolderOptions) -> Any:
+    """The image at ``path`` as a PIL image of ``options.channels`` (``L`` or ``RGB``), its size checked."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            size = img.size
+            converted = img.convert("L" if options.channels == 1 else "RGB") if _size_fits(size, options) else None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _unreadable(path, exc) from None
+    _check_size(path, size, options)
+    return converted
+
+
+def _folder_transform(options: FolderOptions, mean: tuple[float, ...], std: tuple[float, ...], augment: bool) -> Any:
     from torchvision import transforms as T
 
-    root = Path(root)
+    h, w = options.image_size
+    if augment:  # training: random crops and flips (the in-memory sets are augmented per batch instead)
+        steps: list[Any] = [T.RandomResizedCrop((h, w)), T.RandomHorizontalFlip()]
+    elif options.resize == "exact":
+        steps = [T.Resize((h, w))]
+    elif options.resize == "shorter_side":
+        steps = [T.Resize(round(min(h, w) * SHORTER_SIDE_RATIO)), T.CenterCrop((h, w))]
+    else:
+        steps = []
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _is_image_file(path: str) -> bool:
+    """An image by its name, and a regular file (a named pipe would block the reader)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return path.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(path)
+
+
+def _class_name(folder: str) -> str:
+    """A class folder's class name: the folder name percent-decoded (``T-shirt%2Ftop`` -> ``T-shirt/top``)."""
+    if "%" not in folder:
+        return folder
+    name = urllib.parse.unquote(folder)  # an invalid UTF-8 sequence becomes U+FFFD, as in a URL
+    if any(unicodedata.category(c) in _CONTROL_CATEGORIES for c in name):
+        raise HierclusterError(
+            f"class folder {short_repr(folder)} decodes to a name with a line break or control character; rename it"
+        )
+    return name
+
+
+def _class_order(folders: list[str], preferred: tuple[str, ...] | None) -> tuple[list[str], dict[str, int]]:
+    """Class names in label order, and each folder's label: ``preferred``'s order when the names are the same set."""
+    names = [_class_name(f) for f in folders]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise HierclusterError(
+            f"two class folders hold class {short_repr(repeated[0])} (a folder name is percent-decoded); rename one"
+        )
+    order = list(preferred) if preferred is not None and sorted(preferred) == sorted(names) else names
+    label = {name: i for i, name in enumerate(order)}
+    return order, {folder: label[name] for folder, name in zip(folders, names)}
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``ROOT/train`` for the training split; ``ROOT/val`` or ``ROOT/test`` for the other; else ROOT itself."""
     subdirs = ["train"] if split == "train" else ["val", "test"]
-    base = next((root / s for s in subdirs if (root / s).is_dir()), root)
+    return next((root / s for s in subdirs if (root / s).is_dir()), root)
+
+
+def _scan_folder(
+    base: Path, options: FolderOptions, mean: tuple[float, ...], std: tuple[float, ...], augment: bool
+) -> FolderDataset:
+    """Every image of ``base``'s class folders; with ``resize: none`` their sizes are checked now."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    try:
+        folders, _ = find_classes(str(base))
+        classes, folder_label = _class_order(folders, options.classes)
+        samples = make_dataset(str(base), folder_label, is_valid_file=_is_image_file)
+    except (FileNotFoundError, RuntimeError, OSError) as exc:
+        raise HierclusterError(f"cannot use {base} as an image folder: {' '.join(str(exc).split())[:300]}") from None
+    dataset = FolderDataset(base, samples, classes, options, mean, std, augment)
+    if options.resize == "none":
+        dataset.check_sizes()  # before any work: a wrong size found mid-evaluation would waste the run
+    return dataset
+
+
+def _load_imagefolder(root: str | Path | None, split: str, augment: bool, options: FolderOptions) -> FolderDataset:
+    if root is None:
+        raise HierclusterError("dataset imagefolder needs a root (data.root): a folder with one sub-folder per class")
+    root = Path(root)
+    base = _split_folder(root, split)
     if not base.is_dir():
         raise HierclusterError(f"imagefolder root {root} is not a folder")
-    mean, std = NORMALIZATION["imagefolder"]
-    if augment:
-        tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-    else:
-        tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
-    try:
-        return torchvision.datasets.ImageFolder(str(base), transform=tf)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise HierclusterError(f"cannot use {base} as an image folder: {' '.join(str(exc).split())[:300]}") from None
+    auto = [name for name in ("mean", "std") if getattr(options, name) == "auto"]
+    if auto and not (root / "train").is_dir():
+        keys = " and ".join(f"data.{name}" for name in auto)
+        raise HierclusterError(
+            f"config key {keys} {'is' if len(auto) == 1 else 'are'} 'auto', computed on the training split, but image "
+            f"folder {quote_path(root)} has no train/ folder; give data.mean and data.std as lists (one number per channel)"
+        )
+    placeholder = (0.0,) * options.channels, (1.0,) * options.channels
+    dataset = _scan_folder(base, options, *placeholder, augment)  # checked before the statistics pass
+    mean, std = _auto_normalization(root, options) if auto else (options.mean, options.std)
+    dataset.mean, dataset.std = tuple(mean), tuple(std)
+    dataset.transform = _folder_transform(options, dataset.mean, dataset.std, augment)
+    return dataset
+
+
+# (training folder, image size, channels, resize) -> (mean, std): one statistics pass per process.
+_STATISTICS: dict[tuple[str, tuple[int, int], int, str], tuple[tuple[float, ...], tuple[float, ...]]] = {}
+
+
+def folder_statistics(train_folder: Path, options: FolderOptions) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a training folder's images after resizing, for ``mean``/``std: auto``.
+
+    Reads at most :data:`MAX_AUTO_STATS_IMAGES` images (a larger folder: a stratified
+    subset fixed by :data:`SUBSET_SEED`), through the evaluation transform without
+    normalization, on pixels scaled to [0, 1]. Deterministic; computed once per process
+    for each folder and option set. Only ``train_folder`` is read: never an evaluation split.
+    """
+    key = (str(train_folder.resolve()), options.image_size, options.channels, options.resize)
+    if key not in _STATISTICS:
+        identity = (0.0,) * options.channels, (1.0,) * options.channels  # pixels in [0, 1], not normalized
+        unnormalized = dataclasses.replace(options, mean=identity[0], std=identity[1])
+        raw = _scan_folder(train_folder, unnormalized, *identity, False)
+        n = len(raw)
+        chosen = stratified_indices(raw.targets, MAX_AUTO_STATS_IMAGES) if n > MAX_AUTO_STATS_IMAGES else np.arange(n)
+        _STATISTICS[key] = _pixel_moments(raw, chosen)
+    return _STATISTICS[key]
+
+
+def _pixel_moments(dataset: Dataset, indices: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of every pixel of the images at ``indices`` (float64 sums)."""
+    total = squares = None
+    count = 0
+    for i in indices:
+        pixels = dataset[int(i)][0].double().flatten(1)  # (channels, pixels)
+        total = pixels.sum(1) if total is None else total + pixels.sum(1)
+        squares = (pixels * pixels).sum(1) if squares is None else squares + (pixels * pixels).sum(1)
+        count += pixels.shape[1]
+    if total is None:  # no images: _scan_folder refuses an empty folder before this
+        raise ValueError("no images to compute statistics on")
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _auto_normalization(root: Path, options: FolderOptions) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``options``' mean and std with each ``"auto"`` replaced by the training folder's statistics."""
+    stats = folder_statistics(root / "train", options)
+    mean = stats[0] if options.mean == "auto" else options.mean
+    std = stats[1] if options.std == "auto" else options.std
+    if options.std == "auto" and min(std) < 1e-6:
+        channel = int(np.argmin(std))
+        raise HierclusterError(
+            f"config key data.std is 'auto', but every pixel of channel {channel} is the same in the training images of "
+            f"{quote_path(root / 'train')} (std 0: nothing to divide by); give data.mean and data.std as lists"
+        )
+    return tuple(mean), tuple(std)
+
+
+# --- fixed subsets (data.limit) -----------------------------------------------------------
+
+
+def stratified_indices(targets: Any, n: int, seed: int = SUBSET_SEED) -> np.ndarray:
+    """``n`` indices of a labelled set, per class in proportion to its count; the same on every call.
+
+    Each class gets ``n * count / N`` rounded down, at least 1 when ``n`` is at least the
+    number of classes; what is left over goes to the largest remainders (ties to the
+    lower label). Which images of a class: a permutation seeded by ``seed``. Sorted.
+
+    Examples
+    --------
+    >>> stratified_indices([0, 0, 0, 0, 1, 1, 1, 1, 2, 2], 5).tolist()
+    [0, 2, 6, 7, 9]
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    if not 0 <= n <= len(targets):
+        raise ValueError(f"cannot take {n} of {len(targets)} items")
+    labels, counts = np.unique(targets, return_counts=True)
+    take = _class_quotas(counts, n)
+    by_class = np.split(np.argsort(targets, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(members)[:k] for members, k in zip(by_class, take)]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def _class_quotas(counts: np.ndarray, n: int) -> np.ndarray:
+    """How many of each class: proportional to ``counts``, summing to ``n``, at least 1 each when n >= classes."""
+    quota = n * counts / max(int(counts.sum()), 1)
+    take = np.floor(quota).astype(np.int64)
+    if n >= len(counts):
+        take = np.maximum(take, 1)
+    while (diff := n - int(take.sum())) != 0:  # each round moves every class by at most one
+        if diff > 0:
+            score = np.where(take < counts, quota - take, -np.inf)
+        else:
+            score = np.where(take > 1, take - quota, -np.inf)
+        order = np.argsort(-score, kind="stable")[: abs(diff)]
+        order = order[np.isfinite(score[order])]
+        take[order] += 1 if diff > 0 else -1
+    return take
+
+
+def subset(dataset: Dataset, indices: Any) -> Dataset:
+    """The images of ``dataset`` at ``indices`` (in that order), as the same kind of dataset."""
+    if isinstance(dataset, FolderDataset):
+        return dataset.subset(indices)
+    if isinstance(dataset, ImageTensorDataset):
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        extras = {
+            k: (v[index] if isinstance(v, torch.Tensor) and len(v) == len(dataset) else v) for k, v in dataset.extras.items()
+        }
+        return ImageTensorDataset(
+            dataset.images[index], dataset.targets[index], dataset.classes, dataset.mean, dataset.std, dataset.name, extras
+        )
+    raise TypeError(f"cannot take a subset of a {type(dataset).__name__}")
+
+
+def limit_dataset(dataset: Dataset, limit: int, where: str) -> Dataset:
+    """A fixed, stratified subset of ``limit`` images of ``dataset`` (config key ``data.limit``).
+
+    ``where`` names the split in the message when ``limit`` is larger (``"the test split of digits"``).
+
+    Examples
+    --------
+    >>> small = limit_dataset(load_dataset("digits", split="test"), 50, "the test split of digits")
+    >>> len(small), sorted(set(small.targets.tolist())) == list(range(10))
+    (50, True)
+    """
+    n = len(dataset)
+    if limit > n:
+        raise HierclusterError(
+            f"config key data.limit (--limit) is {limit:,}, more than the {n:,} images of {where}; "
+            f"use at most {n:,}, or leave it out to evaluate them all"
+        )
+    return subset(dataset, stratified_indices(dataset.targets, limit))
 
 
 def dataset_info(dataset: Dataset) -> dict[str, Any]:
-    """Class names, channel count and image size of a dataset from :func:`load_dataset`."""
+    """Class names, channel count, image size and normalization of a dataset from :func:`load_dataset`."""
     if isinstance(dataset, ImageTensorDataset):
-        return {"classes": dataset.classes, "in_channels": dataset.in_channels, "image_size": list(dataset.image_size)}
+        return {
+            "classes": dataset.classes,
+            "in_channels": dataset.in_channels,
+            "image_size": list(dataset.image_size),
+            "mean": list(dataset.mean),
+            "std": list(dataset.std),
+        }
+    if isinstance(dataset, FolderDataset):
+        o = dataset.options
+        return {
+            "classes": list(dataset.classes),
+            "in_channels": o.channels,
+            "image_size": list(o.image_size),
+            "mean": list(dataset.mean),
+            "std": list(dataset.std),
+        }
     x, _ = dataset[0]
     return {"classes": list(dataset.classes), "in_channels": int(x.shape[0]), "image_size": list(x.shape[1:])}
 
 
 __all__ = [
     "DATASETS",
+    "FolderDataset",
+    "FolderOptions",
     "ImageTensorDataset",
     "TensorBatchLoader",
     "cifar100_coarse_groups",
     "dataset_info",
+    "folder_statistics",
+    "limit_dataset",
     "load_dataset",
     "make_loader",
     "read_idx",
+    "resolve_folder_options",
+    "stratified_indices",
+    "subset",
 ]

@@ -30,7 +30,15 @@ import quant
 from quant._files import save_torch_atomic
 from hiercluster import interrupt
 from hiercluster.config import RunConfig, data_root, read_yaml, resolve_path, save_config
-from hiercluster.data import cifar100_coarse_groups, dataset_info, load_dataset, make_loader
+from hiercluster.data import (
+    FolderOptions,
+    cifar100_coarse_groups,
+    dataset_info,
+    limit_dataset,
+    load_dataset,
+    make_loader,
+    resolve_folder_options,
+)
 from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.evaluate import accuracy, collect_logits, evaluate_levels, prediction_share
 from hiercluster.heads import as_assignment, group_names
@@ -251,7 +259,7 @@ def load_calibration(cfg: RunConfig, needed_by: str) -> list[torch.Tensor]:
             f"({where}; an image folder needs {'train/' if c.split == 'train' else 'val/ or test/'})"
         )
     try:
-        dataset = load_dataset(cfg.data.dataset, root, c.split, cfg.data.download)
+        dataset = load_dataset(cfg.data.dataset, root, c.split, cfg.data.download, options=data_options(cfg))
     except HierclusterError as exc:
         first = str(exc).strip().splitlines()[0]
         raise HierclusterError(f"{needed_by} needs calibration data ({where}): {first}") from None
@@ -283,6 +291,8 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     calibration: list[torch.Tensor] | None = None
     packed_cache: Path | None = None
+    data_options: FolderOptions | None = None  # an image folder's size, channels, normalization, resizing
+    data_limit: dict[str, int] | None = None  # {"limit": n, "of": N} when data.limit evaluates a subset
 
     def loader(self) -> Any:
         """Batches of the evaluation set (scoring only: nothing is ever fitted on it)."""
@@ -296,8 +306,9 @@ class Prepared:
         t0 = time.perf_counter()
         cfg = self.cfg
         cache = self.out_dir / LOGITS_FILE
-        cache_id = _cache_id(cfg, len(self.eval_set), self.checkpoint_digest)
+        cache_id = _cache_id(cfg, len(self.eval_set), self.checkpoint_digest, self.data_options)
         found = read_logits_cache(cache, cache_id, len(self.eval_set), len(self.class_names))
+        self.timings["float_logits_cached"] = found is not None
         if found is None:
             loader = make_loader(self.eval_set, cfg.data.batch_size, num_workers=cfg.data.workers)
             found = collect_logits(self.model, loader, progress=progress, desc="float model")
@@ -409,13 +420,19 @@ def prepare(
     """
     t0 = time.perf_counter()
     root = data_root(cfg)
-    eval_set = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download)
+    options = data_options(cfg)
+    full_set = load_dataset(cfg.data.dataset, root, cfg.data.eval_split, cfg.data.download, options=options)
+    eval_set, data_limit = full_set, None
+    if cfg.data.limit is not None:
+        where = f"the {cfg.data.eval_split} split of {cfg.data.dataset}"
+        eval_set = limit_dataset(full_set, cfg.data.limit, where)
+        data_limit = {"limit": cfg.data.limit, "of": len(full_set)}
     class_names = list(eval_set.classes)
     model, ckpt = load_float_model(cfg, class_names, int(dataset_info(eval_set)["in_channels"]))
     check_plans_fit(model, grid, cfg.model.checkpoint)
     _check_level_ks(cfg, len(class_names))
     reference = (
-        _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference", eval_set) if cfg.hierarchy.reference else None
+        _read_grouping(cfg.hierarchy.reference, cfg, "hierarchy.reference", full_set) if cfg.hierarchy.reference else None
     )
     if reference is not None:
         as_assignment(reference, class_names)  # an unknown or missing class is refused now, not after the hierarchy
@@ -432,7 +449,8 @@ def prepare(
     levels = _levels(cfg, hierarchy, class_names, reference)
     timings["hierarchy_s"] = time.perf_counter() - t0
     prep = Prepared(
-        cfg, out_dir, model, digest, class_names, eval_set, None, None, hierarchy, levels, reference, timings, calibration
+        cfg, out_dir, model, digest, class_names, eval_set, None, None, hierarchy, levels, reference, timings, calibration,
+        data_options=options, data_limit=data_limit,
     )
     if float_logits:
         prep.evaluate_float(progress=progress, write_cache=write_cache)
@@ -448,10 +466,41 @@ def _check_level_ks(cfg: RunConfig, n_classes: int) -> None:
             )
 
 
-def _cache_id(cfg: RunConfig, n: int, digest: str) -> str:
+def _cache_id(cfg: RunConfig, n: int, digest: str, options: FolderOptions | None = None) -> str:
     """What the float logits depend on: the cache is used only when this matches."""
     data_id = {"dataset": cfg.data.dataset, "root": cfg.data.root, "split": cfg.data.eval_split, "n": n, "checkpoint": digest}
-    return json.dumps(data_id, sort_keys=True)
+    return json.dumps({**data_id, **data_variant(cfg, options)}, sort_keys=True)
+
+
+def data_variant(cfg: RunConfig, options: FolderOptions | None) -> dict[str, Any]:
+    """What selects the evaluation images and their pixels besides dataset, root and split.
+
+    Part of the logits cache's id and of every result's key, so that a limited run never
+    reuses a full run's results (nor one of other image options); empty for a full run
+    of a fixed dataset, whose ids stay what they were.
+    """
+    variant: dict[str, Any] = {}
+    if cfg.data.limit is not None:
+        variant["limit"] = cfg.data.limit
+    if options is not None:
+        variant["images"] = options.to_dict()
+    return variant
+
+
+def data_options(cfg: RunConfig, from_checkpoint: bool = True) -> FolderOptions | None:
+    """How the config's image folder becomes model inputs (None for the other datasets, which refuse the keys).
+
+    Config keys first, then the metadata of ``model.checkpoint`` (when ``from_checkpoint``
+    and a metadata file is beside it), then ImageNet's defaults
+    (:func:`hiercluster.data.resolve_folder_options`). ``train`` passes
+    ``from_checkpoint=False``: the checkpoint it writes is not the data's description.
+    """
+    meta, meta_file = None, None
+    if cfg.data.dataset == "imagefolder" and from_checkpoint and cfg.model.checkpoint:
+        path = resolve_path(cfg.model.checkpoint, cfg.source)
+        if path.is_file() and metadata_path(path).is_file():
+            meta, meta_file = read_metadata(path), metadata_path(path)
+    return resolve_folder_options(cfg.data.dataset, cfg.data, meta, meta_file)
 
 
 def read_logits_cache(path: Path, cache_id: str, n: int, n_classes: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -503,7 +552,7 @@ def _build_hierarchy(cfg: RunConfig, model: nn.Module, class_names: list[str], r
     h = cfg.hierarchy
     loader = None
     if h.embedding != "fc_weights":
-        split_set = load_dataset(cfg.data.dataset, root, h.split, cfg.data.download)
+        split_set = load_dataset(cfg.data.dataset, root, h.split, cfg.data.download, options=data_options(cfg))
         loader = make_loader(split_set, cfg.data.batch_size, num_workers=cfg.data.workers)
     try:
         return build_hierarchy(model, h.embedding, loader, class_names, linkage=h.linkage, metric=h.metric, names=h.names)
@@ -536,12 +585,20 @@ def _grid_key(point: GridPoint, prep: Prepared) -> str:
             "activation": point.activation.to_dict() if point.activation else None,
             "activation_batches": cfg.quant.activation_calibration_batches if point.activation else None,
             "checkpoint": prep.checkpoint_digest,
-            "data": [cfg.data.dataset, cfg.data.root, cfg.data.eval_split, len(prep.labels)],
+            "data": _data_key(prep),
             "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed],
             "levels": {name: a.tolist() for name, (_, a, _) in prep.levels.items()},
             "version": code_version(),
         }
     )
+
+
+def _data_key(prep: Prepared) -> list[Any]:
+    """The evaluation data in a result's key; a limited or image-folder run adds its :func:`data_variant`."""
+    cfg = prep.cfg
+    key: list[Any] = [cfg.data.dataset, cfg.data.root, cfg.data.eval_split, len(prep.labels)]
+    variant = data_variant(cfg, prep.data_options)
+    return key + [variant] if variant else key
 
 
 def quantize_point(model: nn.Module, point: GridPoint, prep: Prepared) -> tuple[nn.Module, Any]:
@@ -755,6 +812,8 @@ def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[st
         },
         "code_version": code_version(),
     }
+    if prep.data_limit is not None:
+        info["data_limit"] = dict(prep.data_limit)
     if prep.reference_groups is not None:
         info["reference_comparison"] = prep.hierarchy.compare(prep.reference_groups)
         info["reference_file"] = cfg.hierarchy.reference

@@ -136,6 +136,9 @@ def checkpoint_metadata(
         "num_classes": len(info["classes"]),
         "in_channels": info["in_channels"],
         "image_size": info["image_size"],
+        # The normalization the model was trained with: an image folder evaluated with this
+        # checkpoint uses it unless the config says otherwise (data.resolve_folder_options).
+        **{key: info[key] for key in ("mean", "std") if key in info},
         "classes": info["classes"],
         "epochs": cfg.epochs,
         "seed": cfg.seed,

@@ -21,6 +21,7 @@ from hiercluster.data import (
     load_dataset,
     make_loader,
     read_idx,
+    subset,
 )
 from hiercluster.errors import HierclusterError
 
@@ -189,6 +190,9 @@ def test_cifar100_reader_with_coarse_labels(tmp_path):
     ds = load_dataset("cifar100", root=tmp_path, split="test")
     assert ds.classes == ["apple", "bus", "pear", "train"]
     assert cifar100_coarse_groups(ds) == {"fruit": ["apple", "pear"], "vehicle": ["bus", "train"]}
+    part = subset(ds, [5, 1])  # a subset (data.limit) keeps each image's coarse label with it
+    assert part.targets.tolist() == [2, 1] and part.extras["coarse_targets"].tolist() == [0, 1]
+    assert part.extras["coarse_classes"] == ["fruit", "vehicle"] and (part.mean, part.std) == (ds.mean, ds.std)
 
 
 def test_cifar_reader_refuses_code_in_pickles(tmp_path):
