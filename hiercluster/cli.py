@@ -39,6 +39,136 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# Caps of the numeric flags: the same as their config keys' (hiercluster.config), so that a flag
+# and the key it overrides accept the same values.
+_MAX_THREADS = 1024  # runtime.threads: more threads than any machine has cores
+_MAX_LIMIT = 100_000_000  # data.limit: more images than any evaluation split has
+_MAX_BATCH = 65_536  # data.batch_size: far above any batch a CNN is evaluated with
+_MAX_WIDTH = 1024  # model.width (hiercluster.models.MAX_WIDTH, not imported: that loads torch)
+_MAX_CLASSES = 100_000  # hiercluster.models.MAX_NUM_CLASSES, above ImageNet-21k's 21,841
+# Where ``evaluate`` saves each packed model's table, inside the run directory.
+
+
+class _Version(argparse.Action):
+    """``--version``: hiercluster's version and torch's, read without importing torch (which takes seconds)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit(EXIT_OK)
+
+
+def version_text() -> str:
+    """``hiercluster 0.1.0 (torch 2.3.1, Python 3.11.7)``."""
+    import platform
+    from importlib import metadata
+
+    import hiercluster
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"hiercluster {hiercluster.__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
+def _count(highest: int):
+    """An argparse ``type`` for a whole number from 1 to ``highest``, with a message that names the range."""
+
+    def parse(text: str) -> int:
+        refusal = f"expected a whole number from 1 to {highest:,}, got {short_repr(text)}"
+        try:
+            value = int(text)
+        except ValueError:  # also a number of more than 4,300 digits, which int() refuses
+            raise argparse.ArgumentTypeError(refusal) from None
+        if not 1 <= value <= highest:
+            raise argparse.ArgumentTypeError(refusal)
+        return value
+
+    parse.__name__ = "count"  # argparse names the type in some messages
+    return parse
+
+
+def _add_threads(p: argparse.ArgumentParser, config: bool = True) -> None:
+    where = "overrides config key runtime.threads; " if config else ""
+    p.add_argument(
+        "--threads", type=_count(_MAX_THREADS), metavar="N",
+        help=f"torch threads for this command ({where}default: the cores this process may use)",
+    )
+
+
+def _add_limit(p: argparse.ArgumentParser, config: bool = True) -> None:
+    where = "sets config key data.limit; " if config else ""
+    p.add_argument(
+        "--limit", type=_count(_MAX_LIMIT), metavar="N",
+        help=f"evaluate a fixed, stratified subset of N images of the evaluation split, for trying things out "
+        f"({where}every output says so)",
+    )
+
+
+def available_cores() -> int:
+    """The number of cores this process may run on (its CPU affinity where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def apply_threads(threads: int | None) -> int:
+    """Set torch's threads to ``threads`` (None: :func:`available_cores`); returns the number set.
+
+    torch's own default may exceed the cores a container or ``taskset`` grants, and on a
+    shared machine oversubscription slows evaluation several times (issue 10 measured 86 s
+    with torch's default against 12 s with one thread).
+    """
+    import torch
+
+    n = threads or available_cores()
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # allowed once per process, before any parallel work; a later command in it keeps the first
+        pass
+    return n
+
+
+def _load_config(args: argparse.Namespace):
+    """The command's config with its flags applied (``--threads``, ``--limit``), and torch's threads set."""
+    import dataclasses
+
+    from hiercluster.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "threads", None) is not None:
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=args.threads))
+    if getattr(args, "limit", None) is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=args.limit))
+    apply_threads(cfg.runtime.threads)
+    return cfg
+
+
+def _warn_at_chance(command: str, accuracy: float, n_classes: int) -> None:
+    """One warning line on stderr when the float model is within 2 pp of chance (or below): its results say nothing."""
+    from hiercluster.report import chance_warning
+
+    message = chance_warning(accuracy, n_classes)
+    if message:
+        sys.stdout.flush()  # the warning follows the accuracy it is about
+        print(f"hiercluster {command}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def subset_note(limit: dict | None, split: str) -> str:
+    """``500 of 10,000 test images, a stratified subset`` for a limited evaluation; empty for a whole split.
+
+    ``limit`` is run.json's ``data_limit`` record, ``{"limit": n, "of": N}``, or None.
+    """
+    if not limit:
+        return ""
+    return f"{int(limit['limit']):,} of {int(limit['of']):,} {split} images, a stratified subset"
+
+
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
@@ -53,15 +183,16 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from hiercluster.config import data_root, load_config, resolve_path
+    from hiercluster.config import data_root, resolve_path
     from hiercluster.data import load_dataset
     from hiercluster.data import make_loader
     from hiercluster.evaluate import accuracy, collect_logits
     from hiercluster.models import build_model, count_parameters, metadata_path, save_checkpoint
+    from hiercluster.pipeline import data_options
     from hiercluster.rundir import check_output_file
     from hiercluster.train import checkpoint_metadata, train_model
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     if not cfg.model.arch:
         raise HierclusterError(f"{args.config}: config key model.arch is required for training")
     out = Path(args.out) if args.out else (resolve_path(cfg.model.checkpoint, cfg.source) if cfg.model.checkpoint else None)
@@ -81,8 +212,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             if p.exists():
                 raise HierclusterError(f"{p} exists; pass --overwrite to replace it, or --out another path")
     root = data_root(cfg)
-    train_set = load_dataset(cfg.data.dataset, root, "train", cfg.data.download, augment=True)
-    test_set = load_dataset(cfg.data.dataset, root, "test", cfg.data.download)
+    options = data_options(cfg, from_checkpoint=False)  # the checkpoint to be written does not describe the data
+    train_set = load_dataset(cfg.data.dataset, root, "train", cfg.data.download, augment=True, options=options)
+    test_set = load_dataset(cfg.data.dataset, root, "test", cfg.data.download, options=options)
     torch.manual_seed(cfg.train.seed)
     info_x, _ = train_set[0]
     model = build_model(cfg.model.arch, len(train_set.classes), int(info_x.shape[0]), width=cfg.model.width)
@@ -100,27 +232,118 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_checkpoint(args: argparse.Namespace) -> int:
-    from hiercluster.data import dataset_info, load_dataset, make_loader
+    from hiercluster.data import dataset_info, make_loader
     from hiercluster.evaluate import accuracy, collect_logits
-    from hiercluster.models import check_fits_data, load_checkpoint, read_metadata
+    from hiercluster.models import check_fits_data
 
-    meta = read_metadata(args.checkpoint)
-    dataset = args.dataset or meta.get("dataset")
+    cfg = _load_config(args) if args.config else None
+    if cfg is None:
+        apply_threads(args.threads)
+    checkpoint = Path(args.checkpoint)
+    meta = _checkpoint_metadata(checkpoint)
+    arch, width = _checkpoint_arch(args, cfg, meta, checkpoint)
+    dataset = args.dataset or (cfg.data.dataset if cfg else None) or (meta or {}).get("dataset")
     if not dataset:
-        raise HierclusterError(f"metadata of {args.checkpoint} names no dataset; pass --dataset NAME")
+        why = "its metadata names no dataset" if meta is not None else "it has no metadata naming its dataset"
+        raise HierclusterError(f"which data to evaluate {checkpoint} on? {why}; pass --dataset NAME")
+    split = args.split or (cfg.data.eval_split if cfg else "test")
+    test_set, limited = _checkpoint_eval_set(args, cfg, meta, dataset, split)
+    info = dataset_info(test_set)
+    classes, in_channels = list(info["classes"]), int(info["in_channels"])
+    if meta is not None:
+        check_fits_data(meta, checkpoint, dataset, classes, in_channels)
+    model = _checkpoint_model(checkpoint, meta, arch, width, args.num_classes, len(classes), in_channels)
+    batch_size = args.batch_size or (cfg.data.batch_size if cfg else 128)
+    start = time.perf_counter()
+    acc = accuracy(*collect_logits(model, make_loader(test_set, batch_size)))
+    elapsed = time.perf_counter() - start
+    images = subset_note(limited, split) or f"{split} split, {len(test_set):,} images"
+    print(f"{checkpoint}: {arch} on {dataset} ({images}): accuracy {acc * 100:.2f}% ({elapsed:.1f} s)")
+    _warn_at_chance("evaluate-checkpoint", acc, len(classes))
+    return EXIT_OK
+
+
+def _checkpoint_metadata(checkpoint: Path) -> dict | None:
+    """The checkpoint's metadata JSON (checked), or None when there is none beside it (a plain state_dict)."""
+    from hiercluster.models import metadata_path, read_metadata
+
+    if not (checkpoint.exists() or checkpoint.is_symlink()):  # a dangling link is named by the loader
+        raise HierclusterError(f"checkpoint not found: {quote_path(checkpoint)}")
+    meta_file = metadata_path(checkpoint)
+    if not (meta_file.exists() or meta_file.is_symlink()):
+        return None
+    return read_metadata(checkpoint)
+
+
+def _checkpoint_arch(args: argparse.Namespace, cfg, meta: dict | None, checkpoint: Path) -> tuple[str, int]:
+    """``(arch, width)`` of the checkpoint's model: from its metadata, else ``--arch``/``--width`` (or the config).
+
+    Flags that contradict the metadata are refused: the metadata describes the weights.
+    """
+    from hiercluster.models import metadata_path
+
+    arch = args.arch or (cfg.model.arch if cfg else None)
+    width = args.width or (cfg.model.width if cfg else 16)
+    if meta is None:
+        if not arch:
+            raise HierclusterError(
+                f"checkpoint {checkpoint} has no metadata file {metadata_path(checkpoint).name} beside it: pass its "
+                "architecture with --arch NAME (and --width N for a small ResNet not of width 16)"
+            )
+        return arch, width
+    for flag, given, saved in (
+        ("--arch", args.arch, meta["arch"]),
+        ("--width", args.width, meta.get("width", 16)),
+        ("--num-classes", args.num_classes, meta["num_classes"]),
+    ):
+        if given is not None and given != saved:
+            raise HierclusterError(
+                f"{flag} {short_repr(given)} contradicts the metadata of {checkpoint} ({saved}); leave {flag} out"
+            )
+    return meta["arch"], int(meta.get("width", 16))
+
+
+def _checkpoint_eval_set(args: argparse.Namespace, cfg, meta: dict | None, dataset: str, split: str):
+    """``(evaluation set, subset record or None)`` for ``evaluate-checkpoint``."""
+    from hiercluster.config import data_root
+    from hiercluster.data import limit_dataset, load_dataset, resolve_folder_options
+    from hiercluster.models import metadata_path
+
     if args.root and not Path(args.root).exists():
         raise HierclusterError(f"--root {args.root}: folder not found")
-    test_set = load_dataset(dataset, args.root, args.split)
-    check_fits_data(meta, args.checkpoint, dataset, list(test_set.classes), dataset_info(test_set)["in_channels"])
-    model, _ = load_checkpoint(args.checkpoint)
-    start = time.perf_counter()
-    acc = accuracy(*collect_logits(model, make_loader(test_set, args.batch_size)))
-    elapsed = time.perf_counter() - start
-    print(
-        f"{args.checkpoint}: {meta['arch']} on {dataset} ({args.split} split, {len(test_set)} images): "
-        f"accuracy {acc * 100:.2f}% ({elapsed:.1f} s)"
-    )
-    return EXIT_OK
+    root = args.root or (data_root(cfg) if cfg else None)
+    options = resolve_folder_options(dataset, cfg.data if cfg else None, meta, metadata_path(args.checkpoint))
+    test_set = load_dataset(dataset, root, split, cfg.data.download if cfg else False, options=options)
+    limit = cfg.data.limit if cfg else args.limit
+    if limit is None:
+        return test_set, None
+    limited = limit_dataset(test_set, limit, f"the {split} split of {dataset}")
+    return limited, {"limit": len(limited), "of": len(test_set)}
+
+
+def _checkpoint_model(
+    checkpoint: Path,
+    meta: dict | None,
+    arch: str,
+    width: int,
+    num_classes: int | None,
+    n_classes: int,
+    in_channels: int,
+):
+    """The checkpoint's model: rebuilt from its metadata, or built from ``arch``/``width`` with its weights loaded."""
+    from hiercluster.models import build_model, load_checkpoint
+
+    if meta is not None:
+        return load_checkpoint(checkpoint)[0]
+    if num_classes is not None and num_classes != n_classes:
+        raise HierclusterError(
+            f"--num-classes {num_classes}: the data has {n_classes} classes; "
+            "a model is evaluated on data of its own classes"
+        )
+    try:
+        return build_model(arch, n_classes, in_channels, weights=checkpoint, width=width)
+    except HierclusterError as exc:
+        raise HierclusterError(f"{exc} (built as --arch {arch} --width {width}, {n_classes} classes)") from None
 
 
 def _run_dir(args: argparse.Namespace, cfg) -> Path:
@@ -146,11 +369,10 @@ def _print_levels_table(rows: list[dict], title: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hiercluster.config import load_config
     from hiercluster.pipeline import run_pipeline
     from hiercluster.report import format_headline
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     out = _run_dir(args, cfg)
     try:
         summary = run_pipeline(cfg, out, progress=not args.quiet, force=args.force, command=_command_line(args))
@@ -163,11 +385,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     names = {name: lv["names"] for name, lv in summary["levels"].items()}
     t = summary["timings"]
+    subset = subset_note(summary.get("data_limit"), cfg.data.eval_split)
     print(
-        f"\nfloat accuracy {100 * summary['float_accuracy']:.2f}%; {t['specs_run']} of {t['specs_total']} specs run "
-        f"in {t['total_s']:.1f} s\n"
+        f"\nfloat accuracy {100 * summary['float_accuracy']:.2f}%{f' (on {subset})' if subset else ''}; "
+        f"{t['specs_run']} of {t['specs_total']} specs run in {t['total_s']:.1f} s"
     )
-    print(format_headline(summary["headline"], names, cfg.eval.tolerance))
+    _warn_at_chance("run", summary["float_accuracy"], len(summary["class_names"]))
+    print()
+    print(format_headline(summary["headline"], names, cfg.eval.tolerance, len(summary["class_names"])))
     print(f"\nreport: {summary['report']}")
     return EXIT_OK
 
@@ -176,23 +401,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     from hiercluster.report import format_headline, headline, load_run, write_report
     from hiercluster.rundir import RunLock, check_is_run
 
+    apply_threads(args.threads)
     check_is_run(Path(args.run_dir))  # before the lock, which would create a missing folder
     with RunLock(args.run_dir, _command_line(args), other_out=False):
         path = write_report(args.run_dir)
         info, rows, store = load_run(args.run_dir)
         store.close()
     names = {name: lv["names"] for name, lv in info["levels"].items()}
-    print(format_headline(headline(rows, info["tolerance"]), names, info["tolerance"]))
+    print(format_headline(headline(rows, info["tolerance"]), names, info["tolerance"], len(info["class_names"])))
+    _warn_at_chance("report", info["float_accuracy"], len(info["class_names"]))
     print(f"\nreport: {path}")
     return EXIT_OK
 
 
 def cmd_hierarchy(args: argparse.Namespace) -> int:
-    from hiercluster.config import load_config
     from hiercluster.pipeline import prepare, write_hierarchy_files
     from hiercluster.rundir import RunLock, check_run_dir, check_same_hierarchy
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     out = _run_dir(args, cfg)
     check_run_dir(out)
     with RunLock(out, _command_line(args)):
@@ -227,13 +453,17 @@ def _plan_from_args(args: argparse.Namespace, cfg):
     import quant
 
     plans = {p.name: p for p in cfg.quant.plans}
-    if args.plan is None:
-        return quant.QuantPlan()
-    if args.plan not in plans:
+    if args.plan is None:  # like --scheme and --clipping: the grid's first plan (the default grid's "full")
+        if not plans:
+            return quant.QuantPlan(name="full")
+        name = next(iter(plans))
+    elif args.plan not in plans:
         names = ", ".join(short_repr(name, 40) for name in list(plans)[:10]) + (", ..." if len(plans) > 10 else "")
         raise HierclusterError(f"--plan {short_repr(args.plan)} is not in config key quant.plans (names: {names})")
+    else:
+        name = args.plan
     try:
-        return quant.QuantPlan.from_dict(plans[args.plan].quant_plan_dict())
+        return quant.QuantPlan.from_dict(plans[name].quant_plan_dict())
     except ValueError as exc:  # a plan setting out of range (layer_bits: {conv1: 99}); QuantError is one too
         raise HierclusterError(f"config section quant: {exc}") from None
 
@@ -244,13 +474,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import quant
     from quant._files import write_text_atomic
 
-    from hiercluster.config import data_root, load_config, resolve_path
+    from hiercluster.config import data_root, resolve_path
     from hiercluster.data import dataset_info, load_dataset
     from hiercluster.models import metadata_path
-    from hiercluster.pipeline import GridPoint, calibration_settings, check_plans_fit, load_calibration, load_float_model
+    from hiercluster.pipeline import (
+        GridPoint,
+        calibration_settings,
+        check_plans_fit,
+        data_options,
+        load_calibration,
+        load_float_model,
+    )
     from hiercluster.rundir import check_output_file
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     if args.method not in quant.METHODS:
         raise HierclusterError(f"--method {short_repr(args.method)} is not a method; allowed: {', '.join(quant.METHODS)}")
     out = Path(args.out)
@@ -270,7 +507,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for p in (out, report_file):
             if p.resolve() in protected:
                 raise HierclusterError(f"--out {out} would write {p}, which belongs to the checkpoint; choose another name")
-    info = dataset_info(load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download))
+    eval_set = load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download, options=data_options(cfg))
+    info = dataset_info(eval_set)
     model, ckpt = load_float_model(cfg, list(info["classes"]), info["in_channels"])
     point = GridPoint(spec, plan, method=args.method, bn_reestimate=args.bn_reestimate)
     check_plans_fit(model, [point], str(ckpt))  # before calibration data is loaded
@@ -295,7 +533,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     fitted = ""
     if calibration is not None:
         fitted = f", {point.method_label} on {sum(len(b) for b in calibration)} {cfg.calibration.split} images"
-    print(f"{spec.tag} (plan {plan.name}{fitted}) of {ckpt}: average {report.avg_bits:.2f} bits per weight")
+    print(f"{spec.tag} (plan {plan.name}{fitted}) of {ckpt}: average {report.avg_bits:.3f} bits per weight")
     print(
         f"  fp32 {sizes['fp32_bytes'] / 1024:.1f} KB -> packed {sizes['packed_bytes'] / 1024:.1f} KB "
         f"(gzip {sizes['gzip_bytes'] / 1024:.1f} KB, xz {sizes['xz_bytes'] / 1024:.1f} KB)"
@@ -307,17 +545,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import quant
 
-    from hiercluster.config import load_config
     from hiercluster.evaluate import collect_logits
-    from hiercluster.pipeline import level_metrics, prepare
-    from hiercluster.rundir import RunLock, check_run_dir
+    from hiercluster.pipeline import level_metrics, level_names, prepare
+    from hiercluster.rundir import EVALUATIONS_DIR, RunLock, check_output_file, check_run_dir, write_json
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     packed = Path(args.packed)
     if packed.is_dir():
         raise HierclusterError(f"--packed {packed} is a folder; give a packed model file (.hcq, from `hiercluster quantize`)")
     out = _run_dir(args, cfg)
     check_run_dir(out)
+    record = out / EVALUATIONS_DIR / f"{packed.stem}.json"
+    check_output_file(record, f"--packed {packed}: its evaluation record")
     try:
         quant.read_packed_header(packed)  # its header is checked before the data and the model are loaded
     except quant.QuantError as exc:
@@ -330,9 +569,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise HierclusterError(str(exc)) from None
         prep.evaluate_float(progress=not args.quiet)  # after the packed model is known to fit
         qlogits, _ = collect_logits(qmodel, prep.loader())
-    rows = level_metrics(prep, qlogits)
-    _print_levels_table(rows, f"{packed} against merged heads ({cfg.eval.reduction}, {cfg.eval.random_seeds} random groupings):")
+        rows = [{**row, "names": level_names(prep, row["level"])} for row in level_metrics(prep, qlogits)]
+        limited = prep.data_limit
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json(record, _evaluation_record(packed, cfg, prep, rows, limited))
+    subset = subset_note(limited, cfg.data.eval_split)
+    _print_levels_table(
+        rows,
+        f"{packed} against merged heads ({cfg.eval.reduction}, {cfg.eval.random_seeds} random groupings"
+        f"{f'; on {subset}' if subset else ''}):",
+    )
+    print(f"\nsaved {record}")
     return EXIT_OK
+
+
+def _evaluation_record(packed: Path, cfg, prep, rows: list[dict], limited: dict | None) -> dict:
+    """What ``evaluate`` saves: the packed model, the data and settings it was scored with, and every level's row."""
+    from hiercluster.evaluate import accuracy
+
+    return {
+        "packed": str(packed),
+        "config": cfg.source,
+        "checkpoint_sha256": prep.checkpoint_digest,
+        "dataset": cfg.data.dataset,
+        "eval_split": cfg.data.eval_split,
+        "n_eval": len(prep.labels),
+        "data_limit": limited,
+        "float_accuracy": accuracy(prep.float_logits, prep.labels),
+        "reduction": cfg.eval.reduction,
+        "random_seeds": cfg.eval.random_seeds,
+        "tolerance": cfg.eval.tolerance,
+        "levels": rows,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hiercluster",
         description="How few bits can a classifier's weights have, and at which granularity of labels does it still work?",
     )
+    parser.add_argument("--version", action=_Version, help="print the versions of hiercluster and torch, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -351,16 +620,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="checkpoint path (default: config key model.checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.add_argument("--eval-every-epoch", action="store_true", help="print test accuracy after each epoch")
+    _add_threads(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate-checkpoint", help="print a checkpoint's accuracy on its dataset's test split",
-                       description="Load a checkpoint (with its metadata JSON) and print its test accuracy.")
-    p.add_argument("checkpoint", help="a .pt state_dict with a .json metadata file beside it")
-    p.add_argument("--dataset", help="dataset name (default: from the metadata)")
-    p.add_argument("--root", help="dataset folder")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.set_defaults(func=cmd_evaluate_checkpoint)
+                       description="Load a checkpoint and print its accuracy. With a metadata JSON beside it (as "
+                       "`hiercluster train` writes) the model is rebuilt from that; a plain state_dict needs --arch. "
+                       "Flags override --config; the data defaults to the metadata's dataset.")
+    p.add_argument("checkpoint", help="a .pt state_dict, with or without a .json metadata file beside it")
+    p.add_argument("--config", help="YAML config whose data and model sections apply (dataset, root, image "
+                   "folder options, arch, width, limit, threads)")
+    p.add_argument("--dataset", help="dataset name (default: config key data.dataset, else the metadata's)")
+    p.add_argument("--root", help="dataset folder (default: config key data.root, else the usual places)")
+    p.add_argument("--split", choices=["train", "test"],
+                   help="which split to evaluate on (default: config key data.eval_split, else test)")
+    p.add_argument("--batch-size", type=_count(_MAX_BATCH), metavar="N",
+                   help="images per forward pass; only speed and memory depend on it (default: config key "
+                   "data.batch_size, else 128)")
+    p.add_argument("--arch", help="architecture of a plain state_dict without metadata, e.g. resnet20 or resnet18 "
+                   "(default: config key model.arch)")
+    p.add_argument("--width", type=_count(_MAX_WIDTH), metavar="N",
+                   help="base width of a small ResNet given by --arch (default: config key model.width, else 16)")
+    p.add_argument("--num-classes", type=_count(_MAX_CLASSES), metavar="N",
+                   help="output classes of the state_dict's model; must equal the data's (default: the data's)")
+    _add_limit(p, config=False)
+    _add_threads(p, config=False)
+    p.set_defaults(func=cmd_evaluate_checkpoint, overrides=[])
 
     def run_like(name: str, help_: str, description: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=description)
@@ -368,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_set(p)
         p.add_argument("--out", help="run directory (default: config key output.dir)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_threads(p)
         p.set_defaults(func=func)
         return p
 
@@ -378,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(re-running resumes), and write DIR/report.md with plots. Prints the headline table.",
         cmd_run,
     )
+    _add_limit(p)
     p.add_argument(
         "--force", action="store_true",
         help="run into a directory that holds a run of another grid (its report then describes only this grid)",
@@ -398,26 +685,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", help="asymmetric, symmetric or pow2 (default: first of quant.schemes)")
     p.add_argument("--clipping", help="weight range setting, e.g. minmax or mse (default: first of quant.clipping)")
     p.add_argument("--granularity", help="per_channel or per_tensor (default: first of quant.granularity)")
-    p.add_argument("--plan", help="name of a plan in quant.plans (default: quantize every layer)")
+    p.add_argument("--plan", help="name of a plan in quant.plans (default: first of quant.plans; the default "
+                   "config's is 'full', every layer quantized)")
     p.add_argument("--method", default="rtn",
                    help="rtn (round to nearest, no data), gptq or adaround (fit on the config's calibration section)")
     p.add_argument("--bn-reestimate", action="store_true",
                    help="re-estimate BN statistics after rounding, on the config's calibration section")
     p.add_argument("--out", required=True, help="packed model file to write, e.g. model-4b.hcq")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    _add_threads(p)
     p.set_defaults(func=cmd_quantize)
 
     p = run_like(
         "evaluate", "evaluate one bit-packed model against every level's merged head",
         "Evaluate a bit-packed model (from `hiercluster quantize`) against the merged heads of every level of "
-        "the hierarchy and their random baselines; prints a table.",
+        "the hierarchy and their random baselines; prints a table and saves it as DIR/evaluations/NAME.json "
+        "(NAME: the packed file's name without its suffix).",
         cmd_evaluate,
     )
     p.add_argument("--packed", required=True, help="bit-packed model file")
+    _add_limit(p)
 
     p = sub.add_parser("report", help="rebuild the report of a run directory",
                        description="Rebuild DIR/report.md and its plots from DIR/run.json and DIR/results.sqlite.")
     p.add_argument("run_dir", help="a run directory written by `hiercluster run`")
+    _add_threads(p, config=False)
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -92,6 +92,47 @@ def _normalized_names(names: Mapping[Any, Sequence[Any]], class_names: list[str]
     return {name: [class_names[i] for i in sorted(ids)] for ids, name in _named_sets(names, class_names).items()}
 
 
+def _check_names_match(names: Mapping[Any, Sequence[Any]], class_names: list[str], tree: nx.DiGraph) -> None:
+    """Refuse a superclass name whose classes are no cluster of ``tree``, naming the closest cluster.
+
+    A name is shown only where a level has a group with exactly its classes; one that
+    matches no cluster would be silently unused, which hides a typo or a wrong guess of the tree.
+    """
+    clusters = [frozenset(tree.nodes[node]["members"]) for node in sorted(tree.nodes)]
+    known = set(clusters)
+    for members, name in _named_sets(names, class_names).items():
+        if members in known:
+            continue
+        # Jaccard similarity; ties go to the smaller cluster, then to the first in node order
+        closest = max(clusters, key=lambda c: (len(c & members) / len(c | members), -len(c)))
+        raise HierclusterError(
+            f"superclass name {short_repr(name, 40)} ({_member_list(members, class_names)}) matches no cluster of "
+            f"the hierarchy; the closest is {_member_list(closest, class_names)}"
+            f"{_difference(members, closest, class_names)}; list exactly the classes of a cluster, or remove the name"
+        )
+
+
+# The most class names quoted when a message lists a cluster: enough to recognize it, short enough for one line.
+_MAX_LISTED_CLASSES = 6
+
+
+def _member_list(members: frozenset[int], class_names: list[str]) -> str:
+    """``'Sandal+Sneaker+Ankle boot'``: a cluster's classes in class-id order (the first few), quoted short."""
+    ids = sorted(members)
+    shown = short_repr("+".join(class_names[i] for i in ids[:_MAX_LISTED_CLASSES]), 100)
+    return shown + (f" and {len(ids) - _MAX_LISTED_CLASSES} more" if len(ids) > _MAX_LISTED_CLASSES else "")
+
+
+def _difference(named: frozenset[int], cluster: frozenset[int], class_names: list[str]) -> str:
+    """`` (without Bag; with Sandal)``: what the named classes lack and hold compared with ``cluster``."""
+    parts = []
+    if named - cluster:
+        parts.append(f"without {_member_list(named - cluster, class_names)}")
+    if cluster - named:
+        parts.append(f"with {_member_list(cluster - named, class_names)}")
+    return f" ({'; '.join(parts)})"
+
+
 def _tree_from_linkage(Z: np.ndarray, class_names: Sequence[str]) -> nx.DiGraph:
     """The linkage matrix as a DiGraph: edges parent -> child, row r creates node C + r."""
     n = len(class_names)
@@ -168,7 +209,9 @@ class ClassHierarchy:
     names : dict, optional
         ``{superclass name: [class names]}``: names for superclasses with exactly those
         members, used by :meth:`superclass_names` and :meth:`to_yaml`; any other
-        superclass is named by its members joined with ``+``.
+        superclass is named by its members joined with ``+``. Each entry must be a
+        cluster of the fitted tree: one that is not raises :class:`HierclusterError`
+        naming the closest cluster (it would never be shown).
 
     Attributes
     ----------
@@ -264,6 +307,8 @@ class ClassHierarchy:
         self.n_classes_ = len(class_names)
         self.defined_levels_ = defined_levels
         self.tree_ = _tree_from_linkage(self.linkage_matrix_, self.class_names_)
+        if self.names:
+            _check_names_match(self.names, self.class_names_, self.tree_)
         return self
 
     @classmethod
@@ -384,7 +429,7 @@ class ClassHierarchy:
     # --- names and files ----------------------------------------------------------------
 
     def set_names(self, names: Mapping[str, Sequence[Any]]) -> ClassHierarchy:
-        """Name superclasses ``{name: [class names]}`` (validated); returns ``self``.
+        """Name superclasses ``{name: [class names]}`` (validated; each a cluster of the tree); returns ``self``.
 
         Examples
         --------
@@ -392,7 +437,12 @@ class ClassHierarchy:
         >>> h.set_names({"Footwear": ["Sandal", "Sneaker"]}).superclass_names(2)
         ['Footwear', 'Bag']
         """
-        self.names = _normalized_names(names, self.class_names_) if hasattr(self, "class_names_") else dict(names)
+        if hasattr(self, "class_names_"):
+            normalized = _normalized_names(names, self.class_names_)
+            _check_names_match(normalized, self.class_names_, self.tree_)
+            self.names = normalized
+        else:
+            self.names = dict(names)
         return self
 
     def superclass_names(self, k: int) -> list[str]:

@@ -41,12 +41,14 @@ LOCK_FILE = ".lock"
 PACKED_CACHE_DIR = "packed"  # bit-packed calibrated models of the sweep, by spec key, for export without refitting
 LEVELS_DIR = "levels"  # one grouping YAML per reported level
 MODELS_DIR = "models"  # the exported headline winners and their manifest
+EVALUATIONS_DIR = "evaluations"  # tables of `hiercluster evaluate`
 # Folders a run writes at its top level: never a file there.
-RUN_FOLDERS = (LEVELS_DIR, MODELS_DIR, PACKED_CACHE_DIR)
-# Any command writing a run directory leaves one of these: how a run directory is told from a user's folder.
-MARKERS = (RUN_FILE, DB_FILE, LOGITS_FILE, HIERARCHY_FILE)
+RUN_FOLDERS = (LEVELS_DIR, MODELS_DIR, PACKED_CACHE_DIR, EVALUATIONS_DIR)
 # Files a run writes at its top level: never a folder there, never the target of another command's --out.
-RUN_FILES = (*MARKERS, CONFIG_FILE, CSV_FILE, REPORT_FILE, LOCK_FILE)
+MARKER_FILES = (RUN_FILE, DB_FILE, LOGITS_FILE, HIERARCHY_FILE)
+RUN_FILES = (*MARKER_FILES, CONFIG_FILE, CSV_FILE, REPORT_FILE, LOCK_FILE)
+# Any command writing a run directory leaves one of these: how a run directory is told from a user's folder.
+MARKERS = (*MARKER_FILES, EVALUATIONS_DIR)
 
 # run.json of 1,000 classes with every level from 1,000 down to 2 is about 30 MB; far more is not ours.
 MAX_RUN_FILE_BYTES = 64 * 1024 * 1024

@@ -310,7 +310,7 @@ CASES: dict[str, Case] = {
     "legacy plain pickle (torch warns)": Case(_legacy_plain_pickle, "is a plain Python pickle (of a dict), not a torch checkpoint"),
     "usage: a missing argument": Case(_usage_missing_config, "required: config (see hiercluster run --help)"),
     "usage: --bits four": Case(_usage_bad_int, "invalid int value: 'four' (see hiercluster quantize --help)"),
-    "a file name with a line break": Case(_line_break_in_a_file_name, "two\\nlines.json"),
+    "a file name with a line break": Case(_line_break_in_a_file_name, "two\\nlines.pt"),
     # 5: what a pickle holds, named plainly
     "plain pickle of a dict (protocol 0)": Case(_plain_pickle_protocol_0, "is a plain Python pickle (of a dict)"),
     "a whole pickled model": Case(

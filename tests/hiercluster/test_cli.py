@@ -13,10 +13,30 @@ from hiercluster.config import load_config
 from hiercluster.errors import HierclusterError, path_problem
 
 
-def test_train_then_evaluate(tmp_path, capsys):
-    out = tmp_path / "ckpt" / "r8.pt"
-    rc = main(["train", "configs/digits.yaml", "--out", str(out), "--set", "train.epochs=2"])
-    assert rc == 0
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """A resnet8 (width 8) trained on digits for 2 epochs (about 70% test accuracy), with its metadata JSON."""
+    import torch
+
+    before = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("ckpt") / "ckpt" / "r8.pt"
+    assert main(["train", "configs/digits.yaml", "--out", str(out), "--set", "train.epochs=2", "--threads", "1"]) == 0
+    torch.set_num_threads(before)  # --threads set it for the whole process
+    return out
+
+
+@pytest.fixture
+def keep_threads():
+    """Restore torch's thread count after a test that lets a command change it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_then_evaluate(digits_model, tmp_path, capsys):
+    out = digits_model
     meta = json.loads(out.with_suffix(".json").read_text())
     for key in ("dataset", "arch", "epochs", "seed", "test_accuracy", "wall_time_s", "versions", "classes"):
         assert key in meta
@@ -216,4 +236,214 @@ def test_load_config_types_and_overrides(tmp_path):
 def test_a_message_quoting_a_line_break_stays_one_line(tmp_path, capsys):
     assert main(["evaluate-checkpoint", str(tmp_path / "two\nlines.pt")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "two\\nlines.json" in err
+    assert err.count("\n") == 1 and "two\\nlines.pt" in err
+
+
+# --- issue 10: runtime options, plain state_dicts, warnings, saved evaluations ------------------
+
+
+def _subcommands() -> dict:
+    import argparse
+
+    from hiercluster.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_subcommand_takes_threads_and_every_flag_has_help():
+    commands = _subcommands()
+    assert set(commands) == {"train", "evaluate-checkpoint", "run", "hierarchy", "quantize", "evaluate", "report"}
+    for name, parser in commands.items():
+        flags = {opt for action in parser._actions for opt in action.option_strings}
+        assert "--threads" in flags, name
+        assert ("--limit" in flags) == (name in ("run", "evaluate", "evaluate-checkpoint")), name
+        for action in parser._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+
+
+def test_version_names_hiercluster_and_torch(capsys):
+    import hiercluster
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"hiercluster {hiercluster.__version__} (torch ") and out.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--limit", "--batch-size", "--width", "--num-classes"])
+@pytest.mark.parametrize("value", ["0", "-3", "two", "10" * 3000])
+def test_count_flags_refuse_what_is_not_a_positive_whole_number(flag, value, capsys):
+    assert main(["evaluate-checkpoint", "model.pt", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected a whole number from 1 to" in err and err.count("\n") == 1 and len(err) < 400
+
+
+def test_threads_come_from_the_flag_else_the_config_else_the_cores(digits_model, tmp_path, keep_threads, capsys):
+    import torch
+
+    from hiercluster.cli import available_cores
+
+    assert main(["evaluate-checkpoint", str(digits_model), "--threads", "1", "--limit", "10"]) == 0
+    assert torch.get_num_threads() == 1
+    assert main(["report", str(tmp_path / "no-run"), "--threads", "3"]) == 2  # set before the run is looked at
+    assert torch.get_num_threads() == 3
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": "digits"}, "model": {"checkpoint": str(digits_model)},
+                                      "runtime": {"threads": 1}}))  # fmt: skip
+    out = str(tmp_path / "h")
+    assert main(["hierarchy", str(config), "--out", out, "--quiet"]) == 0
+    assert torch.get_num_threads() == 1
+    assert main(["hierarchy", str(config), "--out", out, "--quiet", "--threads", "2"]) == 0  # the flag wins
+    assert torch.get_num_threads() == 2
+    assert main(["hierarchy", str(config), "--out", out, "--quiet", "--set", "runtime.threads=null"]) == 0
+    assert torch.get_num_threads() == available_cores()
+    capsys.readouterr()
+
+
+def test_evaluate_checkpoint_on_a_stratified_subset_says_so(digits_model, capsys):
+    assert main(["evaluate-checkpoint", str(digits_model), "--limit", "50"]) == 0
+    assert "(50 of 450 test images, a stratified subset): accuracy" in capsys.readouterr().out
+    assert main(["evaluate-checkpoint", str(digits_model), "--limit", "451"]) == 2
+    assert "more than the 450 images of the test split of digits" in capsys.readouterr().err
+
+
+def test_evaluate_checkpoint_of_a_plain_state_dict_needs_arch(digits_model, tmp_path, capsys):
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(digits_model.read_bytes())  # the weights alone: no metadata JSON beside them
+    meta = json.loads(digits_model.with_suffix(".json").read_text())
+    assert main(["evaluate-checkpoint", str(plain), "--arch", "resnet8", "--width", "8", "--dataset", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert f"{plain}: resnet8 on digits (test split, 450 images): accuracy {meta['test_accuracy'] * 100:.2f}%" in out
+    for argv, message in [
+        ([], "has no metadata file plain.json beside it: pass its architecture with --arch NAME"),
+        (["--arch", "resnet8", "--width", "8"], "no metadata naming its dataset; pass --dataset NAME"),
+        (["--arch", "resnet8", "--dataset", "digits"], "file (8, 1, 3, 3) vs model (16, 1, 3, 3)"),
+        (["--arch", "resnet8", "--width", "8", "--dataset", "digits", "--num-classes", "5"],
+         "--num-classes 5: the data has 10 classes"),
+    ]:  # fmt: skip
+        assert main(["evaluate-checkpoint", str(plain), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    # With metadata, the flags may only repeat it.
+    assert main(["evaluate-checkpoint", str(digits_model), "--arch", "resnet8", "--width", "8"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate-checkpoint", str(digits_model), "--arch", "resnet20"]) == 2
+    assert "--arch 'resnet20' contradicts the metadata" in capsys.readouterr().err
+
+
+def test_evaluate_checkpoint_takes_a_config(digits_model, tmp_path, capsys):
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(digits_model.read_bytes())
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": "digits", "limit": 40}, "model": {"arch": "resnet8", "width": 8}}))
+    assert main(["evaluate-checkpoint", str(plain), "--config", str(config)]) == 0
+    assert "resnet8 on digits (40 of 450 test images, a stratified subset)" in capsys.readouterr().out
+    assert main(["evaluate-checkpoint", str(plain), "--config", str(config), "--limit", "30"]) == 0  # the flag wins
+    assert "(30 of 450 test images" in capsys.readouterr().out
+
+
+def _always_class_0(checkpoint, tmp_path):
+    """A plain state_dict of ``checkpoint``'s model that predicts class 0 for every image: 10% on digits' test split."""
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["fc.bias"][0] = 1e4  # the fc rows stay as trained: the hierarchy still has directions to cluster
+    path = tmp_path / "dead.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_a_model_at_chance_gets_one_warning_line(digits_model, tmp_path, capsys):
+    dead = _always_class_0(digits_model, tmp_path)
+    assert main(["evaluate-checkpoint", str(dead), "--arch", "resnet8", "--width", "8", "--dataset", "digits"]) == 0
+    captured = capsys.readouterr()
+    assert "accuracy 10.00%" in captured.out
+    assert captured.err == (
+        "hiercluster evaluate-checkpoint: warning: the float model is at chance level (10.00% on 10 classes; "
+        "chance is 10.00%): its drops and fewest bits say nothing about quantization\n"
+    )
+    assert main(["evaluate-checkpoint", str(digits_model)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def _digits_config(tmp_path, checkpoint, **sections) -> str:
+    data = {"data": {"dataset": "digits"}, "model": {"checkpoint": str(checkpoint)},
+            "quant": {"schemes": ["asymmetric"], "bits": [4], "clipping": ["minmax"]}, "eval": {"random_seeds": 3}}  # fmt: skip
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_quantize_prints_the_plan_name_and_the_reports_average_bits(digits_model, tmp_path, capsys):
+    plans = {"plans": [{"name": "first8", "first_layer_bits": 8}, {"name": "full"}]}
+    config = _digits_config(tmp_path, digits_model, quant={"schemes": ["asymmetric"], "bits": [4], **plans})
+    out = tmp_path / "m.hcq"
+    assert main(["quantize", config, "--bits", "4", "--out", str(out)]) == 0  # no --plan: the grid's first
+    printed = capsys.readouterr().out
+    report = json.loads(out.with_name("m.hcq.json").read_text())
+    avg = report["report"]["avg_bits_per_weight"]
+    assert report["plan"]["name"] == "first8" and 4 < avg < 4.1
+    assert f"(plan first8) of {digits_model}: average {avg:.3f} bits per weight" in printed
+    default = _digits_config(tmp_path, digits_model)
+    assert main(["quantize", default, "--bits", "4", "--out", str(out), "--overwrite"]) == 0
+    assert "(plan full) of" in capsys.readouterr().out
+
+
+def test_evaluate_saves_its_table_in_the_run_directory(digits_model, tmp_path, capsys):
+    config = _digits_config(tmp_path, digits_model)
+    packed = tmp_path / "m4.hcq"
+    assert main(["quantize", config, "--bits", "4", "--out", str(packed)]) == 0
+    run = tmp_path / "run"
+    assert main(["evaluate", config, "--packed", str(packed), "--out", str(run), "--quiet", "--limit", "100"]) == 0
+    printed = capsys.readouterr().out
+    record_file = run / "evaluations" / "m4.json"
+    assert f"saved {record_file}" in printed and "on 100 of 450 test images, a stratified subset" in printed
+    record = json.loads(record_file.read_text())
+    assert record["packed"] == str(packed) and record["data_limit"] == {"limit": 100, "of": 450}
+    assert record["n_eval"] == 100 and [row["level"] for row in record["levels"]] == [f"k={k}" for k in range(10, 1, -1)]
+    for row in record["levels"]:  # the printed table, row by row
+        assert f"{row['level']:<10} {row['k']:>3} {100 * row['acc_float']:>8.2f} {100 * row['acc_quant']:>8.2f}" in printed
+    assert not (run / "float_logits.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("hierarchy.levels=[1000]", "config key hierarchy.levels: k=1000 is outside 1..10 (the number of classes)"),
+        ("hierarchy.names={Odd: ['1', '7', '0']}", "superclass name 'Odd' ('0+1+7') matches no cluster of the hierarchy"),
+    ],
+)
+def test_levels_and_names_are_refused_before_any_evaluation(digits_model, tmp_path, monkeypatch, capsys, override, message):
+    import hiercluster.pipeline as pipeline
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the float model was evaluated")
+
+    monkeypatch.setattr(pipeline, "collect_logits", no_evaluation)
+    run = tmp_path / "run"
+    assert main(["run", _digits_config(tmp_path, digits_model), "--out", str(run), "--quiet", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (run / "float_logits.pt").exists()
+
+
+def test_the_imagenet_template_fits_any_folder_of_ten_classes():
+    cfg = load_config("configs/imagenet_folder.yaml")
+    assert cfg.hierarchy.levels and max(cfg.hierarchy.levels) <= 10
+
+
+def test_run_with_limit_says_so_and_warns_at_chance(digits_model, tmp_path, capsys):
+    dead = _always_class_0(digits_model, tmp_path)
+    config = _digits_config(tmp_path, dead, model={"arch": "resnet8", "width": 8}, hierarchy={"levels": [10, 2]})
+    assert main(["run", config, "--out", str(tmp_path / "run"), "--quiet", "--limit", "100"]) == 0
+    captured = capsys.readouterr()
+    assert "float accuracy 10.00% (on 100 of 450 test images, a stratified subset);" in captured.out
+    warning = (
+        "warning: the float model is at chance level (10.00% on 10 classes; chance is 10.00%): "
+        "its drops and fewest bits say nothing about quantization\n"
+    )
+    assert captured.err == f"hiercluster run: {warning}"
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().err == f"hiercluster report: {warning}"

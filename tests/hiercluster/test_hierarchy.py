@@ -139,8 +139,9 @@ def test_tree_mirrors_the_linkage_matrix():
 
 
 def test_json_round_trip_keeps_the_tree_identical(tmp_path):
-    h = ClassHierarchy(linkage="average", metric="cosine", names={"Shoes": ["Sandal", "Sneaker", "Ankle boot"]})
-    h.fit(_embeddings(5, c=10), FASHION)
+    h = ClassHierarchy(linkage="average", metric="cosine").fit(_embeddings(5, c=10), FASHION)
+    shoes = next(members for members in h.groups(3).values() if len(members) > 1)  # names must match a cluster
+    h.set_names({"Shoes": shoes})
     path = h.to_json(tmp_path / "sub" / "tree.json")
     back = ClassHierarchy.from_json(path)
     assert set(back.tree_.nodes) == set(h.tree_.nodes)
@@ -149,7 +150,7 @@ def test_json_round_trip_keeps_the_tree_identical(tmp_path):
     assert np.array_equal(back.linkage_matrix_, h.linkage_matrix_)
     assert back.class_names_ == FASHION and back.n_classes_ == 10
     assert (back.linkage, back.metric) == ("average", "cosine")
-    assert back.names == {"Shoes": ["Sandal", "Sneaker", "Ankle boot"]}
+    assert back.names == {"Shoes": shoes}
     for k in range(1, 11):
         assert np.array_equal(back.cut(k=k), h.cut(k=k))
         assert back.superclass_names(k) == h.superclass_names(k)
@@ -391,3 +392,16 @@ def test_shipped_checkpoint_fc_weight_hierarchy_keeps_footwear_together():
     two = h.cut(k=2)
     footwear = [FASHION.index(c) for c in ("Sandal", "Sneaker", "Ankle boot")]
     assert len(set(two[footwear].tolist())) == 1
+
+
+def test_a_name_that_matches_no_cluster_is_refused_naming_the_closest():
+    x = np.array([[0.0, 0.0], [0.0, 0.1], [10.0, 0.0], [10.0, 1.0]])
+    classes = ["cat", "dog", "car", "bus"]
+    h = ClassHierarchy(linkage="ward", metric="euclidean").fit(x, classes)
+    with pytest.raises(HierclusterError, match=r"'pets' \('cat\+dog\+car'\) matches no cluster.*closest is "
+                       r"'cat\+dog\+car\+bus' \(with 'bus'\)"):
+        h.set_names({"pets": ["dog", "cat", "car"]})
+    assert h.names is None  # a refused set_names leaves the names as they were
+    with pytest.raises(HierclusterError, match=r"'odd' \('cat\+car'\) matches no cluster"):
+        ClassHierarchy(linkage="ward", metric="euclidean", names={"odd": ["car", "cat"]}).fit(x, classes)
+    assert h.set_names({"pets": ["dog", "cat"], "bus": ["bus"]}).superclass_names(3) == ["pets", "car", "bus"]
