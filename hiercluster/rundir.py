@@ -396,12 +396,7 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
         raise _damaged(path, "levels: no level", remedy)
     if len(info["float_prediction_share"]) != n:
         raise _damaged(path, f"float_prediction_share has {len(info['float_prediction_share'])} entries for {n} classes", remedy)
-    for name, level in info["levels"].items():
-        where = f"levels.{_one_line(name, _KEY_CHARS)}"
-        try:
-            check_json(level, _LEVEL_SPEC, where, error=HierclusterError)
-        except HierclusterError as exc:
-            raise _damaged(path, str(exc), remedy) from None
+    for where, level in _checked_levels(info["levels"], _LEVEL_SPEC, path, remedy):
         k, assignment = level["k"], level["assignment"]
         if len(assignment) != n or any(not 0 <= g < k for g in assignment) or len(level["names"]) != k:
             raise _damaged(
@@ -409,6 +404,19 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
                 f"{short_repr(assignment)} and {len(level['names'])} names", remedy,
             )
     return info
+
+
+def _checked_levels(levels: dict[str, Any], spec: Any, path: Path, remedy: str) -> list[tuple[str, Any]]:
+    """``(where, entry)`` for every entry of a record's ``levels`` mapping, each checked against ``spec``."""
+    out = []
+    for name, entry in levels.items():
+        where = f"levels.{_one_line(name, _KEY_CHARS)}"
+        try:
+            check_json(entry, spec, where, error=HierclusterError)
+        except HierclusterError as exc:
+            raise _damaged(path, str(exc), remedy) from None
+        out.append((where, entry))
+    return out
 
 
 def _is_plain_name(name: str, suffix: str) -> bool:
@@ -425,12 +433,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """
     remedy = "run `hiercluster run` again on this folder to export the models again"
     manifest = read_json_record(path, "model manifest", MANIFEST_SPEC, remedy, MAX_MANIFEST_BYTES)
-    for level, entry in manifest["levels"].items():
-        where = f"levels.{_one_line(level, _KEY_CHARS)}"
-        try:
-            check_json(entry, MANIFEST_ENTRY_SPEC, where, error=HierclusterError)
-        except HierclusterError as exc:
-            raise _damaged(path, str(exc), remedy) from None
+    for where, entry in _checked_levels(manifest["levels"], MANIFEST_ENTRY_SPEC, path, remedy):
         for key, suffix in (("model", ".hcq"), ("groups", "_groups.yaml")):
             if not _is_plain_name(entry[key], suffix):
                 raise _damaged(
