@@ -25,10 +25,10 @@ import torch
 
 import quant
 from hiercluster import build_hierarchy, collect_logits, grouped_metrics
-from hiercluster.config import data_root, load_config
-from hiercluster.data import dataset_info, load_dataset, make_loader
-from hiercluster.evaluate import accuracy
-from hiercluster.pipeline import load_calibration, load_float_model
+from hiercluster.run.config import data_root, load_config
+from hiercluster.data.datasets import dataset_info, load_dataset, make_loader
+from hiercluster.evaluation.inference import accuracy
+from hiercluster.run.prepare import load_calibration, load_float_model
 
 # (label, method, clipping, bits, bn_reestimate)
 FULL = [

@@ -57,7 +57,7 @@ TIMING_BITS = 4
 
 
 def test_batches(limit: int | None):
-    from hiercluster.data import load_dataset, make_loader
+    from hiercluster.data.datasets import load_dataset, make_loader
 
     batches, seen = [], 0
     for x, y in make_loader(load_dataset("fashion_mnist", split="test"), 500):
@@ -69,8 +69,8 @@ def test_batches(limit: int | None):
 
 
 def accuracy(model: torch.nn.Module, batches) -> float:
-    from hiercluster.evaluate import accuracy as top1
-    from hiercluster.evaluate import collect_logits
+    from hiercluster.evaluation.inference import accuracy as top1
+    from hiercluster.evaluation.inference import collect_logits
 
     return 100.0 * top1(*collect_logits(model, batches))
 
@@ -120,7 +120,7 @@ def hqq_worker(options: dict) -> None:
         return
     if options["threads"]:
         torch.set_num_threads(options["threads"])
-    from hiercluster.models import load_checkpoint
+    from hiercluster.models.zoo import load_checkpoint
 
     model, _ = load_checkpoint(CHECKPOINT)
     batches = test_batches(options["limit"])
@@ -178,7 +178,7 @@ def main() -> None:
     limit = 2000 if args.quick else None
     repeat = 1 if args.quick else args.repeat
 
-    from hiercluster.models import load_checkpoint
+    from hiercluster.models.zoo import load_checkpoint
 
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"machine: os.cpu_count()={os.cpu_count()}, torch.get_num_threads()={torch.get_num_threads()}, "

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from hiercluster.evaluate import evaluate_levels
+from hiercluster.evaluation.metrics import evaluate_levels
 
 
 def main() -> None:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from hiercluster.config import load_config
-from hiercluster.data import load_dataset, make_loader
-from hiercluster.evaluate import collect_logits
-from hiercluster.pipeline import expand_grid, load_float_model
+from hiercluster.run.config import load_config
+from hiercluster.data.datasets import load_dataset, make_loader
+from hiercluster.evaluation.inference import collect_logits
+from hiercluster.run.grid import expand_grid
+from hiercluster.run.prepare import load_float_model
 
 
 def float_eval_seconds(cfg, repeats: int = 3) -> float:

@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr naming what is wrong),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import sqlite3
@@ -15,8 +16,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hiercluster.errors import HierclusterError, path_problem, quote_path, short_repr
+from hiercluster.limits import MAX_CLASSES, MAX_WIDTH
+
+if TYPE_CHECKING:  # torch loads only when a command needs it
+    import torch
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -39,13 +45,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# Caps of the numeric flags: the same as their config keys' (hiercluster.config), so that a flag
+# Caps of the numeric flags: the same as their config keys' (hiercluster.run.config), so that a flag
 # and the key it overrides accept the same values.
 _MAX_THREADS = 1024  # runtime.threads: more threads than any machine has cores
 _MAX_LIMIT = 100_000_000  # data.limit: more images than any evaluation split has
 _MAX_BATCH = 65_536  # data.batch_size: far above any batch a CNN is evaluated with
-_MAX_WIDTH = 1024  # model.width (hiercluster.models.MAX_WIDTH, not imported: that loads torch)
-_MAX_CLASSES = 100_000  # hiercluster.models.MAX_NUM_CLASSES, above ImageNet-21k's 21,841
 # Where ``evaluate`` saves each packed model's table, inside the run directory.
 
 
@@ -100,6 +104,38 @@ def _add_threads(p: argparse.ArgumentParser, config: bool = True) -> None:
     )
 
 
+def _device_name(text: str) -> str:
+    """An argparse ``type`` for ``--device``: the spelling only (no torch); availability is checked when the command starts."""
+    from hiercluster.models.device import check_device_name
+
+    try:
+        return check_device_name(text, "--device")
+    except HierclusterError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device: ")) from None
+
+
+def _add_device(p: argparse.ArgumentParser, config: bool = True) -> None:
+    where = "overrides config key runtime.device; " if config else ""
+    p.add_argument(
+        "--device", type=_device_name, metavar="NAME",
+        help=f"where the models run: auto (a CUDA GPU if there is one, else Apple's MPS, else the CPU), cpu, cuda, "
+        f"cuda:N or mps ({where}default: auto); data stay on the CPU and each batch is moved there",
+    )
+
+
+def command_device(args: argparse.Namespace, cfg=None) -> torch.device:
+    """The ``torch.device`` a command runs its models on: ``--device``, else config key runtime.device, else auto.
+
+    Resolved when the command starts, so that a device this machine lacks is one line
+    (exit 2) before any data or model loads.
+    """
+    from hiercluster.models.device import resolve_device
+
+    if getattr(args, "device", None) is not None:
+        return resolve_device(args.device, "--device")
+    return resolve_device(cfg.runtime.device if cfg is not None else "auto")
+
+
 def _add_limit(p: argparse.ArgumentParser, config: bool = True) -> None:
     where = "sets config key data.limit; " if config else ""
     p.add_argument(
@@ -135,14 +171,22 @@ def apply_threads(threads: int | None) -> int:
 
 
 def _load_config(args: argparse.Namespace):
-    """The command's config with its flags applied (``--threads``, ``--limit``), and torch's threads set."""
+    """The command's config with its flags applied (``--threads``, ``--device``, ``--limit``), and torch's threads set.
+
+    A ``--device`` (or runtime.device) that this machine does not have is refused here.
+    """
     import dataclasses
 
-    from hiercluster.config import load_config
+    from hiercluster.run.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "threads", None) is not None:
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=args.threads))
+    if getattr(args, "device", None) is not None:
+        command_device(args)  # named as --device when it is refused
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=args.device))
+    else:
+        command_device(args, cfg)
     if getattr(args, "limit", None) is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=args.limit))
     apply_threads(cfg.runtime.threads)
@@ -151,7 +195,7 @@ def _load_config(args: argparse.Namespace):
 
 def _warn_at_chance(command: str, accuracy: float, n_classes: int) -> None:
     """One warning line on stderr when the float model is within 2 pp of chance (or below): its results say nothing."""
-    from hiercluster.report import chance_warning
+    from hiercluster.report.markdown import chance_warning
 
     message = chance_warning(accuracy, n_classes)
     if message:
@@ -183,14 +227,13 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from hiercluster.config import data_root, resolve_path
-    from hiercluster.data import load_dataset
-    from hiercluster.data import make_loader
-    from hiercluster.evaluate import accuracy, collect_logits
-    from hiercluster.models import build_model, count_parameters, metadata_path, save_checkpoint
-    from hiercluster.pipeline import data_options
-    from hiercluster.rundir import check_output_file
-    from hiercluster.train import checkpoint_metadata, train_model
+    from hiercluster.data.datasets import load_dataset, make_loader
+    from hiercluster.evaluation.inference import accuracy, collect_logits
+    from hiercluster.models.zoo import build_model, count_parameters, metadata_path, save_checkpoint
+    from hiercluster.run.config import data_root, resolve_path
+    from hiercluster.run.prepare import data_options
+    from hiercluster.run.rundir import check_output_file
+    from hiercluster.run.train import checkpoint_metadata, train_model
 
     cfg = _load_config(args)
     if not cfg.model.arch:
@@ -215,30 +258,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = data_options(cfg, from_checkpoint=False)  # the checkpoint to be written does not describe the data
     train_set = load_dataset(cfg.data.dataset, root, "train", cfg.data.download, augment=True, options=options)
     test_set = load_dataset(cfg.data.dataset, root, "test", cfg.data.download, options=options)
+    device = command_device(args, cfg)
     torch.manual_seed(cfg.train.seed)
     info_x, _ = train_set[0]
     model = build_model(cfg.model.arch, len(train_set.classes), int(info_x.shape[0]), width=cfg.model.width)
+    model = model.to(device)  # built on the CPU with the seeded initial weights, then moved: the same start everywhere
     print(
         f"training {cfg.model.arch} ({count_parameters(model):,} parameters) on {cfg.data.dataset} "
-        f"({len(train_set)} train / {len(test_set)} test images) for {cfg.train.epochs} epochs"
+        f"({len(train_set)} train / {len(test_set)} test images) for {cfg.train.epochs} epochs on {device}"
     )
     history = train_model(model, train_set, cfg.train, eval_set=test_set if args.eval_every_epoch else None)
     acc = accuracy(*collect_logits(model, make_loader(test_set, cfg.data.batch_size)))
-    meta = checkpoint_metadata(cfg.data.dataset, cfg.model.arch, cfg.model.width, train_set, cfg.train, history, acc)
+    meta = checkpoint_metadata(
+        cfg.data.dataset, cfg.model.arch, cfg.model.width, train_set, cfg.train, history, acc, device=device
+    )
     meta["config"] = cfg.to_dict()
-    save_checkpoint(model, out, meta, overwrite=args.overwrite)
+    save_checkpoint(model.cpu(), out, meta, overwrite=args.overwrite)  # a checkpoint holds CPU tensors, loadable anywhere
     print(f"test accuracy {acc * 100:.2f}% after {meta['wall_time_s']:.0f} s; saved {out} and {metadata_path(out)}")
     return EXIT_OK
 
 
 def cmd_evaluate_checkpoint(args: argparse.Namespace) -> int:
-    from hiercluster.data import dataset_info, make_loader
-    from hiercluster.evaluate import accuracy, collect_logits
-    from hiercluster.models import check_fits_data
+    from hiercluster.data.datasets import dataset_info, make_loader
+    from hiercluster.evaluation.inference import accuracy, collect_logits
+    from hiercluster.models.zoo import check_fits_data
 
     cfg = _load_config(args) if args.config else None
     if cfg is None:
         apply_threads(args.threads)
+    device = command_device(args, cfg)
     checkpoint = Path(args.checkpoint)
     meta = _checkpoint_metadata(checkpoint)
     arch, width = _checkpoint_arch(args, cfg, meta, checkpoint)
@@ -252,7 +300,7 @@ def cmd_evaluate_checkpoint(args: argparse.Namespace) -> int:
     classes, in_channels = list(info["classes"]), int(info["in_channels"])
     if meta is not None:
         check_fits_data(meta, checkpoint, dataset, classes, in_channels)
-    model = _checkpoint_model(checkpoint, meta, arch, width, args.num_classes, len(classes), in_channels)
+    model = _checkpoint_model(checkpoint, meta, arch, width, args.num_classes, len(classes), in_channels).to(device)
     batch_size = args.batch_size or (cfg.data.batch_size if cfg else 128)
     start = time.perf_counter()
     acc = accuracy(*collect_logits(model, make_loader(test_set, batch_size)))
@@ -265,7 +313,7 @@ def cmd_evaluate_checkpoint(args: argparse.Namespace) -> int:
 
 def _checkpoint_metadata(checkpoint: Path) -> dict | None:
     """The checkpoint's metadata JSON (checked), or None when there is none beside it (a plain state_dict)."""
-    from hiercluster.models import metadata_path, read_metadata
+    from hiercluster.models.zoo import metadata_path, read_metadata
 
     if not (checkpoint.exists() or checkpoint.is_symlink()):  # a dangling link is named by the loader
         raise HierclusterError(f"checkpoint not found: {quote_path(checkpoint)}")
@@ -280,7 +328,7 @@ def _checkpoint_arch(args: argparse.Namespace, cfg, meta: dict | None, checkpoin
 
     Flags that contradict the metadata are refused: the metadata describes the weights.
     """
-    from hiercluster.models import metadata_path
+    from hiercluster.models.zoo import metadata_path
 
     arch = args.arch or (cfg.model.arch if cfg else None)
     width = args.width or (cfg.model.width if cfg else 16)
@@ -305,9 +353,9 @@ def _checkpoint_arch(args: argparse.Namespace, cfg, meta: dict | None, checkpoin
 
 def _checkpoint_eval_set(args: argparse.Namespace, cfg, meta: dict | None, dataset: str, split: str):
     """``(evaluation set, subset record or None)`` for ``evaluate-checkpoint``."""
-    from hiercluster.config import data_root
-    from hiercluster.data import limit_dataset, load_dataset, resolve_folder_options
-    from hiercluster.models import metadata_path
+    from hiercluster.data.datasets import limit_dataset, load_dataset, resolve_folder_options
+    from hiercluster.models.zoo import metadata_path
+    from hiercluster.run.config import data_root
 
     if args.root and not Path(args.root).exists():
         raise HierclusterError(f"--root {args.root}: folder not found")
@@ -331,7 +379,7 @@ def _checkpoint_model(
     in_channels: int,
 ):
     """The checkpoint's model: rebuilt from its metadata, or built from ``arch``/``width`` with its weights loaded."""
-    from hiercluster.models import build_model, load_checkpoint
+    from hiercluster.models.zoo import build_model, load_checkpoint
 
     if meta is not None:
         return load_checkpoint(checkpoint)[0]
@@ -369,16 +417,23 @@ def _print_levels_table(rows: list[dict], title: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hiercluster.pipeline import run_pipeline
-    from hiercluster.report import format_headline
+    from hiercluster.report.markdown import format_headline, write_report
+    from hiercluster.run.executors import make_executor
+    from hiercluster.run.pipeline import run_pipeline
+    from hiercluster.run.rundir import DB_FILE
 
+    executor = make_executor(args.executor, args.address)
     cfg = _load_config(args)
     out = _run_dir(args, cfg)
+    start = time.perf_counter()
     try:
-        summary = run_pipeline(cfg, out, progress=not args.quiet, force=args.force, command=_command_line(args))
+        summary = run_pipeline(
+            cfg, out, progress=not args.quiet, force=args.force, command=_command_line(args), then=write_report,
+            executor=executor,
+        )
     except KeyboardInterrupt:
         print(
-            f"hiercluster run: interrupted; finished specs are saved in {out / 'results.sqlite'}. "
+            f"hiercluster run: interrupted; finished specs are saved in {out / DB_FILE}. "
             "Run the same command again to resume.",
             file=sys.stderr,
         )
@@ -388,18 +443,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     subset = subset_note(summary.get("data_limit"), cfg.data.eval_split)
     print(
         f"\nfloat accuracy {100 * summary['float_accuracy']:.2f}%{f' (on {subset})' if subset else ''}; "
-        f"{t['specs_run']} of {t['specs_total']} specs run in {t['total_s']:.1f} s"
+        f"{t['specs_run']} of {t['specs_total']} specs run in {time.perf_counter() - start:.1f} s"
     )
     _warn_at_chance("run", summary["float_accuracy"], len(summary["class_names"]))
     print()
     print(format_headline(summary["headline"], names, cfg.eval.tolerance, len(summary["class_names"])))
-    print(f"\nreport: {summary['report']}")
+    print(f"\nreport: {summary['then']}")
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hiercluster.report import format_headline, headline, load_run, write_report
-    from hiercluster.rundir import RunLock, check_is_run
+    from hiercluster.evaluation.metrics import headline
+    from hiercluster.report.markdown import format_headline, load_run, write_report
+    from hiercluster.run.rundir import RunLock, check_is_run
 
     apply_threads(args.threads)
     check_is_run(Path(args.run_dir))  # before the lock, which would create a missing folder
@@ -415,8 +471,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_hierarchy(args: argparse.Namespace) -> int:
-    from hiercluster.pipeline import prepare, write_hierarchy_files
-    from hiercluster.rundir import RunLock, check_run_dir, check_same_hierarchy
+    from hiercluster.report.plots import plot_dendrogram
+    from hiercluster.run.pipeline import write_hierarchy_files
+    from hiercluster.run.prepare import prepare
+    from hiercluster.run.rundir import (
+        DENDROGRAM_FILE,
+        HIERARCHY_FILE,
+        LEVELS_DIR,
+        RunLock,
+        check_run_dir,
+        check_same_hierarchy,
+    )
 
     cfg = _load_config(args)
     out = _run_dir(args, cfg)
@@ -425,20 +490,21 @@ def cmd_hierarchy(args: argparse.Namespace) -> int:
         prep = prepare(cfg, out, progress=not args.quiet, float_logits=False)  # a tree needs no float logits
         check_same_hierarchy(prep, out)
         write_hierarchy_files(prep, out)
+        plot_dendrogram(prep.hierarchy, out / DENDROGRAM_FILE)
     h = prep.hierarchy
     print(f"class hierarchy from {cfg.hierarchy.embedding} ({h.linkage} linkage, {h.metric} metric):")
-    for name, (k, _, kind) in prep.levels.items():
-        if kind == "learned":
-            print(f"  k={k}: " + "; ".join(prep.hierarchy.superclass_names(k)))
+    for level in prep.levels.values():
+        if level.kind == "learned":
+            print(f"  k={level.k}: " + "; ".join(level.names))
     if prep.reference_groups is not None:
         cmp_ = prep.hierarchy.compare(prep.reference_groups)
         print(f"  vs reference {cfg.hierarchy.reference}: ARI {cmp_['ari']:.3f}, NMI {cmp_['nmi']:.3f}")
-    print(f"wrote {out / 'hierarchy.json'}, {out / 'levels'}/k*.yaml and {out / 'dendrogram.png'}")
+    print(f"wrote {out / HIERARCHY_FILE}, {out / LEVELS_DIR}/k*.yaml and {out / DENDROGRAM_FILE}")
     return EXIT_OK
 
 
 def _spec_from_args(args: argparse.Namespace, cfg):
-    from hiercluster.pipeline import grid_spec
+    from hiercluster.run.grid import grid_spec
 
     q = cfg.quant
     try:
@@ -472,20 +538,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import json
 
     import quant
+    from hiercluster.data.datasets import dataset_info, load_dataset
+    from hiercluster.models.zoo import metadata_path
+    from hiercluster.run.config import data_root, resolve_path
+    from hiercluster.run.grid import GridPoint, calibration_settings, check_plans_fit
+    from hiercluster.run.prepare import data_options, load_calibration, load_float_model
+    from hiercluster.run.rundir import check_output_file
     from quant._files import write_text_atomic
-
-    from hiercluster.config import data_root, resolve_path
-    from hiercluster.data import dataset_info, load_dataset
-    from hiercluster.models import metadata_path
-    from hiercluster.pipeline import (
-        GridPoint,
-        calibration_settings,
-        check_plans_fit,
-        data_options,
-        load_calibration,
-        load_float_model,
-    )
-    from hiercluster.rundir import check_output_file
 
     cfg = _load_config(args)
     if args.method not in quant.METHODS:
@@ -510,6 +569,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     eval_set = load_dataset(cfg.data.dataset, data_root(cfg), cfg.data.eval_split, cfg.data.download, options=data_options(cfg))
     info = dataset_info(eval_set)
     model, ckpt = load_float_model(cfg, list(info["classes"]), info["in_channels"])
+    model = model.to(command_device(args, cfg))  # calibration batches stay on the CPU; quant moves each one
     point = GridPoint(spec, plan, method=args.method, bn_reestimate=args.bn_reestimate)
     check_plans_fit(model, [point], str(ckpt))  # before calibration data is loaded
     calibration = load_calibration(cfg, point.calibration_user) if point.needs_calibration else None
@@ -544,10 +604,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import quant
-
-    from hiercluster.evaluate import collect_logits
-    from hiercluster.pipeline import level_metrics, level_names, prepare
-    from hiercluster.rundir import EVALUATIONS_DIR, RunLock, check_output_file, check_run_dir, write_json
+    from hiercluster.evaluation.inference import collect_logits
+    from hiercluster.run.prepare import prepare
+    from hiercluster.run.rundir import EVALUATIONS_DIR, RunLock, check_output_file, check_run_dir, write_json
+    from hiercluster.run.sweep import level_metrics
 
     cfg = _load_config(args)
     packed = Path(args.packed)
@@ -569,7 +629,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise HierclusterError(str(exc)) from None
         prep.evaluate_float(progress=not args.quiet)  # after the packed model is known to fit
         qlogits, _ = collect_logits(qmodel, prep.loader())
-        rows = [{**row, "names": level_names(prep, row["level"])} for row in level_metrics(prep, qlogits)]
+        rows = [
+            {**dataclasses.asdict(row), "names": list(prep.levels[row.level].names)} for row in level_metrics(prep, qlogits)
+        ]
         limited = prep.data_limit
         record.parent.mkdir(parents=True, exist_ok=True)
         write_json(record, _evaluation_record(packed, cfg, prep, rows, limited))
@@ -585,7 +647,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluation_record(packed: Path, cfg, prep, rows: list[dict], limited: dict | None) -> dict:
     """What ``evaluate`` saves: the packed model, the data and settings it was scored with, and every level's row."""
-    from hiercluster.evaluate import accuracy
+    from hiercluster.evaluation.inference import accuracy
 
     return {
         "packed": str(packed),
@@ -621,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.add_argument("--eval-every-epoch", action="store_true", help="print test accuracy after each epoch")
     _add_threads(p)
+    _add_device(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate-checkpoint", help="print a checkpoint's accuracy on its dataset's test split",
@@ -629,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Flags override --config; the data defaults to the metadata's dataset.")
     p.add_argument("checkpoint", help="a .pt state_dict, with or without a .json metadata file beside it")
     p.add_argument("--config", help="YAML config whose data and model sections apply (dataset, root, image "
-                   "folder options, arch, width, limit, threads)")
+                   "folder options, arch, width, limit, threads, device)")
     p.add_argument("--dataset", help="dataset name (default: config key data.dataset, else the metadata's)")
     p.add_argument("--root", help="dataset folder (default: config key data.root, else the usual places)")
     p.add_argument("--split", choices=["train", "test"],
@@ -639,12 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "data.batch_size, else 128)")
     p.add_argument("--arch", help="architecture of a plain state_dict without metadata, e.g. resnet20 or resnet18 "
                    "(default: config key model.arch)")
-    p.add_argument("--width", type=_count(_MAX_WIDTH), metavar="N",
+    p.add_argument("--width", type=_count(MAX_WIDTH), metavar="N",
                    help="base width of a small ResNet given by --arch (default: config key model.width, else 16)")
-    p.add_argument("--num-classes", type=_count(_MAX_CLASSES), metavar="N",
+    p.add_argument("--num-classes", type=_count(MAX_CLASSES), metavar="N",
                    help="output classes of the state_dict's model; must equal the data's (default: the data's)")
     _add_limit(p, config=False)
     _add_threads(p, config=False)
+    _add_device(p, config=False)
     p.set_defaults(func=cmd_evaluate_checkpoint, overrides=[])
 
     def run_like(name: str, help_: str, description: str, func) -> argparse.ArgumentParser:
@@ -654,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="run directory (default: config key output.dir)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_threads(p)
+        _add_device(p)
         p.set_defaults(func=func)
         return p
 
@@ -668,6 +733,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true",
         help="run into a directory that holds a run of another grid (its report then describes only this grid)",
+    )
+    p.add_argument(
+        "--executor", choices=("serial", "ray"), default="serial",
+        help="who runs the specs: serial (default, one after another here) or ray (each spec as a Ray task; "
+        "needs pip install 'hiercluster[ray]'); this process alone writes DIR, so either resumes the other's run",
+    )
+    p.add_argument(
+        "--address", metavar="ADDR",
+        help="with --executor ray: the Ray cluster to use (auto, HOST:6379 or ray://HOST:10001); "
+        "default: a local Ray instance with this machine's CPUs",
     )
     run_like(
         "hierarchy", "build and save the class hierarchy, its levels and dendrogram",
@@ -694,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="packed model file to write, e.g. model-4b.hcq")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     _add_threads(p)
+    _add_device(p)
     p.set_defaults(func=cmd_quantize)
 
     p = run_like(
@@ -796,7 +872,9 @@ def _results_database(args: argparse.Namespace) -> Path | None:
     folder = getattr(args, "run_dir", None) or getattr(args, "out", None)
     if folder is None or args.command not in ("run", "evaluate", "hierarchy", "report"):
         return None
-    return Path(folder) / "results.sqlite"
+    from hiercluster.run.rundir import DB_FILE
+
+    return Path(folder) / DB_FILE
 
 
 def _problem(exc: BaseException, args: argparse.Namespace) -> str | None:

@@ -43,6 +43,7 @@ _EXPORTS = {
     "model_size": "quant.packing",
     "read_packed_header": "quant.packing",
     "save_packed": "quant.packing",
+    "packed_file_bytes": "quant.packing",
     "QuantPlan": "quant.plan",
     "LayerReport": "quant.report",
     "QuantReport": "quant.report",

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from quant.device import model_device, to_device
 from quant.errors import QuantError
 from quant.functional import QParams, choose_qparams, fake_quantize
 from quant.spec import QuantSpec
@@ -115,7 +116,7 @@ def calibrate(
         raise ValueError(f"calibration_batches={max_batches!r} is invalid; allowed: an integer >= 1")
     observers = {name: _Observer(max(1, max_samples // max_batches)) for name in layers}
     handles = [model.get_submodule(name).register_forward_pre_hook(obs) for name, obs in observers.items()]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     was_training = model.training
     model.eval()
     seen = 0
@@ -123,7 +124,7 @@ def calibrate(
         for item in batches:
             if seen == max_batches:
                 break
-            model(batch_input(item).to(device))
+            model(to_device(batch_input(item), device))
             seen += 1
     finally:
         for handle in handles:

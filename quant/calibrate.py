@@ -21,7 +21,8 @@ here:
   outputs have already lost their spread (2-bit round-to-nearest) that cannot restore
   the signal and can make things worse (measured: 2-bit MSE rounding to 10%).
 
-Every forward pass runs on the device of the model's parameters, in eval mode, without
+Every forward pass runs on the device of the model's parameters (batches are moved there
+by :func:`quant.device.to_device`, so they may stay on the CPU), in eval mode, without
 autograd; results are deterministic for a given seed.
 """
 
@@ -37,6 +38,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from quant.activations import batch_input
+from quant.device import model_device, to_device
 from quant.errors import QuantError
 from quant.functional import QParams, Quantized, choose_qparams, dequantize, dequantize_sum, quantize
 from quant.spec import QuantSpec
@@ -71,11 +73,6 @@ def batch_inputs(batches: Iterable[Any]) -> list[Tensor]:
     if not out:
         raise QuantError("calibration is empty: pass at least one batch of inputs")
     return out
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 class _Stop(Exception):
@@ -169,7 +166,7 @@ def _run(model: nn.Module, batch: Tensor) -> None:
     was_training = model.training
     model.eval()
     try:
-        model(batch.to(model_device(model)))
+        model(to_device(batch, model_device(model)))  # calibration batches may stay on the CPU
     except _Stop:
         pass
     finally:

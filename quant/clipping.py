@@ -30,7 +30,6 @@ from torch import Tensor
 
 from quant.errors import QuantError
 from quant.schemes import Grid
-from quant.spec import QuantSpec
 
 COARSE_RATIOS = torch.linspace(1.0, 0.2, 17)  # descending: ties keep the wider range
 FINE_OFFSETS = torch.linspace(-0.05, 0.05, 21)
@@ -40,37 +39,6 @@ NEAR_TIE_RTOL = 1e-12
 
 # Elements per evaluation chunk: a chunk of candidates x rows stays in the L2/L3 cache.
 _CHUNK_ELEMENTS = 1 << 20
-
-
-def clip_range(rows: Tensor, spec: QuantSpec, grid: Grid) -> tuple[Tensor, Tensor]:
-    """Per-row clip range of ``rows`` (float32, ``(C, N)``) under ``spec.clipping``.
-
-    Returns ``(lo, hi)``, each ``(C,)`` float32 with ``lo <= 0 <= hi``; for the
-    symmetric schemes ``lo == -hi``.
-
-    Raises
-    ------
-    QuantError
-        If ``rows`` holds a NaN or an Inf.
-
-    Examples
-    --------
-    >>> rows = torch.tensor([[-1.0, 0.5, 2.0]])
-    >>> clip_range(rows, QuantSpec(), Grid.make("asymmetric", 8))
-    (tensor([-1.]), tensor([2.]))
-    """
-    symmetric = spec.scheme != "asymmetric"
-    lo, hi = minmax_range(rows, symmetric=symmetric)
-    if spec.clipping == "percentile":
-        return percentile_range(rows, spec.percentile, symmetric=symmetric)
-    if spec.clipping == "mse":
-        return mse_range(rows, lo, hi, grid, pow2_scale=spec.pow2_scale)
-    if spec.clipping == "coherent":
-        # Imported here: coherent_grid builds on this module's helpers.
-        from quant.coherent_grid import coherent_range
-
-        return coherent_range(rows, lo, hi, grid, pow2_scale=spec.pow2_scale)
-    return lo, hi
 
 
 def minmax_range(rows: Tensor, *, symmetric: bool) -> tuple[Tensor, Tensor]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quant.clipping import clip_range
 from quant.errors import QuantError
+from quant.ranges import clip_range
 from quant.schemes import Grid
 from quant.spec import QuantSpec
 

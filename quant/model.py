@@ -1,4 +1,8 @@
-"""`quantize_model`: fold BatchNorm, quantize every Conv/Linear weight once, report.
+"""`quantize_model`: fold BatchNorm, quantize every weight a matmul uses once, report.
+
+The weights are those of :func:`quant.layerops.weight_slots`: every Conv/Linear weight
+and the projection weights of ``nn.MultiheadAttention`` (``in_proj_weight`` and the
+separate ``q/k/v_proj_weight``), which are not ``nn.Linear`` modules.
 
 The returned model computes with fake-quantized float weights (the values the integer
 codes stand for), so any backend runs it unchanged; the codes themselves travel in the
@@ -19,16 +23,21 @@ from quant import activations, calibrate
 from quant.errors import QuantError
 from quant.fold import find_conv_bn_pairs, fold_pairs
 from quant.functional import Quantized, dequantize_sum, quantize, quantize_residual
+from quant.layerops import LAYER_TYPES, WeightSlot, weight_slots
 from quant.metrics import sqnr_db
 from quant.plan import QuantPlan
 from quant.report import LayerReport, QuantReport
 from quant.spec import QuantSpec, bits_range
 
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+QUANTIZABLE = LAYER_TYPES
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every Conv1d/2d/3d and Linear, in ``named_modules`` order."""
+    """``(name, module)`` of every Conv1d/2d/3d and Linear, in ``named_modules`` order.
+
+    :func:`quant.layerops.weight_slots` adds the attention projection weights, which
+    :func:`quantize_model` quantizes too.
+    """
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
@@ -60,10 +69,14 @@ def quantize_model(
     seed: int = 0,
     options: Any = None,
 ) -> tuple[nn.Module, QuantReport]:
-    """Post-training quantization of a model's Conv/Linear weights (and optionally their inputs).
+    """Post-training quantization of every weight a matmul uses (and optionally the layers' inputs).
+
+    The weights are every Conv/Linear weight and the projection weights of
+    ``nn.MultiheadAttention`` (:func:`quant.layerops.weight_slots`); plans and reports name
+    an attention projection by its parameter (``"blocks.0.attn.in_proj_weight"``).
 
     Steps: deep-copy ``model``; fold BatchNorm (:func:`quant.fold_batchnorm`); for each
-    Conv/Linear pick its bits from ``plan`` and its grid (scale, zero point) from
+    weight pick its bits from ``plan`` and its grid (scale, zero point) from
     ``spec``'s clipping; round every weight onto that grid with ``method``, once; give
     the worst layers a residual term if ``plan`` asks; optionally match output
     statistics (BN re-estimation or bias correction) and calibrate input quantizers on
@@ -79,7 +92,10 @@ def quantize_model(
     The calibrated methods go through the layers in the order the model calls them;
     each layer's target is the float weight's output on the inputs the layer receives
     from the already quantized layers before it (:mod:`quant.calibrate`). Residual
-    layers of a plan keep their round-to-nearest terms.
+    layers of a plan keep their round-to-nearest terms. Attention projection weights are
+    computed without calling a module, so no hook sees their inputs: they are rounded to
+    nearest under every method and keep their scales under statistics matching (with a
+    warning naming them), and ``act_spec`` leaves their inputs float.
 
     Parameters
     ----------
@@ -123,12 +139,13 @@ def quantize_model(
         Folded copy with quantized weights (same module names as ``model``, BatchNorms
         replaced by ``nn.Identity``), in the same train/eval mode as ``model``.
     report : QuantReport
-        Per-layer statistics, average bits, and the integer codes.
+        Per-weight statistics, average bits (over every weight listed, float ones at 32),
+        and the integer codes.
 
     Raises
     ------
     QuantError
-        A weight holds NaN/Inf (the layer is named), the model has no Conv/Linear, a
+        A weight holds NaN/Inf (the layer is named), the model has no weight to quantize, a
         weight is not float32/float64, or ``plan`` gives a layer a bit width that
         ``spec.scheme`` does not allow (the plan, the layer and the allowed range are
         named; :meth:`QuantPlan.check` finds this without a model), or a method that
@@ -166,11 +183,11 @@ def quantize_model(
 
     pairs = find_conv_bn_pairs(model)
     qmodel = fold_pairs(copy.deepcopy(model), pairs)
-    layers = quantizable_layers(qmodel)
-    layers_by_name = dict(layers)
-    if not layers:
-        raise QuantError(f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer to quantize")
-    names = [name for name, _ in layers]
+    slots = weight_slots(qmodel)
+    by_name = {slot.name: slot for slot in slots}
+    if not slots:
+        raise QuantError(f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer and no MultiheadAttention to quantize")
+    names = [slot.name for slot in slots]
     unmatched = plan.unmatched_patterns(names)
     if unmatched:
         warnings.warn(f"plan {plan.name!r}: pattern(s) {unmatched} match no layer of {type(model).__name__}", stacklevel=2)
@@ -178,10 +195,11 @@ def quantize_model(
     lowest, highest = bits_range(spec.scheme)
     widths: dict[str, int | None] = {}
     not_allowed = []
-    for i, (name, layer) in enumerate(layers):
-        if layer.weight.dtype not in (torch.float32, torch.float64):
-            raise QuantError(f"layer {name!r} weight is {layer.weight.dtype}; convert the model with .float() first")
-        bits, rule = plan.rule_for(name, spec.bits, first=i == 0, last=i == len(layers) - 1)
+    for i, slot in enumerate(slots):
+        name = slot.name
+        if slot.weight.dtype not in (torch.float32, torch.float64):
+            raise QuantError(f"layer {name!r} weight is {slot.weight.dtype}; convert the model with .float() first")
+        bits, rule = plan.rule_for(name, spec.bits, first=i == 0, last=i == len(slots) - 1)
         widths[name] = bits
         if bits is not None and not lowest <= bits <= highest:
             not_allowed.append(f"layer {name!r} would get {bits} bits ({rule})")
@@ -194,7 +212,7 @@ def quantize_model(
         name: None if bits is None else (spec if bits == spec.bits else spec.replace(bits=bits)) for name, bits in widths.items()
     }
 
-    weights = {name: layer.weight.detach().clone() for name, layer in layers}
+    weights = {slot.name: slot.weight.detach().clone() for slot in slots}
     matching = bn_reestimate or bias_correction
     float_folded = copy.deepcopy(qmodel) if matching else None
     codes = {name: _quantize_layer(name, weights[name], s, 1) for name, s in specs.items() if s is not None}
@@ -204,7 +222,20 @@ def quantize_model(
         codes[name] = _quantize_layer(name, weights[name], specs[name], 2)
 
     calibrated: dict[str, calibrate.LayerCalibration] = {}
-    walk = calibrate.LayerWalk.trace(qmodel, names, batches[0]) if method != "rtn" or matching else None
+    # Hooks see the inputs and outputs of modules only; the attention projections are not
+    # modules, so the calibrated methods and the statistics matching leave them rounded to nearest.
+    hooked = [slot.name for slot in slots if slot.is_layer]
+    unhooked = [name for name in codes if not by_name[name].is_layer]
+    if unhooked and (method != "rtn" or matching):
+        what = " and ".join(w for w in (f"method {method!r}" if method != "rtn" else "",
+                                         "bn_reestimate" if bn_reestimate else "",
+                                         "bias_correction" if bias_correction else "") if w)
+        warnings.warn(
+            f"attention projection weights {unhooked} are rounded to nearest without {what}: nn.MultiheadAttention "
+            "computes them without calling a module, so their inputs cannot be observed",
+            stacklevel=2,
+        )
+    walk = calibrate.LayerWalk.trace(qmodel, hooked, batches[0]) if method != "rtn" or matching else None
     matcher = None
     if matching:
         # The float model's statistics need no order: one pass over the batches for all layers.
@@ -215,30 +246,32 @@ def quantize_model(
         del float_folded
     if method != "rtn":
         # Residual layers keep their round-to-nearest terms; the layers after them are fitted to their output.
-        with torch.no_grad():
-            for name in residual:
-                layers_by_name[name].weight.copy_(dequantize_sum(codes[name]).to(layers_by_name[name].weight.dtype))
-        targets = {name: specs[name] for name in codes if name not in residual}
-        codes, calibrated = calibrate.round_layers(
+        kept = residual | set(unhooked)
+        _write_codes(by_name, {name: codes[name] for name in kept})
+        targets = {name: specs[name] for name in codes if name not in kept}
+        fitted, calibrated = calibrate.round_layers(
             qmodel, walk, targets, weights, batches, method, seed=seed, options=options,
-            fixed={name: codes[name] for name in residual}, matcher=matcher,
+            fixed={name: codes[name] for name in residual if name not in unhooked}, matcher=matcher,
         )
+        codes = {name: fitted.get(name, parts) for name, parts in codes.items()}
     else:
-        with torch.no_grad():
-            for name, parts in codes.items():
-                layers_by_name[name].weight.copy_(dequantize_sum(parts).to(layers_by_name[name].weight.dtype))
+        _write_codes(by_name, codes)
         if matcher is not None:
             codes = calibrate.match_output_statistics(qmodel, walk, codes, batches, matcher)
 
     rows = []
-    for name, layer in layers:
-        row = LayerReport.measure(name, weights[name], layer.weight.detach(), specs[name], name in residual)
+    for slot in slots:
+        name = slot.name
+        row = LayerReport.measure(name, weights[name], slot.weight.detach(), specs[name], name in residual)
         rows.append(row.with_calibration(calibrated[name]) if name in calibrated else row)
 
     act_params = {}
     if act_spec is not None:
         # The first layer's input is the raw image: it is left as the caller feeds it.
-        targets = [name for name in names[1:] if name in codes]
+        targets = [name for name in names[1:] if name in codes and by_name[name].is_layer]
+        if unhooked:
+            warnings.warn(f"the inputs of attention projection weights {unhooked} stay float: act_spec quantizes "
+                          "the inputs of Conv/Linear modules", stacklevel=2)
         act_params = activations.calibrate(qmodel, targets, act_spec, batches, max_batches=calibration_batches)
         activations.attach(qmodel, act_params)
         rows = [row.with_activation(act_params[row.name]) if row.name in act_params else row for row in rows]
@@ -257,3 +290,11 @@ def quantize_model(
         bias_corrected=bool(bias_correction),
     )
     return qmodel, report
+
+
+def _write_codes(slots: dict[str, WeightSlot], codes: dict[str, tuple[Quantized, ...]]) -> None:
+    """Set each named weight to the values its codes stand for (in the weight's own dtype)."""
+    with torch.no_grad():
+        for name, parts in codes.items():
+            weight = slots[name].weight
+            weight.copy_(dequantize_sum(parts).to(weight.dtype))

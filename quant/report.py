@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from quant._files import write_text_atomic
-from quant.functional import QParams, Quantized
 from quant.clipping import sort_rows
+from quant.functional import QParams, Quantized
 from quant.metrics import (
     QUARTILES,
     distinct_sorted,
@@ -27,6 +27,7 @@ from quant.metrics import (
 from quant.plan import FLOAT_BITS, QuantPlan
 from quant.spec import QuantSpec
 
+
 def _summary(values: Tensor) -> dict[str, float]:
     values = values.to(torch.float64)
     return {"min": float(values.min()), "mean": float(values.mean()), "max": float(values.max())}
@@ -34,7 +35,7 @@ def _summary(values: Tensor) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Statistics of one Conv/Linear weight before and after quantization.
+    """Statistics of one weight (Conv/Linear, or an attention projection) before and after quantization.
 
     ``bits`` is the effective width per weight: twice the code width for a residual
     (two-term) layer, 32 for a layer left float. ``zero_fraction`` and
@@ -154,7 +155,8 @@ class QuantReport:
     Attributes
     ----------
     layers : tuple of LayerReport
-        One row per Conv/Linear layer, in ``named_modules`` order (float layers included).
+        One row per weight a matmul uses (:func:`quant.layerops.weight_slots`: Conv/Linear
+        layers and attention projections), in ``named_modules`` order (float ones included).
     spec, plan, act_spec
         What was asked for.
     biases : str
@@ -201,7 +203,7 @@ class QuantReport:
 
     @property
     def avg_bits(self) -> float:
-        """Mean bits per Conv/Linear weight element (residual layers count 2b, float layers 32)."""
+        """Mean bits per element of the weights in :attr:`layers` (residual ones count 2b, float ones 32)."""
         total = sum(layer.numel for layer in self.layers)
         return sum(layer.bits * layer.numel for layer in self.layers) / total if total else math.nan
 

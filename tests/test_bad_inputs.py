@@ -101,9 +101,9 @@ def test_the_table_holds_at_least_60_cases():
 
 @pytest.mark.parametrize("reader, what", [("grouping", "grouping file"), ("hierarchy", "hierarchy file"), ("yaml", "YAML file")])
 def test_text_files_in_another_encoding_are_named(reader, what, tmp_path):
-    from hiercluster.config import read_yaml
+    from hiercluster.yamlio import read_yaml
     from hiercluster.errors import HierclusterError
-    from hiercluster.hierarchy import ClassHierarchy, read_groups
+    from hiercluster.hierarchy.clustering import ClassHierarchy, read_groups
 
     path = tmp_path / "file.txt"
     path.write_bytes("caf\xe9: [zero]\n".encode("latin-1"))
@@ -145,7 +145,7 @@ def _run_with_file_size_limit(argv: list[str], limit: int, cwd: Path) -> tuple[i
 
 def test_a_full_disk_at_any_point_exits_2_keeps_finished_specs_and_a_rerun_finishes(tmp_path):
     from bad_input_cases import SMALL_GRID, copy_checkpoint, digits_config
-    from hiercluster.store import ResultsStore
+    from hiercluster.run.store import ResultsStore
 
     copy_checkpoint(tmp_path)
     config = digits_config(tmp_path, model={"checkpoint": "model.pt"}, **SMALL_GRID)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from hiercluster.cli import main
-from hiercluster.rundir import LOCK_FILE
+from hiercluster.run.rundir import LOCK_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING_COLUMNS = {"quantize_s", "eval_s", "metrics_s", "size_s"}

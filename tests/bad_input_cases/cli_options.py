@@ -36,7 +36,7 @@ def _plain(*flags: str):
 def _whole_model_pickle(tmp: Path) -> list[str]:
     import torch
 
-    from hiercluster.models import build_model
+    from hiercluster.models.zoo import build_model
 
     path = tmp / "whole.pt"
     torch.save(build_model("resnet8", 10, 1, width=8), path)  # the model object, not its state_dict
@@ -61,7 +61,7 @@ def _evaluate_into(blocker: str):
     def make(tmp: Path) -> list[str]:
         import quant
 
-        from hiercluster.models import load_checkpoint
+        from hiercluster.models.zoo import load_checkpoint
 
         ckpt = copy_checkpoint(tmp)
         config = digits_config(tmp, model={"checkpoint": ckpt.name})
@@ -94,8 +94,8 @@ def _name_matching_no_cluster(tmp: Path) -> list[str]:
 
     The pair is found on the tree itself, so the case holds whatever the session's model learned.
     """
-    from hiercluster.hierarchy import build_hierarchy
-    from hiercluster.models import load_checkpoint
+    from hiercluster.hierarchy.clustering import build_hierarchy
+    from hiercluster.models.zoo import load_checkpoint
 
     ckpt = copy_checkpoint(tmp)
     model, meta = load_checkpoint(ckpt)
@@ -146,7 +146,7 @@ CASES: dict[str, Case] = {
         _plain("--arch", "resnet8", "--width", "4096"), "argument --width: expected a whole number from 1 to 1,024"
     ),
     "whole pickled model with --arch": Case(
-        _whole_model_pickle, "holds a whole pickled model (GLOBAL hiercluster.models.CifarResNet), not a state_dict; "
+        _whole_model_pickle, "holds a whole pickled model (GLOBAL hiercluster.models.zoo.CifarResNet), not a state_dict; "
         "save model.state_dict() instead",
     ),
     "--arch contradicting the metadata": Case(

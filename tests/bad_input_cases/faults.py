@@ -102,7 +102,7 @@ def _database_full(tmp: Path) -> list[str]:
 
 def _limit_database_pages(monkeypatch: Any, tmp: Path) -> None:
     """The first spec is saved; then the database may not grow, so the second spec's rows do not fit."""
-    from hiercluster.store import ResultsStore
+    from hiercluster.run.store import ResultsStore
 
     real_add = ResultsStore.add_spec
     calls = []

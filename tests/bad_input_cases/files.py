@@ -212,7 +212,7 @@ def _cifar_no_images(tmp: Path) -> list[str]:
 
 
 def _resnet8_state() -> dict[str, object]:
-    from hiercluster.models import build_model
+    from hiercluster.models.zoo import build_model
 
     return build_model("resnet8", 10, 1).state_dict()
 

@@ -22,7 +22,7 @@ PREFIX = struct.Struct("<8sIQQ")  # magic, version, header length, payload lengt
 def _digits_packed(tmp: Path, scheme: str = "asymmetric") -> tuple[Path, Path]:
     """A digits config and a valid 4-bit ``.hcq`` of its checkpoint; returns ``(config, packed)``."""
     import quant
-    from hiercluster.models import load_checkpoint
+    from hiercluster.models.zoo import load_checkpoint
 
     ckpt = copy_checkpoint(tmp)
     config = digits_config(tmp, model={"checkpoint": ckpt.name})

@@ -174,11 +174,11 @@ def _missing_dataset(tmp: Path) -> list[str]:
 
 def _no_dataset_in_cwd(monkeypatch: Any, tmp: Path) -> None:
     """No copy of CIFAR-10 is found anywhere: the search list is the case's own folders."""
-    import hiercluster.data
+    import hiercluster.data.datasets as datasets
 
     monkeypatch.delenv("HIERCLUSTER_DATA", raising=False)
     monkeypatch.chdir(tmp)
-    monkeypatch.setattr(hiercluster.data, "_PROJECT_DATA", tmp / "empty")
+    monkeypatch.setattr(datasets, "_PROJECT_DATA", tmp / "empty")
 
 
 def _legacy_plain_pickle(tmp: Path) -> list[str]:
@@ -209,7 +209,7 @@ def _whole_model(tmp: Path) -> list[str]:
 
     import torch
 
-    from hiercluster.models import build_model
+    from hiercluster.models.zoo import build_model
 
     buffer = io.BytesIO()
     torch.save(build_model("resnet8", 10, 1, width=8), buffer)
@@ -314,7 +314,7 @@ CASES: dict[str, Case] = {
     # 5: what a pickle holds, named plainly
     "plain pickle of a dict (protocol 0)": Case(_plain_pickle_protocol_0, "is a plain Python pickle (of a dict)"),
     "a whole pickled model": Case(
-        _whole_model, "holds a whole pickled model (GLOBAL hiercluster.models.CifarResNet), not a state_dict"
+        _whole_model, "holds a whole pickled model (GLOBAL hiercluster.models.zoo.CifarResNet), not a state_dict"
     ),
     # 6: a FIFO is refused, never read (reading would hang)
     "config is a FIFO": Case(_config_fifo, "config.yaml is a named pipe (FIFO), not a file", bomb=True),

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hiercluster.cli import main, storage_problem
-from hiercluster.config import load_config
+from hiercluster.run.config import load_config
 from hiercluster.errors import HierclusterError, path_problem
 
 
@@ -416,12 +416,12 @@ def test_evaluate_saves_its_table_in_the_run_directory(digits_model, tmp_path, c
     ],
 )
 def test_levels_and_names_are_refused_before_any_evaluation(digits_model, tmp_path, monkeypatch, capsys, override, message):
-    import hiercluster.pipeline as pipeline
+    from hiercluster.run import prepare
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the float model was evaluated")
 
-    monkeypatch.setattr(pipeline, "collect_logits", no_evaluation)
+    monkeypatch.setattr(prepare, "collect_logits", no_evaluation)
     run = tmp_path / "run"
     assert main(["run", _digits_config(tmp_path, digits_model), "--out", str(run), "--quiet", "--set", override]) == 2
     err = capsys.readouterr().err

@@ -11,12 +11,12 @@ from quant.clipping import (
     COARSE_RATIOS,
     NEAR_TIE_RTOL,
     _SortedErrors,
-    clip_range,
     direct_errors,
     minmax_range,
     percentile_range,
     pick_ratio,
 )
+from quant.ranges import clip_range
 from quant.schemes import Grid
 from quant_testing import make_tensor, rows_of, specs, tensors
 

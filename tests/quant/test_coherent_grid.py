@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import quant.coherent_grid as cg
 from quant import QuantSpec, choose_qparams, fake_quantize
-from quant.clipping import clip_range, is_sign_symmetric, minmax_range
+from quant.clipping import is_sign_symmetric, minmax_range
+from quant.ranges import clip_range
 from quant.coherent_grid import _SortedMoments, candidate_ranges, coherent_error, grid_error, coherent_range
 from quant.schemes import Grid
 from quant_testing import make_tensor, rows_of, specs, tensors

@@ -32,7 +32,7 @@ def test_small_net(small_net):
 
 
 def test_project_cifar_resnet():
-    models = pytest.importorskip("hiercluster.models")
+    models = pytest.importorskip("hiercluster.models.zoo")
     model = models.CifarResNet(8, num_classes=10, in_channels=1, width=8)
     pairs = dict(find_conv_bn_pairs(model))
     assert pairs["conv1"] == "bn1"

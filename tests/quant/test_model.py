@@ -265,7 +265,7 @@ def test_activation_argument_errors(small_net, act_spec, calibration, error, mat
 
 
 def test_project_resnet_end_to_end():
-    models = pytest.importorskip("hiercluster.models")
+    models = pytest.importorskip("hiercluster.models.zoo")
     model = randomize_batchnorm(models.CifarResNet(8, num_classes=10, in_channels=1, width=8)).eval()
     plan = QuantPlan(first_layer_bits=8, last_layer_bits=8)
     qnet, report = quantize_model(model, QuantSpec(bits=4, clipping="mse"), plan)

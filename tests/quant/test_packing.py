@@ -63,7 +63,7 @@ def test_round_trip_with_plan_residual_and_activations(tmp_path, small_net):
 
 
 def test_project_resnet_round_trip(tmp_path):
-    models = pytest.importorskip("hiercluster.models")
+    models = pytest.importorskip("hiercluster.models.zoo")
     model = randomize_batchnorm(models.CifarResNet(8, num_classes=10, in_channels=1, width=8)).eval()
     qnet, report = quantize_model(model, QuantSpec(bits=4))
     restored = load_packed(save_packed(tmp_path / "r.qpk", qnet, report), model)

@@ -1,0 +1,1 @@
+"""Datasets: IDX, CIFAR pickles, digits and image folders, loaders and stratified subsets."""

@@ -1,0 +1,1 @@
+"""Evaluation: forward passes, merged heads and every metric computed from kept logits."""

@@ -1,0 +1,1 @@
+"""Class hierarchies: groupings in canonical form, class embeddings, agglomerative clustering."""

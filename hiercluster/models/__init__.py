@@ -1,0 +1,1 @@
+"""Models: architectures by name, checkpoints read without pickle, and the classifier layer."""

@@ -1,0 +1,111 @@
+"""Export of the run's winning models: bit-packed ``.hcq`` files, their level groups and a manifest."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hiercluster.errors import HierclusterError
+from hiercluster.evaluation.metrics import headline
+from hiercluster.run.store import row_method
+from quant._files import write_text_atomic
+
+
+def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Sequence[dict[str, Any]], out_dir: Path) -> Path:
+    """Write each headline winner as a bit-packed model with its level's grouping under ``models/``.
+
+    ``models/manifest.json`` maps every level to its model file, grouping file and reduction.
+    A calibrated winner is copied from the sweep's packed cache when it is there (GPTQ or
+    AdaRound are not fitted twice); the others are quantized again, which is cheap. The
+    manifest is derived from the results, so a damaged one is simply rewritten; the files
+    the previous manifest listed and this one does not (another grid's winners) are removed.
+    """
+    from hiercluster.run.rundir import MANIFEST_FILE, MODELS_DIR
+
+    model_dir = out_dir / MODELS_DIR
+    model_dir.mkdir(exist_ok=True)
+    manifest_path = model_dir / MANIFEST_FILE
+    old = _previous_manifest(manifest_path)
+    written = {  # spec key -> file name; a resumed run reuses what is still there
+        entry["spec_key"]: entry["model"]
+        for entry in (old["levels"].values() if old else ())
+        if (model_dir / entry["model"]).is_file()
+    }
+    by_key = dict(zip(keys, grid))
+    manifest: dict[str, Any] = {"reduction": prep.cfg.eval.reduction, "levels": {}}
+    for t in headline(rows, prep.cfg.eval.tolerance):
+        w = t["winner"]
+        if w is None:
+            continue
+        if w["spec_key"] not in written:
+            written[w["spec_key"]] = _export_model(prep, by_key[w["spec_key"]], w["spec_key"], out_dir, model_dir).name
+        group_file = _write_level_groups(prep, t["level"], model_dir)
+        manifest["levels"][t["level"]] = {
+            "model": written[w["spec_key"]],
+            "spec_key": w["spec_key"],
+            "groups": group_file.name,
+            "bits": w["bits"],
+            "method": row_method(w),
+            "tag": w["tag"],
+            "drop_pp": w["drop"],
+        }
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    # After the new manifest is in place: a kill before this leaves extra files, never a manifest naming missing ones.
+    for name in sorted(_listed_files(old) - _listed_files(manifest)):
+        if (model_dir / name).is_file():
+            (model_dir / name).unlink()
+    return manifest_path
+
+
+def _previous_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest a previous export wrote, or None when there is none or it is damaged (it is rewritten)."""
+    from hiercluster.run.rundir import read_manifest
+
+    if not path.is_file():
+        return None
+    try:
+        return read_manifest(path)
+    except HierclusterError:
+        return None
+
+
+def _listed_files(manifest: dict[str, Any] | None) -> set[str]:
+    """The file names a manifest lists (models and grouping files): the only files an export ever removes."""
+    if manifest is None:
+        return set()
+    return {name for entry in manifest["levels"].values() for name in (entry["model"], entry["groups"])}
+
+
+def _export_model(prep: Any, point: Any, key: str, out_dir: Path, model_dir: Path) -> Path:
+    """Write one winner's bit-packed model as ``models/TAG.hcq``, whole or not at all."""
+    import shutil
+
+    import quant
+    from hiercluster.run.rundir import PACKED_CACHE_DIR
+    from hiercluster.run.sweep import quantize_point
+    from quant._files import write_atomic
+
+    path = model_dir / f"{point.tag}.hcq"
+    cached = out_dir / PACKED_CACHE_DIR / f"{key}.hcq"
+    if cached.is_file():  # a calibrated model the sweep saved: the same bytes, without fitting it again
+        with open(cached, "rb") as src:
+            write_atomic(path, lambda dst: shutil.copyfileobj(src, dst))
+    else:
+        qmodel, qreport = quantize_point(prep.model, point, prep)
+        quant.save_packed(path, qmodel, qreport, overwrite=True)
+    return path
+
+
+def _write_level_groups(prep: Any, level: str, model_dir: Path) -> Path:
+    """``models/kK_groups.yaml``: the level's superclasses and their classes."""
+    import yaml
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for cls, g in zip(prep.class_names, prep.levels[level].assignment):
+        groups[prep.levels[level].names[g]].append(cls)
+    path = model_dir / f"{level.replace('=', '')}_groups.yaml"
+    write_text_atomic(path, yaml.safe_dump(dict(groups), sort_keys=False))
+    return path

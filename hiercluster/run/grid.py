@@ -1,0 +1,192 @@
+"""The quant grid of a run: every spec x plan x method x activation setting as one :class:`GridPoint`."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+import quant
+from hiercluster.errors import HierclusterError, short_repr
+from hiercluster.run.config import RunConfig
+from hiercluster.run.store import method_label
+
+PLAN_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]{0,63}")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One weight-quantization setting of the sweep.
+
+    Examples
+    --------
+    >>> spec, plan = quant.QuantSpec(scheme="asymmetric", bits=2, clipping="mse"), quant.QuantPlan(name="full")
+    >>> GridPoint(spec, plan, method="gptq", bn_reestimate=True).tag
+    'asymmetric-2b-mse-per_channel+full+gptq+bn'
+    >>> GridPoint(spec, plan).tag  # round to nearest without BN re-estimation: no suffix
+    'asymmetric-2b-mse-per_channel+full'
+    """
+
+    spec: quant.QuantSpec
+    plan: quant.QuantPlan
+    activation: quant.QuantSpec | None = None
+    method: str = "rtn"
+    bn_reestimate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in quant.METHODS:
+            raise ValueError(f"GridPoint method {short_repr(self.method)} is not one of {', '.join(quant.METHODS)}")
+
+    @property
+    def method_label(self) -> str:
+        """``"gptq+bn"``, ``"rtn"``, ...: the method and whether BN statistics were re-estimated."""
+        return method_label(self.method, self.bn_reestimate)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing this point fits anything on calibration data."""
+        return self.activation is not None or quant.needs_calibration(self.method, self.bn_reestimate)
+
+    @property
+    def calibration_user(self) -> str:
+        """What in this point needs calibration data, for error messages."""
+        if self.method != "rtn":
+            return f"method {short_repr(self.method)}"
+        if self.bn_reestimate:
+            return "BN re-estimation (quant.bn_reestimate)"
+        return "activation quantization (quant.activation_bits)"
+
+    @property
+    def calibration_use(self) -> str:
+        """What is fitted on calibration data, as a short label (``"gptq+bn"``, ``"a8"``, ``"gptq+a8"``)."""
+        parts = [self.method_label] if self.method_label != "rtn" else []
+        return "+".join(parts + ([f"a{self.activation.bits}"] if self.activation else []))
+
+    @property
+    def tag(self) -> str:
+        tag = f"{self.spec.tag}+{self.plan.name}"
+        if self.method_label != "rtn":
+            tag += f"+{self.method_label}"
+        return tag + (f"+a{self.activation.bits}" if self.activation else "")
+
+
+def grid_spec(cfg: RunConfig, scheme: str, bits: int, clipping: str, granularity: str) -> quant.QuantSpec:
+    """A weight spec with the grid's scheme-specific options (``quant.narrow_range``, ...)."""
+    q = cfg.quant
+    return quant.QuantSpec(
+        scheme=scheme,
+        bits=bits,
+        granularity=granularity,
+        clipping=clipping,
+        narrow_range=q.narrow_range,
+        pow2_scale=q.pow2_scale,
+        percentile=q.percentile,
+    )
+
+
+def check_methods(cfg: RunConfig) -> None:
+    """Every ``quant.methods`` item names a known method and existing plans."""
+    plan_names = [p.name for p in cfg.quant.plans]
+    for i, m in enumerate(cfg.quant.methods):
+        if m.name not in quant.METHODS:
+            raise HierclusterError(
+                f"config key quant.methods[{i}]: unknown method {short_repr(m.name)}; allowed: {', '.join(quant.METHODS)}"
+            )
+        missing = [p for p in m.plans if p not in plan_names]
+        if missing:
+            raise HierclusterError(
+                f"config key quant.methods[{i}].plans: no plan named {', '.join(map(repr, missing))} in quant.plans "
+                f"(names: {', '.join(plan_names)})"
+            )
+
+
+def expand_grid(cfg: RunConfig) -> list[GridPoint]:
+    """Every grid point of ``cfg.quant``, without duplicates, in a fixed order.
+
+    The order is method item, BN re-estimation, plan, scheme, clipping, granularity,
+    bits: round to nearest (listed first by default) finishes before the slower
+    calibrated methods start. A method item's non-empty lists replace the grid's.
+    """
+    q = cfg.quant
+    points: list[GridPoint] = []
+    seen: set[tuple[str, str, str, bool]] = set()
+    activation = None
+    names = [p.name for p in q.plans]
+    for i, name in enumerate(names):
+        # Plan names become file names (exported models): no path separators, no leading dot.
+        if not PLAN_NAME.fullmatch(name):
+            raise HierclusterError(
+                f"config key quant.plans[{i}].name: {short_repr(name, 40)} is not allowed; use letters, digits and _ - + . "
+                "(not starting with a dot), at most 64 characters"
+            )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise HierclusterError(f"config key quant.plans: plan names must be unique; repeated: {', '.join(repeated)}")
+    check_methods(cfg)
+    try:
+        if q.activation_bits is not None:
+            activation = quant.QuantSpec(
+                scheme="asymmetric", bits=q.activation_bits, granularity="per_tensor", clipping="minmax"
+            )
+        plans = {p.name: quant.QuantPlan.from_dict(p.quant_plan_dict()) for p in q.plans}
+        for m in q.methods:
+            for bn in dict.fromkeys(m.bn_reestimate or q.bn_reestimate):
+                for plan_cfg in q.plans:
+                    if m.plans and plan_cfg.name not in m.plans:
+                        continue
+                    plan = plans[plan_cfg.name]
+                    for scheme in m.schemes or q.schemes:
+                        if plan_cfg.schemes and scheme not in plan_cfg.schemes:
+                            continue
+                        for clipping in m.clipping or q.clipping:
+                            for granularity in q.granularity:
+                                for bits in m.bits or q.bits:
+                                    if plan_cfg.bits and bits not in plan_cfg.bits:
+                                        continue
+                                    spec = grid_spec(cfg, scheme, bits, clipping, granularity)
+                                    plan.check(spec)
+                                    ident = (json.dumps(spec.to_dict(), sort_keys=True), plan_cfg.name, m.name, bn)
+                                    if ident not in seen:
+                                        seen.add(ident)
+                                        points.append(GridPoint(spec, plan, activation, m.name, bn))
+    except ValueError as exc:
+        if isinstance(exc, HierclusterError):
+            raise
+        raise HierclusterError(f"config section quant: {exc}") from None
+    if not points:
+        raise HierclusterError(
+            "config section quant: the grid is empty (check quant.bits, quant.schemes, plan and method filters)"
+        )
+    return points
+
+
+def calibration_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings of section ``calibration`` that change which images are used."""
+    c = cfg.calibration
+    return {"split": c.split, "samples": c.samples, "batch_size": c.batch_size, "seed": c.seed}
+
+
+def check_plans_fit(model: nn.Module, grid: Sequence[GridPoint], model_name: str | None = None) -> None:
+    """Refuse a plan of the grid that leaves every layer of ``model`` float, before any work on it.
+
+    Such a plan quantizes nothing (``quant.quantize_model`` refuses it), and finding that
+    out after the float evaluation, halfway through a sweep, wastes the run. A plan's
+    ``skip`` patterns decide alone which layers stay float (:meth:`quant.QuantPlan.rule_for`).
+    """
+    from quant.model import quantizable_layers
+
+    names = [name for name, _ in quantizable_layers(model)]
+    what = f"model {model_name}" if model_name else f"the {type(model).__name__} model"
+    if grid and not names:
+        raise HierclusterError(f"{what} has no Conv or Linear layer to quantize")
+    for plan in dict.fromkeys(p.plan for p in grid):
+        if all(plan.is_skipped(name) for name in names):
+            raise HierclusterError(
+                f"config key quant.plans: plan {short_repr(plan.name)} leaves every layer of {what} float (skip patterns "
+                f"{short_repr(list(plan.skip))} match all {len(names)} of its layers): nothing to quantize; "
+                "narrow its skip patterns or remove the plan"
+            )

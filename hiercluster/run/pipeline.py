@@ -1,0 +1,183 @@
+"""The sweep: float logits once -> hierarchy -> every quant spec once -> results -> report.
+
+Cost model (DESIGN.md, "Evaluation cost"): the float model runs once over the
+evaluation set (its logits are cached in the run directory), each quantized variant
+runs once, and every level, random baseline and metric is computed from kept logits.
+Each finished spec is written to the results store at once; a re-run skips the specs
+whose key (a hash of everything that affects them) is already there.
+
+Calibrated quantization (GPTQ, AdaRound, BN re-estimation, activation quantizers) fits
+on the section ``calibration``'s images: a fixed subset of a split that is never the
+evaluation split (unless the config says so explicitly), loaded once per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hiercluster.evaluation.inference import accuracy
+from hiercluster.evaluation.metrics import headline, prediction_share
+from hiercluster.run.config import RunConfig, resolve_path, save_config
+from hiercluster.run.executors import Executor, SerialExecutor
+from hiercluster.run.grid import GridPoint, expand_grid
+from hiercluster.run.prepare import Prepared, prepare
+from hiercluster.run.records import SpecResult
+from hiercluster.run.rundir import (
+    CONFIG_FILE,
+    CSV_FILE,
+    DB_FILE,
+    HIERARCHY_FILE,
+    LEVELS_DIR,
+    PACKED_CACHE_DIR,
+    RUN_FILE,
+    RunLock,
+    check_run_dir,
+    check_same_grid,
+    write_json,
+)
+from hiercluster.run.store import ResultsStore, check_database, file_digest
+from hiercluster.run.sweep import code_version, resume_key
+from quant._files import write_atomic
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    force: bool = False,
+    command: str | None = None,
+    then: Callable[[Path], Any] | None = None,
+    executor: Executor | None = None,
+) -> dict[str, Any]:
+    """``hiercluster run``: the whole sweep into ``out_dir``; returns the run summary.
+
+    Re-running on the same ``out_dir`` skips the specs already in its results store. A
+    directory that holds a run of another grid is refused unless ``force``. The
+    directory is locked for the whole run (``command`` is what a second command is told
+    holds it); paths and the config are checked before anything is written. ``then``
+    (``hiercluster run`` passes the report writer, which this layer does not import) is
+    called with ``out_dir`` before the lock is released; what it returns is the
+    summary's ``"then"``. ``executor`` runs the pending specs (default
+    :class:`~hiercluster.run.executors.SerialExecutor`; a
+    :class:`~hiercluster.run.executors.RayExecutor` runs them as Ray tasks); this process
+    alone writes the run directory, so a run resumes the same whichever ran it.
+    """
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir)
+    grid = expand_grid(cfg)
+    with RunLock(out_dir, command or " ".join(["hiercluster run", cfg.source or ""]).strip()):
+        check_same_grid(cfg, [p.tag for p in grid], out_dir, _recorded_checkpoint_digest(cfg, out_dir), force)
+        check_database(out_dir / DB_FILE)  # a damaged database is refused before the run rewrites its records
+        summary = _sweep(cfg, grid, out_dir, progress, executor or SerialExecutor())
+        if then is not None:
+            summary["then"] = then(out_dir)
+        return summary
+
+
+def _recorded_checkpoint_digest(cfg: RunConfig, out_dir: Path) -> str | None:
+    """The digest of the config's checkpoint, only when ``out_dir`` holds a run to compare it with."""
+    if not (out_dir / RUN_FILE).is_file() or not cfg.model.checkpoint:
+        return None
+    path = resolve_path(cfg.model.checkpoint, cfg.source)
+    return file_digest(path) if path.is_file() else None  # a missing file is prepare's error
+
+
+def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool, executor: Executor) -> dict[str, Any]:
+    """The run itself, in a locked and checked run directory."""
+    from hiercluster.run.export import export_models
+
+    start = time.perf_counter()
+    user = next((p.calibration_user for p in grid if p.needs_calibration), None)
+    prep = prepare(cfg, out_dir, progress=progress, calibration_for=user, grid=grid, write_cache=True)
+    if cfg.output.export_models:
+        prep.packed_cache = out_dir / PACKED_CACHE_DIR
+    save_config(cfg, out_dir / CONFIG_FILE)
+    write_hierarchy_files(prep, out_dir)
+    keys = [resume_key(p, prep) for p in grid]
+    run_info = _run_info(prep, grid, keys)
+    write_json(out_dir / RUN_FILE, run_info)
+
+    with ResultsStore(out_dir / DB_FILE) as store:
+        done = store.done_keys()
+        todo = [(p, k) for p, k in zip(grid, keys) if k not in done]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="quant specs", unit="spec", disable=not progress)
+        for result in executor.map(prep, todo):
+            if result.packed_model is not None:
+                write_packed_cache(out_dir, result)
+            store.add_spec(result)
+            bar.set_postfix_str(result.tag)
+            bar.update(1)
+        bar.close()
+        sweep_s = time.perf_counter() - start
+        rows = store.results(keys, complete=True)
+        store.export_csv(out_dir / CSV_FILE, keys)
+    run_info["timings"] = {**prep.timings, "sweep_s": sweep_s, "specs_run": len(todo), "specs_total": len(grid)}
+    write_json(out_dir / RUN_FILE, run_info)
+    if cfg.output.export_models:
+        export_models(prep, grid, keys, rows, out_dir)
+    run_info["timings"]["total_s"] = time.perf_counter() - start
+    write_json(out_dir / RUN_FILE, run_info)
+    return {"run_dir": str(out_dir), "headline": headline(rows, cfg.eval.tolerance), **run_info}
+
+
+def write_packed_cache(out_dir: Path, result: SpecResult) -> Path:
+    """Keep a calibrated spec's bit-packed model as ``packed/KEY.hcq`` (export copies it instead of refitting)."""
+    folder = out_dir / PACKED_CACHE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    data = result.packed_model
+    return write_atomic(folder / f"{result.spec_key}.hcq", lambda handle: handle.write(data))
+
+
+def write_hierarchy_files(prep: Prepared, out_dir: Path) -> None:
+    """hierarchy.json and one YAML per learned level (the report draws the dendrogram from them)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prep.hierarchy.to_json(out_dir / HIERARCHY_FILE)
+    level_dir = out_dir / LEVELS_DIR
+    level_dir.mkdir(exist_ok=True)
+    for level in prep.levels.values():
+        if level.kind == "learned":
+            prep.hierarchy.to_yaml(level_dir / f"k{level.k}.yaml", level.k)
+
+
+def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[str, Any]:
+    cfg = prep.cfg
+    info: dict[str, Any] = {
+        "dataset": cfg.data.dataset,
+        "eval_split": cfg.data.eval_split,
+        "n_eval": len(prep.labels),
+        "checkpoint": cfg.model.checkpoint,
+        "checkpoint_sha256": prep.checkpoint_digest,
+        "class_names": prep.class_names,
+        "float_accuracy": accuracy(prep.float_logits, prep.labels),
+        "float_prediction_share": prediction_share(prep.float_logits, len(prep.class_names)).tolist(),
+        "device": prep.device.type,
+        "reduction": cfg.eval.reduction,
+        "random_seeds": cfg.eval.random_seeds,
+        "tolerance": cfg.eval.tolerance,
+        "hierarchy": {
+            "embedding": cfg.hierarchy.embedding,
+            "linkage": prep.hierarchy.linkage,
+            "metric": prep.hierarchy.metric,
+        },
+        "levels": {name: level.to_json() for name, level in prep.levels.items()},
+        "grid": [{"key": key, "tag": p.tag} for p, key in zip(grid, keys)],
+        "calibration": {
+            **dataclasses.asdict(cfg.calibration),
+            "from_eval_split": cfg.calibration.split == cfg.data.eval_split,
+            "used_by": sorted({p.calibration_use for p in grid if p.needs_calibration}),
+            "images": sum(len(b) for b in prep.calibration) if prep.calibration is not None else 0,
+        },
+        "code_version": code_version(),
+    }
+    if prep.data_limit is not None:
+        info["data_limit"] = dict(prep.data_limit)
+    if prep.reference_groups is not None:
+        info["reference_comparison"] = prep.hierarchy.compare(prep.reference_groups)
+        info["reference_file"] = cfg.hierarchy.reference
+    return info

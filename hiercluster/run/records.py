@@ -1,0 +1,227 @@
+"""Typed records of a run: a reported level, one level's result, one spec's result.
+
+These frozen dataclasses are the one definition of what a result holds. The results
+store's SQLite schema is generated from their fields (:func:`sql_columns`), the CSV
+header follows the same order, and building a record from a mapping with an unknown or
+missing key is an error that names the key, so that a renamed metric can never be
+written as NULL.
+
+Examples
+--------
+>>> lv = Level("k=2", 2, (0, 0, 1), ("a", "b"), "learned")
+>>> lv.to_json()
+{'k': 2, 'kind': 'learned', 'assignment': [0, 0, 1], 'names': ['a', 'b']}
+>>> [name for name, _ in sql_columns(LevelResult)][:3]
+['level', 'grouping', 'k']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from hiercluster.errors import HierclusterError
+
+# Bumped whenever the meaning or layout of a stored result changes. It is stored in the
+# database (PRAGMA user_version) and is part of every resume key, so that results of older
+# code are never read as this code's.
+SCHEMA_VERSION = 3
+
+LEVEL_KINDS = ("learned", "reference")
+
+
+@dataclass(frozen=True)
+class Level:
+    """A reported level: ``k`` superclasses of the classes, their names, and where they came from.
+
+    ``kind`` is ``"learned"`` (a cut of the class hierarchy) or ``"reference"`` (a
+    hand-made grouping). ``assignment[c]`` is the superclass id of class ``c``.
+    """
+
+    name: str
+    k: int
+    assignment: tuple[int, ...]
+    names: tuple[str, ...]
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in LEVEL_KINDS:
+            raise HierclusterError(f"level {self.name}: kind {self.kind!r} is not one of {', '.join(LEVEL_KINDS)}")
+        if len(self.names) != self.k or (self.assignment and max(self.assignment) + 1 != self.k):
+            raise HierclusterError(
+                f"level {self.name}: {len(self.names)} names and {max(self.assignment, default=-1) + 1} groups "
+                f"for k={self.k}"
+            )
+
+    @classmethod
+    def of(cls, name: str, assignment: Sequence[int] | np.ndarray, names: Sequence[str], kind: str) -> Level:
+        a = tuple(int(g) for g in np.asarray(assignment).tolist())
+        return cls(name, max(a) + 1 if a else 0, a, tuple(str(n) for n in names), kind)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The assignment as an int64 array (what the metrics take)."""
+        return np.asarray(self.assignment, dtype=np.int64)
+
+    def to_json(self) -> dict[str, Any]:
+        """The form ``run.json`` holds."""
+        return {"k": self.k, "kind": self.kind, "assignment": list(self.assignment), "names": list(self.names)}
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """Every grouped metric of one quantized model at one level (DESIGN.md, "Merged heads and metrics").
+
+    Accuracies are fractions; ``drop``, ``random_drop_*`` and ``advantage`` are
+    percentage points; stds are over the random groupings.
+    """
+
+    level: str
+    grouping: str
+    k: int
+    fine_acc_float: float
+    fine_acc_quant: float
+    acc_float: float
+    acc_quant: float
+    drop: float
+    random_acc_float_mean: float
+    random_acc_float_std: float
+    random_acc_quant_mean: float
+    random_acc_quant_std: float
+    random_drop_mean: float
+    random_drop_std: float
+    advantage: float
+
+
+# Keys of :func:`~hiercluster.evaluation.metrics.evaluate_levels`' rows that hold run-wide
+# settings (recorded once in run.json), not a level's result.
+RUN_WIDE_METRIC_KEYS = frozenset({"reduction", "n_random"})
+
+
+@dataclass(frozen=True)
+class SpecResult:
+    """One finished spec: its settings, sizes, timings, every level's result and the report's details."""
+
+    spec_key: str
+    tag: str
+    scheme: str
+    bits: int
+    clipping: str
+    granularity: str
+    plan: str
+    method: str
+    bn_reestimate: bool
+    activation_bits: Optional[int]
+    avg_bits: float
+    fine_acc: float
+    fp32_bytes: int
+    packed_bytes: int
+    gzip_bytes: int
+    xz_bytes: Optional[int]
+    quantize_s: float
+    eval_s: float
+    metrics_s: float
+    size_s: float
+    levels: tuple[LevelResult, ...] = ()
+    # What only the report reads (the ``specs`` table), not columns of ``results``.
+    spec_json: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    plan_json: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    prediction_share: tuple[float, ...] = ()
+    layers: tuple[Mapping[str, Any], ...] = ()
+    # A calibrated model bit-packed (the .hcq bytes) when the run exports models; the driver keeps it.
+    packed_model: Optional[bytes] = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per level: this spec's columns, then the level's."""
+        spec = {name: getattr(self, name) for name, _ in sql_columns(SpecResult)}
+        return [{**spec, **dataclasses.asdict(level)} for level in self.levels]
+
+
+# Fields of SpecResult that are not columns of the ``results`` table.
+_NOT_COLUMNS = frozenset({"levels", "spec_json", "plan_json", "prediction_share", "layers", "packed_model"})
+_SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT", bool: "INTEGER"}
+
+
+def _column_type(hint: Any, where: str) -> tuple[str, bool]:
+    """``(SQLite type, may be NULL)`` of a field's type hint."""
+    nullable = False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        nullable = True
+        hint = next(a for a in args if a is not type(None))
+    if hint not in _SQL_TYPES:
+        raise TypeError(f"{where}: no SQLite column type for {hint!r}")
+    return _SQL_TYPES[hint], nullable
+
+
+def sql_columns(record: type) -> list[tuple[str, str]]:
+    """``[(column, SQLite type)]`` of a record's stored fields, in declaration order."""
+    hints = typing.get_type_hints(record)
+    return [
+        (f.name, _column_type(hints[f.name], f"{record.__name__}.{f.name}")[0])
+        for f in dataclasses.fields(record)
+        if f.name not in _NOT_COLUMNS
+    ]
+
+
+def nullable_columns(record: type) -> set[str]:
+    """The stored fields of ``record`` that may hold NULL (``Optional`` in the dataclass)."""
+    hints = typing.get_type_hints(record)
+    return {
+        f.name
+        for f in dataclasses.fields(record)
+        if f.name not in _NOT_COLUMNS and _column_type(hints[f.name], f.name)[1]
+    }
+
+
+def build_record(record: type, values: Mapping[str, Any], where: str, ignore: frozenset[str] = frozenset()) -> Any:
+    """``record(**values)``, refusing an unknown or a missing key with one error that names it.
+
+    Keys in ``ignore`` are dropped on purpose (see :data:`RUN_WIDE_METRIC_KEYS`).
+    """
+    names = [f.name for f in dataclasses.fields(record) if f.init]
+    required = {
+        f.name
+        for f in dataclasses.fields(record)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    unknown = sorted(set(values) - set(names) - ignore)
+    missing = sorted(required - set(values))
+    if unknown or missing:
+        parts = ([f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"] if unknown else []) + (
+            [f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}"] if missing else []
+        )
+        raise HierclusterError(f"{where}: {'; '.join(parts)} for a {record.__name__} (its fields: {', '.join(names)})")
+    return record(**{k: _plain(v) for k, v in values.items() if k in names})
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python scalars, so that sqlite3 and json take them."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def result_columns() -> list[tuple[str, str]]:
+    """The columns of the ``results`` table (and of ``results.csv``): a spec's, then a level's."""
+    return sql_columns(SpecResult) + sql_columns(LevelResult)
+
+
+__all__ = [
+    "LEVEL_KINDS",
+    "Level",
+    "LevelResult",
+    "RUN_WIDE_METRIC_KEYS",
+    "SCHEMA_VERSION",
+    "SpecResult",
+    "build_record",
+    "nullable_columns",
+    "result_columns",
+    "sql_columns",
+]
