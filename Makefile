@@ -30,6 +30,7 @@ bench: setup data
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_pipeline.py $(CONFIG)
 	$(PY) benchmarks/bench_calibrated.py --config $(CONFIG)
+	$(PY) benchmarks/bench_many_classes.py
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info
