@@ -118,8 +118,8 @@ def _add_device(p: argparse.ArgumentParser, config: bool = True) -> None:
     where = "overrides config key runtime.device; " if config else ""
     p.add_argument(
         "--device", type=_device_name, metavar="NAME",
-        help=f"where the models run: auto (a CUDA GPU if there is one, else Apple's MPS, else the CPU), cpu, cuda, "
-        f"cuda:N or mps ({where}default: auto); data stay on the CPU and each batch is moved there",
+        help=f"where the models run: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, "
+        f"cuda:N or mps (experimental) ({where}default: auto); data stay on the CPU and each batch is moved there",
     )
 
 
@@ -229,7 +229,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from hiercluster.data.datasets import load_dataset, make_loader
     from hiercluster.evaluation.inference import accuracy, collect_logits
-    from hiercluster.models.zoo import build_model, count_parameters, metadata_path, save_checkpoint
+    from hiercluster.models.zoo import (
+        build_model,
+        count_parameters,
+        metadata_path,
+        save_checkpoint,
+    )
     from hiercluster.run.config import data_root, resolve_path
     from hiercluster.run.prepare import data_options
     from hiercluster.run.rundir import check_output_file
@@ -353,7 +358,11 @@ def _checkpoint_arch(args: argparse.Namespace, cfg, meta: dict | None, checkpoin
 
 def _checkpoint_eval_set(args: argparse.Namespace, cfg, meta: dict | None, dataset: str, split: str):
     """``(evaluation set, subset record or None)`` for ``evaluate-checkpoint``."""
-    from hiercluster.data.datasets import limit_dataset, load_dataset, resolve_folder_options
+    from hiercluster.data.datasets import (
+        limit_dataset,
+        load_dataset,
+        resolve_folder_options,
+    )
     from hiercluster.models.zoo import metadata_path
     from hiercluster.run.config import data_root
 
@@ -606,7 +615,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import quant
     from hiercluster.evaluation.inference import collect_logits
     from hiercluster.run.prepare import prepare
-    from hiercluster.run.rundir import EVALUATIONS_DIR, RunLock, check_output_file, check_run_dir, write_json
+    from hiercluster.run.rundir import (
+        RunLock,
+        check_output_file,
+        check_run_dir,
+        evaluation_path,
+        write_json,
+    )
     from hiercluster.run.sweep import level_metrics
 
     cfg = _load_config(args)
@@ -615,7 +630,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise HierclusterError(f"--packed {packed} is a folder; give a packed model file (.hcq, from `hiercluster quantize`)")
     out = _run_dir(args, cfg)
     check_run_dir(out)
-    record = out / EVALUATIONS_DIR / f"{packed.stem}.json"
+    record = evaluation_path(out, packed)
     check_output_file(record, f"--packed {packed}: its evaluation record")
     try:
         quant.read_packed_header(packed)  # its header is checked before the data and the model are loaded
@@ -741,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--address", metavar="ADDR",
-        help="with --executor ray: the Ray cluster to use (auto, HOST:6379 or ray://HOST:10001); "
+        help="with --executor ray: the Ray cluster to use (auto, HOST:6379 or ray://HOST:10001; "
+        "`ray status` on the head node prints it), checked before the run starts; "
         "default: a local Ray instance with this machine's CPUs",
     )
     run_like(

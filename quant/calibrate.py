@@ -40,7 +40,14 @@ from torch import Tensor
 from quant.activations import batch_input
 from quant.device import model_device, to_device
 from quant.errors import QuantError
-from quant.functional import QParams, Quantized, choose_qparams, dequantize, dequantize_sum, quantize
+from quant.functional import (
+    QParams,
+    Quantized,
+    choose_qparams,
+    dequantize,
+    dequantize_sum,
+    quantize,
+)
 from quant.spec import QuantSpec
 
 #: Weight rounding methods: data-free round-to-nearest, and the two calibrated ones.

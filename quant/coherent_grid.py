@@ -55,7 +55,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from quant.clipping import _CHUNK_ELEMENTS, FINE_OFFSETS, NEAR_TIE_RTOL, direct_errors, is_sign_symmetric, sort_rows
+from quant.clipping import (
+    _CHUNK_ELEMENTS,
+    FINE_OFFSETS,
+    NEAR_TIE_RTOL,
+    direct_errors,
+    is_sign_symmetric,
+    sort_rows,
+)
 from quant.schemes import Grid
 
 #: Weight of the error's component along the row itself (a gain error), times ``N``.
@@ -127,7 +134,18 @@ class _SortedMoments:
         sum x Q(x) = P_N l_(n-1) - sum_(i>=1) P_(E_i) d_i
 
     and ``sum e^2``, ``sum e``, ``sum e*x`` follow with ``sum x`` and ``sum x^2``: one
-    binary search per midpoint, nothing per element. ``signed``: the grid is
+    binary search per decision threshold, nothing per element.
+
+    The thresholds are the real quantizer's, not the midpoints of the levels: the affine
+    grids round the float32 product ``x * fl32(1/s)`` half to even, which moves the
+    boundary a few float32 steps off the midpoint and sends an exact ``.5`` to the even
+    code. A value there is (nearly) equidistant from both levels, so ``sum e^2`` hardly
+    depends on the side (``clipping._SortedErrors`` uses midpoints), but ``sum e`` and
+    ``sum e*x`` change by about ``s`` and ``s*x``, which was a relative 0.47 of a row's
+    ``J``. With the exact thresholds (:func:`affine_thresholds`) ``J`` agrees with
+    :func:`grid_error` to float64 rounding.
+
+    ``signed``: the grid is
     sign-symmetric; the parts ``max(x, 0)`` and ``max(-x, 0)`` are sorted apart and use
     the levels ``>= 0`` only (the zeros standing in for the other sign round to 0 and
     add nothing); the negative part's ``sum e`` enters with a minus sign, its other
@@ -157,10 +175,10 @@ class _SortedMoments:
         top = lv[..., -1]
         step = lv.diff(dim=-1)
         step_sq = (lv * lv).diff(dim=-1)
-        mids = ((lv[..., 1:] + lv[..., :-1]) * 0.5).reshape(c, k * (n - 1)).contiguous()
+        cuts = self._thresholds(levels, scale, zero_point).permute(1, 0, 2).reshape(c, k * (n - 1)).contiguous()
         sq = total = cross = None
         for ordered, prefix, sum_x, sum_sq in self.parts:
-            pos = torch.searchsorted(ordered, mids)
+            pos = torch.searchsorted(ordered, cuts)  # values < cut: those >= cut take the upper level
             below = prefix.gather(-1, pos).reshape(c, k, n - 1)
             pos = pos.reshape(c, k, n - 1).to(torch.float64)
             sum_q = self.n * top - (pos * step).sum(-1)
@@ -173,6 +191,75 @@ class _SortedMoments:
                 # The two signs combined in one fixed form, so x and -x give identical J.
                 sq, total, cross = sq + part[0], total - part[1], cross + part[2]
         return coherent_error(sq, total, cross, self.sumsq[:, None], self.n).T
+
+    def _thresholds(self, levels: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        """``(K, C, n-1)`` float64: per pair of adjacent levels, the real quantizer's decision
+        threshold: a value ``>=`` it gets the upper level (or higher), one below it the lower.
+
+        ``pow2``: the midpoints of the levels, which are its thresholds (``_pow2_codes``:
+        ``|x| >= roundup32(0.75 * a * 2^-k)``, i.e. ``|x| >= 0.75 * a * 2^-k`` for a float32 ``|x|``).
+        Affine: :func:`affine_thresholds` of the steps ``code - z`` of the upper levels.
+        """
+        grid = self.grid
+        if grid.scheme == "pow2":
+            return (levels[..., 1:].to(torch.float64) + levels[..., :-1].to(torch.float64)) * 0.5
+        upper = torch.arange(grid.qmax - self.n_levels + 2, grid.qmax + 1, device=levels.device, dtype=torch.int32)
+        if grid.scheme == "symmetric":  # z = 0: the steps are the codes
+            boundary, odd = _rounding_boundaries(upper)
+        else:  # the steps of every zero point once; a candidate's are the n-1 from qmin+1-z
+            first = grid.qmin + 1 - grid.qmax
+            boundary, odd = _rounding_boundaries(torch.arange(first, grid.qmax - grid.qmin + 1, device=levels.device))
+            row = (grid.qmax - zero_point).to(torch.int64)  # qmin + 1 - z - first
+            boundary, odd = boundary.unfold(0, upper.numel(), 1)[row], odd.unfold(0, upper.numel(), 1)[row]
+        return _least_float32_reaching(boundary, odd, scale[..., None]).to(torch.float64)
+
+
+def affine_thresholds(scale: Tensor, step: Tensor) -> Tensor:
+    """The least float32 ``x`` with ``round(fl32(x * fl32(1/scale))) >= step`` (half to even), float32.
+
+    That is where :meth:`Grid.quantize` of an affine grid moves from the step (``code - z``)
+    ``step - 1`` up to ``step`` (the clamp to the code range does not move an inner one).
+    ``scale`` (float32, ``> 0``) broadcasts against ``step`` (integer, ``|step| < 2^23``).
+    Exact, in three monotone steps, with ``r = fl32(1/scale)`` and ``h = step - 1/2``:
+
+    - ``round(y) >= step`` iff ``y >= c``, ``c = h`` for an even ``step`` (the tie
+      ``y = h`` goes to the even one) and ``c = nextup32(h)`` for an odd one;
+    - ``fl32(v) >= c`` iff ``v > b`` or ``v = b`` and ``c`` is even (its last mantissa bit
+      is 0), ``b = (prev32(c) + c) / 2`` the rounding boundary, exact in float64;
+    - ``x * r`` of two float32 is exact in float64, so ``x * r >= b`` iff ``x >= b / r``:
+      the float64 quotient ``q`` is a float32 only if the division is exact, then ``x = q``
+      is the tie, decided as above; otherwise the answer is ``roundup32(q)``.
+
+    Examples
+    --------
+    Scale 3: ``fl32(1/3) * 4.5`` and ``fl32(1/3) * 7.5`` round to exactly 1.5 and 2.5,
+    ties that both go to the even step 2. So step 2 starts at 4.5, and step 3 one
+    float32 above 7.5, the midpoint of its levels 6 and 9.
+
+    >>> affine_thresholds(torch.tensor(3.0), torch.tensor([2, 3])).tolist()
+    [4.5, 7.500000476837158]
+    >>> Grid.make("symmetric", 4).quantize(torch.tensor([4.5, 7.5]), torch.tensor(3.0), torch.tensor(0)).tolist()
+    [2, 2]
+    """
+    return _least_float32_reaching(*_rounding_boundaries(step), scale)
+
+
+def _rounding_boundaries(step: Tensor) -> tuple[Tensor, Tensor]:
+    # affine_thresholds' b (float64) and whether its c is odd, per step.
+    inf = torch.tensor(math.inf, device=step.device)
+    half = step.to(torch.float32) - 0.5  # exact
+    c = torch.where(step % 2 == 0, half, torch.nextafter(half, inf))
+    boundary = (torch.nextafter(c, -inf).to(torch.float64) + c.to(torch.float64)) * 0.5
+    return boundary, torch.bitwise_and(c.view(torch.int32), 1) == 1
+
+
+def _least_float32_reaching(boundary: Tensor, odd: Tensor, scale: Tensor) -> Tensor:
+    # affine_thresholds' last step: the least float32 x with x * r > b, or x * r = b for an even c.
+    q = boundary / torch.reciprocal(scale).to(torch.float64)  # r as Grid.quantize computes it
+    x = q.to(torch.float32)
+    exact = x.to(torch.float64)
+    up = (exact < q) | ((exact == q) & odd)
+    return torch.where(up, torch.nextafter(x, torch.tensor(math.inf, device=x.device)), x)
 
 
 def _choose_evaluator(rows: Tensor, x: Tensor, sumsq: Tensor, grid: Grid) -> Callable[[Tensor, Tensor, bool], Tensor]:
@@ -263,8 +350,9 @@ def coherent_range(rows: Tensor, lo: Tensor, hi: Tensor, grid: Grid, *, pow2_sca
     errors = torch.cat([errors, fine_errors])
     best = errors.argmin(dim=0, keepdim=True)
     win_lo, win_hi = cand_lo.gather(0, best)[0], cand_hi.gather(0, best)[0]
-    # The search ranks by a float64 formula with midpoint decisions; confirm with the real
-    # quantizer that the winner beats the min-max range, so J(coherent) <= J(minmax) exactly.
+    # The search ranks by a float64 formula (the real quantizer's decisions, float64 sums);
+    # confirm with the real quantizer that the winner beats the min-max range, so
+    # J(coherent) <= J(minmax) exactly.
     exact = _direct_error(rows, x, sumsq, torch.stack([win_lo, lo]), torch.stack([win_hi, hi]), grid, pow2_scale)
     better = exact[0] < exact[1] - NEAR_TIE_RTOL * exact[1].abs()
     return torch.where(better, win_lo, lo), torch.where(better, win_hi, hi)

@@ -5,8 +5,10 @@ the ``weight`` of each Conv1d/2d/3d and Linear module, and the projection weight
 ``nn.MultiheadAttention`` holds as parameters of its own (``in_proj_weight``, or
 ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when key and value have other
 sizes). The attention's ``out_proj`` is an ``nn.Linear`` subclass and is listed as a
-layer. :func:`quant.quantize_model` quantizes exactly these weights, so that no weight a
-matmul uses stays float32 while the report's average bits say otherwise.
+layer. :func:`quant.quantize_model` quantizes exactly these weights; every other
+parameter of two or more dimensions (:func:`unquantized_weights`: transposed convolutions,
+``nn.Bilinear``, embeddings, ...) stays float32 and is counted at 32 bits in the report's
+average bits, with a warning naming it, so that no float weight goes unreported.
 
 Calibrated methods (AdaRound, GPTQ, BN re-estimation) evaluate a Conv/Linear layer with
 weights other than its own: soft-rounded, partly quantized, or candidate ones. The
@@ -87,6 +89,43 @@ def weight_slots(model: nn.Module) -> list[WeightSlot]:
                 if getattr(module, attr, None) is not None:
                     slots.append(WeightSlot(f"{name}.{attr}" if name else attr, module, attr))
     return slots
+
+
+def unquantized_weights(model: nn.Module, slots: list[WeightSlot] | None = None) -> list[tuple[str, nn.Parameter, str]]:
+    """Parameters of two or more dimensions that are no slot's weight: they stay float.
+
+    ``nn.ConvTranspose*d`` (whose output channels lie on axis 1, while every quantizer
+    here works on axis 0), ``nn.Bilinear``, ``nn.Embedding``, RNN weights, position
+    embeddings and class tokens. :func:`quant.quantize_model` counts them at 32 bits in
+    ``avg_bits`` and warns with their names, so that no float weight goes unreported.
+    A parameter shared with a slot (a tied weight) is the slot's and is not listed.
+
+    Parameters
+    ----------
+    model : nn.Module
+    slots : list of WeightSlot, optional
+        ``weight_slots(model)``, when the caller has it already.
+
+    Returns
+    -------
+    list of (str, nn.Parameter, str)
+        Parameter name (as in ``named_parameters``), the parameter, and the type name of
+        the module that holds it, in ``named_parameters`` order.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.ConvTranspose1d(4, 2, 3))
+    >>> [(name, kind) for name, _, kind in unquantized_weights(net)]
+    [('0.weight', 'Embedding'), ('2.weight', 'ConvTranspose1d')]
+    """
+    slots = weight_slots(model) if slots is None else slots
+    in_slots = {id(slot.weight) for slot in slots}
+    found = []
+    for name, param in model.named_parameters():
+        if param.dim() >= 2 and id(param) not in in_slots:
+            owner = model.get_submodule(name.rpartition(".")[0])
+            found.append((name, param, type(owner).__name__))
+    return found
 
 
 def weight_forward(layer: nn.Module) -> WeightForward:

@@ -2,7 +2,10 @@
 
 The weights are those of :func:`quant.layerops.weight_slots`: every Conv/Linear weight
 and the projection weights of ``nn.MultiheadAttention`` (``in_proj_weight`` and the
-separate ``q/k/v_proj_weight``), which are not ``nn.Linear`` modules.
+separate ``q/k/v_proj_weight``), which are not ``nn.Linear`` modules. Every other
+parameter of two or more dimensions (``nn.ConvTranspose*d``, ``nn.Bilinear``, embeddings:
+:func:`quant.layerops.unquantized_weights`) stays float32, counts 32 bits in the report's
+average bits, and is named in a warning.
 
 The returned model computes with fake-quantized float weights (the values the integer
 codes stand for), so any backend runs it unchanged; the codes themselves travel in the
@@ -23,13 +26,15 @@ from quant import activations, calibrate
 from quant.errors import QuantError
 from quant.fold import find_conv_bn_pairs, fold_pairs
 from quant.functional import Quantized, dequantize_sum, quantize, quantize_residual
-from quant.layerops import LAYER_TYPES, WeightSlot, weight_slots
+from quant.layerops import LAYER_TYPES, WeightSlot, unquantized_weights, weight_slots
 from quant.metrics import sqnr_db
 from quant.plan import QuantPlan
 from quant.report import LayerReport, QuantReport
 from quant.spec import QuantSpec, bits_range
 
 QUANTIZABLE = LAYER_TYPES
+# How many float weights the warning of quantize_model names before "and N more".
+_NAMES_LISTED = 5
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -97,6 +102,12 @@ def quantize_model(
     nearest under every method and keep their scales under statistics matching (with a
     warning naming them), and ``act_spec`` leaves their inputs float.
 
+    Every other parameter of two or more dimensions stays float32
+    (:func:`quant.layerops.unquantized_weights`: ``nn.ConvTranspose*d``, whose output
+    channels lie on axis 1, ``nn.Bilinear``, embeddings, RNN weights, position
+    embeddings): it gets a float row in the report, counts 32 bits per element in
+    ``avg_bits``, and a warning names it, so the average never hides a float weight.
+
     Parameters
     ----------
     model : nn.Module
@@ -139,8 +150,8 @@ def quantize_model(
         Folded copy with quantized weights (same module names as ``model``, BatchNorms
         replaced by ``nn.Identity``), in the same train/eval mode as ``model``.
     report : QuantReport
-        Per-weight statistics, average bits (over every weight listed, float ones at 32),
-        and the integer codes.
+        Per-weight statistics, average bits (over every weight listed, float ones at 32,
+        the weights no quantizer handles included), and the integer codes.
 
     Raises
     ------
@@ -187,6 +198,9 @@ def quantize_model(
     by_name = {slot.name: slot for slot in slots}
     if not slots:
         raise QuantError(f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer and no MultiheadAttention to quantize")
+    left_float = unquantized_weights(qmodel, slots)
+    if left_float:
+        warnings.warn(_left_float_message(left_float), stacklevel=2)
     names = [slot.name for slot in slots]
     unmatched = plan.unmatched_patterns(names)
     if unmatched:
@@ -264,6 +278,7 @@ def quantize_model(
         name = slot.name
         row = LayerReport.measure(name, weights[name], slot.weight.detach(), specs[name], name in residual)
         rows.append(row.with_calibration(calibrated[name]) if name in calibrated else row)
+    rows += [LayerReport.measure(name, p.detach(), p.detach(), None, False) for name, p, _ in left_float]
 
     act_params = {}
     if act_spec is not None:
@@ -288,8 +303,20 @@ def quantize_model(
         method=method,
         bn_reestimated=bool(bn_reestimate),
         bias_corrected=bool(bias_correction),
+        unquantized=tuple(name for name, _, _ in left_float),
     )
     return qmodel, report
+
+
+def _left_float_message(left_float: list[tuple[str, nn.Parameter, str]]) -> str:
+    """The warning for the weights no quantizer handles: how many, their size, the first few names."""
+    shown = ", ".join(f"{name!r} ({kind})" for name, _, kind in left_float[:_NAMES_LISTED])
+    more = f" and {len(left_float) - _NAMES_LISTED} more" if len(left_float) > _NAMES_LISTED else ""
+    numel = sum(p.numel() for _, p, _ in left_float)
+    return (
+        f"{len(left_float)} weight(s) of {numel} elements stay float32 and count 32 bits each in avg_bits "
+        f"(quantize_model quantizes Conv/Linear and attention projection weights only): {shown}{more}"
+    )
 
 
 def _write_codes(slots: dict[str, WeightSlot], codes: dict[str, tuple[Quantized, ...]]) -> None:

@@ -83,7 +83,8 @@ _BAD_CHECKSUM = "its SHA-256 checksum does not match its contents"
 #: payload) preset 6 is 3% smaller than preset 0, 1 or gzip -9 and costs 0.06 CPU-s; on a
 #: random ViT-B/16 (42.6 MiB) presets 0 / 1 / 6 cost 11 / 19 / 24 CPU-s against 1.2 for
 #: gzip -9, for sizes within 0.1% of gzip's. A faster preset saves little and gains nothing
-#: over gzip; callers with big models skip xz instead (``xz_max_bytes``).
+#: over gzip; callers with big models skip xz instead (``xz_max_bytes``) and compute it later
+#: for the few models they keep, from the file (:func:`packed_xz_bytes`).
 XZ_PRESET = 6
 _DTYPES = {str(d): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 
@@ -247,8 +248,41 @@ def model_size(qmodel: nn.Module, report: QuantReport, *, xz_max_bytes: int | No
         "header_bytes": len(front) - _PREFIX.size,
         "file_bytes": len(front) + len(rest),
         "gzip_bytes": len(gzip.compress(body, compresslevel=9, mtime=0)),
-        "xz_bytes": None if skip_xz else len(lzma.compress(body, format=lzma.FORMAT_XZ, preset=XZ_PRESET)),
+        "xz_bytes": None if skip_xz else _xz_size(body),
     }
+
+
+def _xz_size(payload: bytes | memoryview) -> int:
+    return len(lzma.compress(payload, format=lzma.FORMAT_XZ, preset=XZ_PRESET))
+
+
+def packed_xz_bytes(path: str | Path) -> int:
+    """``xz_bytes`` of :func:`model_size` for the model in a packed file, from the file alone.
+
+    The payload in the file is the one :func:`model_size` compresses, so this equals the
+    ``xz_bytes`` it would give for the model and report that were saved, without the
+    model: a sweep that skipped xz for big payloads (``xz_max_bytes``) computes it later
+    for the models it keeps. The file is checked as :func:`load_packed` checks it (prefix,
+    header, payload length and SHA-256) before its payload is compressed.
+
+    Raises
+    ------
+    QuantError
+        Not a regular file, not a packed file, or a truncated or damaged one.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from quant import QuantSpec, quantize_model
+    >>> qnet, report = quantize_model(nn.Linear(64, 8), QuantSpec(bits=4))
+    >>> path = save_packed(os.path.join(tempfile.mkdtemp(), "net.hcq"), qnet, report)
+    >>> packed_xz_bytes(path) == model_size(qnet, report)["xz_bytes"]
+    True
+    """
+    path = Path(path)
+    with _open_regular(path) as handle:
+        front = _read_front(path, handle)
+        return _xz_size(_read_body(path, handle, front))
 
 
 def save_packed(path: str | Path, qmodel: nn.Module, report: QuantReport, *, overwrite: bool = False) -> Path:

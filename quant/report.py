@@ -156,7 +156,8 @@ class QuantReport:
     ----------
     layers : tuple of LayerReport
         One row per weight a matmul uses (:func:`quant.layerops.weight_slots`: Conv/Linear
-        layers and attention projections), in ``named_modules`` order (float ones included).
+        layers and attention projections), in ``named_modules`` order (float ones included),
+        then a float row per weight no quantizer handles (:attr:`unquantized`).
     spec, plan, act_spec
         What was asked for.
     biases : str
@@ -176,6 +177,11 @@ class QuantReport:
         How the weights were rounded: ``"rtn"``, ``"gptq"`` or ``"adaround"``.
     bn_reestimated, bias_corrected : bool
         Whether output statistics were matched to the float model's after rounding.
+    unquantized : tuple of str
+        Parameters of two or more dimensions that stayed float32 because no quantizer
+        handles them (:func:`quant.layerops.unquantized_weights`: transposed convolutions,
+        ``nn.Bilinear``, embeddings, ...); each has a float row in :attr:`layers`, so
+        :attr:`avg_bits` counts it at 32 bits.
 
     Examples
     --------
@@ -200,10 +206,12 @@ class QuantReport:
     method: str = "rtn"
     bn_reestimated: bool = False
     bias_corrected: bool = False
+    unquantized: tuple[str, ...] = ()
 
     @property
     def avg_bits(self) -> float:
-        """Mean bits per element of the weights in :attr:`layers` (residual ones count 2b, float ones 32)."""
+        """Mean bits per element of the weights in :attr:`layers` (residual ones count 2b, float ones 32,
+        :attr:`unquantized` ones included)."""
         total = sum(layer.numel for layer in self.layers)
         return sum(layer.bits * layer.numel for layer in self.layers) / total if total else math.nan
 
@@ -232,6 +240,7 @@ class QuantReport:
             "avg_bits_per_weight": self.avg_bits,
             "folded_batchnorm": [list(pair) for pair in self.folded],
             "fp32_bytes": self.fp32_bytes,
+            "unquantized": list(self.unquantized),
             "layers": [layer.to_dict() for layer in self.layers],
         }
 

@@ -35,7 +35,12 @@ from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import squareform
 
 from hiercluster.errors import HierclusterError, read_text, short_repr
-from hiercluster.hierarchy.groupings import Groups, _named_sets, as_assignment, group_names
+from hiercluster.hierarchy.groupings import (
+    Groups,
+    _named_sets,
+    as_assignment,
+    group_names,
+)
 from hiercluster.yamlio import read_yaml
 from quant._files import write_text_atomic
 from quant._validate import check_json

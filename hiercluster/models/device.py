@@ -1,7 +1,7 @@
 """Which device the models run on: ``runtime.device`` / ``--device`` resolved to a ``torch.device``.
 
-Names: ``auto`` (CUDA when available, else Apple's MPS when available, else the CPU),
-``cpu``, ``cuda`` (the current CUDA device), ``cuda:N`` and ``mps``. The name is checked
+Names: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` (the current CUDA
+device), ``cuda:N`` and ``mps`` (experimental, only when asked for: MPS has no float64). The name is checked
 in two steps: its spelling when the config is read (:func:`check_device_name`, which
 needs no torch, so that a typo is refused before anything loads), and whether this
 machine has that device when a command starts (:func:`resolve_device`).
@@ -94,7 +94,7 @@ def resolve_device(name: str, where: str = "config key runtime.device") -> torch
     name = check_device_name(name, where)
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _exact_cuda(torch.device("cuda"))
         return torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
@@ -110,7 +110,7 @@ def resolve_device(name: str, where: str = "config key runtime.device") -> torch
         raise HierclusterError(f"{where} is {name}, but CUDA is not available here ({built}; no usable GPU found); {_USE_CPU}")
     match = _CUDA_INDEX.fullmatch(name)
     if match is None:
-        return torch.device("cuda")
+        return _exact_cuda(torch.device("cuda"))
     index, count = int(match.group(1)), torch.cuda.device_count()
     if index >= count:
         have = "cuda:0" if count == 1 else f"cuda:0 .. cuda:{count - 1}"
@@ -118,7 +118,21 @@ def resolve_device(name: str, where: str = "config key runtime.device") -> torch
             f"{where} is {name}, but this machine has {count} CUDA device{'s' if count != 1 else ''} ({have}); "
             f"use one of those, or --device cpu"
         )
-    return torch.device("cuda", index)
+    return _exact_cuda(torch.device("cuda", index))
+
+
+def _exact_cuda(device: torch.device) -> torch.device:
+    """``device``, with TF32 turned off for matmuls and convolutions.
+
+    TF32 keeps 10 bits of mantissa: the float model's logits would then differ from the CPU's by
+    more than kernel order does, and a low-bit model's drop would measure TF32 as well as the
+    quantizer. Set for the process, as torch's flags are.
+    """
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
 def _mps_available() -> bool:

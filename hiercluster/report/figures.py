@@ -23,7 +23,12 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from hiercluster.evaluation.metrics import headline
-from hiercluster.report.plots import MAX_LEVELS_SHOWN, new_figure, save_figure, spread_by_k
+from hiercluster.report.plots import (
+    MAX_LEVELS_SHOWN,
+    new_figure,
+    save_figure,
+    spread_by_k,
+)
 from hiercluster.report.rows import dim_value, row_method, varying_dims
 
 if TYPE_CHECKING:

@@ -40,6 +40,7 @@ from hiercluster.report.rows import (
     uniform_rows,
     varying_dims,
 )
+from hiercluster.run.records import XZ_MAX_BYTES
 from hiercluster.run.store import ResultsStore
 from quant._files import write_text_atomic
 from quant._validate import check_json
@@ -164,11 +165,10 @@ def xz_note(rows: Sequence[dict[str, Any]]) -> str:
 
     text = f"xz: LZMA2 preset {XZ_PRESET} of the bit-packed payload."
     if any(r["xz_bytes"] is None for r in rows):
-        from hiercluster.run.sweep import XZ_MAX_BYTES
-
         text += (
-            f" Not computed for payloads over {XZ_MAX_BYTES / 2**20:g} MiB, where xz costs about 0.5 CPU-s per MiB "
-            "(24 CPU-s per spec on a ViT-B/16); the gzip column is computed for every spec."
+            f" xz (LZMA2 preset {XZ_PRESET}) is computed for every spec whose payload is at most "
+            f"{XZ_MAX_BYTES / 2**20:g} MiB and, above that, for the exported winners only (xz costs about "
+            "0.5 CPU-s per MiB, 24 CPU-s per spec on a ViT-B/16); the gzip column is computed for every spec."
         )
     return text
 
@@ -365,7 +365,7 @@ def write_report(run_dir: str | Path) -> Path:
     from hiercluster.hierarchy.clustering import ClassHierarchy
     from hiercluster.report import figures as report_plots
     from hiercluster.report import plots
-    from hiercluster.run.rundir import DENDROGRAM_FILE, HIERARCHY_FILE
+    from hiercluster.run.rundir import FIGURE_FILES, HIERARCHY_FILE, REPORT_FILE
 
     run_dir = Path(run_dir)
     info, rows, store = load_run(run_dir)
@@ -378,37 +378,43 @@ def write_report(run_dir: str | Path) -> Path:
     names = {name: lv["names"] for name, lv in info["levels"].items()}
     chosen = bias_choice(rows)
     fig = {}
+    figure = {name: run_dir / file for name, file in FIGURE_FILES.items()}
     if tree is not None:
-        fig["dendrogram"] = plots.plot_dendrogram(tree, run_dir / DENDROGRAM_FILE)
+        fig["dendrogram"] = plots.plot_dendrogram(tree, figure["dendrogram"])
     if rows:
-        fig["drop_vs_bits"] = report_plots.plot_drop_vs_bits(rows, run_dir / "drop_vs_bits.png", info["tolerance"])
+        fig["drop_vs_bits"] = report_plots.plot_drop_vs_bits(rows, figure["drop_vs_bits"], info["tolerance"])
         fig["pareto"] = report_plots.plot_pareto(
-            rows, info["float_accuracy"], run_dir / "pareto.png", level=_fine_level(info), tolerance=info["tolerance"]
+            rows, info["float_accuracy"], figure["pareto"], level=_fine_level(info), tolerance=info["tolerance"]
         )
         uniform_keys = {r["spec_key"] for r in uniform_rows(rtn_rows(rows))}
         fig["quartiles"] = report_plots.plot_quartiles(
-            {k: d for k, d in details.items() if k in uniform_keys}, run_dir / "quartiles.png"
+            {k: d for k, d in details.items() if k in uniform_keys}, figure["quartiles"]
         )
     if chosen is not None:
         fig["prediction_share"] = plots.plot_prediction_share(
             info["float_prediction_share"], details[chosen["spec_key"]]["prediction_share"], info["class_names"],
-            run_dir / "prediction_share.png", title=f"Prediction share: float vs {chosen['tag']}",
+            figure["prediction_share"], title=f"Prediction share: float vs {chosen['tag']}",
         )
     md = _markdown(info, rows, table, names, fig, details)
-    path = run_dir / "report.md"
+    path = run_dir / REPORT_FILE
     write_text_atomic(path, md)
     return path
 
 
 def _evaluated_on(info: dict[str, Any]) -> str:
-    """``"on 500 of 10,000 test images (a fixed stratified subset)"``, or the whole split's count."""
+    """``"on 500 of 10,000 test images (a fixed stratified subset) on `cuda`"``, or the whole split's count.
+
+    The device the models ran on closes it; runs recorded before run.json named it leave it out.
+    """
     limit = info.get("data_limit")
     if limit is None:
-        return f"on {info['n_eval']:,} images ({info['eval_split']} split)"
-    return (
-        f"on {limit['limit']:,} of {limit['of']:,} {info['eval_split']} images "
-        "(a fixed stratified subset, `data.limit`)"
-    )
+        where = f"on {info['n_eval']:,} images ({info['eval_split']} split)"
+    else:
+        where = (
+            f"on {limit['limit']:,} of {limit['of']:,} {info['eval_split']} images "
+            "(a fixed stratified subset, `data.limit`)"
+        )
+    return where + (f" on `{info['device']}`" if info.get("device") else "")
 
 
 def _activations_line(rows: Sequence[dict[str, Any]]) -> str:

@@ -261,7 +261,7 @@ class RuntimeConfig:
 
     ``threads``: torch threads for every command (default: the cores available to the
     process; ``--threads`` overrides it). ``device``: where the models run, ``auto``
-    (CUDA, else MPS, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
+    (CUDA, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (experimental)
     (``--device`` overrides it; the device type is part of every result's key).
     ``workers``: DataLoader processes for image folders (the in-memory sets are sliced).
     """
@@ -308,6 +308,13 @@ class RunConfig:
                 f"config key calibration.split is {c.split!r}, the same as data.eval_split: calibration data must "
                 "not come from the evaluation split; use another split, or set calibration.allow_eval_split: true"
             )
+        h = self.hierarchy
+        if h.embedding in DATA_EMBEDDINGS and h.split == self.data.eval_split:
+            raise HierclusterError(
+                f"config key hierarchy.split is {h.split!r}, the same as data.eval_split: the {h.embedding} hierarchy "
+                "is fitted on that split's images and must not see the images it is then scored on; "
+                "use another split (the training split), or hierarchy.embedding: fc_weights, which needs no data"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every section (without ``source``), for saving next to results."""
@@ -315,6 +322,10 @@ class RunConfig:
         d.pop("source", None)
         return d
 
+
+# The embeddings fitted on images (hiercluster.hierarchy.embeddings.NEEDS_DATA, not imported here:
+# that loads torch; a test checks they agree).
+DATA_EMBEDDINGS = ("centroids", "confusion")
 
 # Rules are keyed by the key path without list indices: quant.plans[1].bits -> quant.plans.bits.
 # A rule on a list applies to each of its items.

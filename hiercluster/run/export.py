@@ -22,6 +22,10 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
     AdaRound are not fitted twice); the others are quantized again, which is cheap. The
     manifest is derived from the results, so a damaged one is simply rewritten; the files
     the previous manifest listed and this one does not (another grid's winners) are removed.
+
+    A winner whose xz size the sweep skipped (a payload over ``records.XZ_MAX_BYTES``) gets it
+    now, from its ``.hcq`` file (:func:`_fill_winner_xz`): the database, ``results.csv`` and
+    the winner's ``rows`` (updated in place) then hold it; other specs keep None.
     """
     from hiercluster.run.rundir import MANIFEST_FILE, MODELS_DIR
 
@@ -42,7 +46,7 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
             continue
         if w["spec_key"] not in written:
             written[w["spec_key"]] = _export_model(prep, by_key[w["spec_key"]], w["spec_key"], out_dir, model_dir).name
-        group_file = _write_level_groups(prep, t["level"], model_dir)
+        group_file = _write_level_groups(prep, t["level"], out_dir)
         manifest["levels"][t["level"]] = {
             "model": written[w["spec_key"]],
             "spec_key": w["spec_key"],
@@ -57,7 +61,39 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
     for name in sorted(_listed_files(old) - _listed_files(manifest)):
         if (model_dir / name).is_file():
             (model_dir / name).unlink()
+    _fill_winner_xz(out_dir, keys, rows, manifest)
     return manifest_path
+
+
+def _fill_winner_xz(out_dir: Path, keys: Sequence[str], rows: Sequence[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    """Store the xz size of each exported winner that has none, computed from its ``.hcq`` file.
+
+    xz is slow (about 0.5 CPU-s per MiB of payload), so the sweep skips it for big payloads;
+    a run keeps a handful of winners, and their files hold exactly the payload the sweep would
+    have compressed (:func:`quant.packing.packed_xz_bytes`).
+    """
+    import quant
+    from hiercluster.run.rundir import CSV_FILE, DB_FILE, MODELS_DIR
+    from hiercluster.run.store import ResultsStore
+    from quant.packing import packed_xz_bytes
+
+    missing = {r["spec_key"] for r in rows if r["xz_bytes"] is None}
+    files = {e["spec_key"]: out_dir / MODELS_DIR / e["model"] for e in manifest["levels"].values() if e["spec_key"] in missing}
+    if not files:
+        return
+    sizes = {}
+    for key, path in files.items():
+        try:
+            sizes[key] = packed_xz_bytes(path)
+        except quant.QuantError as exc:
+            raise HierclusterError(f"exported model: {exc}; remove {path} and run again to export it anew") from None
+    with ResultsStore(out_dir / DB_FILE) as store:
+        for key, xz in sizes.items():
+            store.set_xz_bytes(key, xz)
+        store.export_csv(out_dir / CSV_FILE, keys)  # written before the export: it must agree with the database
+    for r in rows:
+        if r["spec_key"] in sizes:
+            r["xz_bytes"] = sizes[r["spec_key"]]
 
 
 def _previous_manifest(path: Path) -> dict[str, Any] | None:
@@ -84,12 +120,12 @@ def _export_model(prep: Any, point: Any, key: str, out_dir: Path, model_dir: Pat
     import shutil
 
     import quant
-    from hiercluster.run.rundir import PACKED_CACHE_DIR
+    from hiercluster.run.rundir import exported_model_path, packed_model_path
     from hiercluster.run.sweep import quantize_point
     from quant._files import write_atomic
 
-    path = model_dir / f"{point.tag}.hcq"
-    cached = out_dir / PACKED_CACHE_DIR / f"{key}.hcq"
+    path = exported_model_path(out_dir, point.tag)
+    cached = packed_model_path(out_dir, key)
     if cached.is_file():  # a calibrated model the sweep saved: the same bytes, without fitting it again
         with open(cached, "rb") as src:
             write_atomic(path, lambda dst: shutil.copyfileobj(src, dst))
@@ -99,13 +135,15 @@ def _export_model(prep: Any, point: Any, key: str, out_dir: Path, model_dir: Pat
     return path
 
 
-def _write_level_groups(prep: Any, level: str, model_dir: Path) -> Path:
+def _write_level_groups(prep: Any, level: str, out_dir: Path) -> Path:
     """``models/kK_groups.yaml``: the level's superclasses and their classes."""
     import yaml
+
+    from hiercluster.run.rundir import level_groups_path
 
     groups: dict[str, list[str]] = defaultdict(list)
     for cls, g in zip(prep.class_names, prep.levels[level].assignment):
         groups[prep.levels[level].names[g]].append(cls)
-    path = model_dir / f"{level.replace('=', '')}_groups.yaml"
+    path = level_groups_path(out_dir, level)
     write_text_atomic(path, yaml.safe_dump(dict(groups), sort_keys=False))
     return path

@@ -171,22 +171,26 @@ def calibration_settings(cfg: RunConfig) -> dict[str, Any]:
 
 
 def check_plans_fit(model: nn.Module, grid: Sequence[GridPoint], model_name: str | None = None) -> None:
-    """Refuse a plan of the grid that leaves every layer of ``model`` float, before any work on it.
+    """Refuse a plan of the grid that leaves every weight of ``model`` float, before any work on it.
 
     Such a plan quantizes nothing (``quant.quantize_model`` refuses it), and finding that
     out after the float evaluation, halfway through a sweep, wastes the run. A plan's
-    ``skip`` patterns decide alone which layers stay float (:meth:`quant.QuantPlan.rule_for`).
+    ``skip`` patterns decide alone which weights stay float (:meth:`quant.QuantPlan.rule_for`).
+    The weights are the ones ``quant.quantize_model`` quantizes
+    (:func:`quant.layerops.weight_slots`): every Conv/Linear layer and the attention
+    projection weights, named like their parameter (``"encoder.0.self_attn.in_proj_weight"``),
+    so a plan that skips every Conv/Linear layer of a transformer still quantizes those.
     """
-    from quant.model import quantizable_layers
+    from quant.layerops import weight_slots
 
-    names = [name for name, _ in quantizable_layers(model)]
+    names = [slot.name for slot in weight_slots(model)]
     what = f"model {model_name}" if model_name else f"the {type(model).__name__} model"
     if grid and not names:
-        raise HierclusterError(f"{what} has no Conv or Linear layer to quantize")
+        raise HierclusterError(f"{what} has no Conv or Linear layer and no attention projection weight to quantize")
     for plan in dict.fromkeys(p.plan for p in grid):
         if all(plan.is_skipped(name) for name in names):
             raise HierclusterError(
                 f"config key quant.plans: plan {short_repr(plan.name)} leaves every layer of {what} float (skip patterns "
-                f"{short_repr(list(plan.skip))} match all {len(names)} of its layers): nothing to quantize; "
-                "narrow its skip patterns or remove the plan"
+                f"{short_repr(list(plan.skip))} match all {len(names)} of its weights, Conv/Linear layers and "
+                "attention projections): nothing to quantize; narrow its skip patterns or remove the plan"
             )

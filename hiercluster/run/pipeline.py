@@ -37,6 +37,8 @@ from hiercluster.run.rundir import (
     RunLock,
     check_run_dir,
     check_same_grid,
+    level_yaml_path,
+    packed_model_path,
     write_json,
 )
 from hiercluster.run.store import ResultsStore, check_database, file_digest
@@ -63,8 +65,9 @@ def run_pipeline(
     called with ``out_dir`` before the lock is released; what it returns is the
     summary's ``"then"``. ``executor`` runs the pending specs (default
     :class:`~hiercluster.run.executors.SerialExecutor`; a
-    :class:`~hiercluster.run.executors.RayExecutor` runs them as Ray tasks); this process
-    alone writes the run directory, so a run resumes the same whichever ran it.
+    :class:`~hiercluster.run.executors.RayExecutor` runs them as Ray tasks); it is entered
+    after the directory checks and before anything is prepared. This process alone writes
+    the run directory, so a run resumes the same whichever ran it.
     """
     out_dir = Path(out_dir)
     check_run_dir(out_dir)
@@ -72,7 +75,10 @@ def run_pipeline(
     with RunLock(out_dir, command or " ".join(["hiercluster run", cfg.source or ""]).strip()):
         check_same_grid(cfg, [p.tag for p in grid], out_dir, _recorded_checkpoint_digest(cfg, out_dir), force)
         check_database(out_dir / DB_FILE)  # a damaged database is refused before the run rewrites its records
-        summary = _sweep(cfg, grid, out_dir, progress, executor or SerialExecutor())
+        # Entered before prepare: a missing Ray or a wrong --address fails before the float model runs
+        # or anything of the run is written; leaving it shuts down a Ray instance it started.
+        with executor or SerialExecutor() as entered:
+            summary = _sweep(cfg, grid, out_dir, progress, entered)
         if then is not None:
             summary["then"] = then(out_dir)
         return summary
@@ -128,10 +134,10 @@ def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool,
 
 def write_packed_cache(out_dir: Path, result: SpecResult) -> Path:
     """Keep a calibrated spec's bit-packed model as ``packed/KEY.hcq`` (export copies it instead of refitting)."""
-    folder = out_dir / PACKED_CACHE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    path = packed_model_path(out_dir, result.spec_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
     data = result.packed_model
-    return write_atomic(folder / f"{result.spec_key}.hcq", lambda handle: handle.write(data))
+    return write_atomic(path, lambda handle: handle.write(data))
 
 
 def write_hierarchy_files(prep: Prepared, out_dir: Path) -> None:
@@ -142,7 +148,7 @@ def write_hierarchy_files(prep: Prepared, out_dir: Path) -> None:
     level_dir.mkdir(exist_ok=True)
     for level in prep.levels.values():
         if level.kind == "learned":
-            prep.hierarchy.to_yaml(level_dir / f"k{level.k}.yaml", level.k)
+            prep.hierarchy.to_yaml(level_yaml_path(out_dir, level.k), level.k)
 
 
 def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[str, Any]:

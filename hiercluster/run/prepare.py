@@ -141,7 +141,7 @@ class Prepared:
         t0 = time.perf_counter()
         cfg = self.cfg
         cache = self.out_dir / LOGITS_FILE
-        cache_id = _cache_id(cfg, len(self.eval_set), self.checkpoint_digest, self.data_options)
+        cache_id = _cache_id(cfg, len(self.eval_set), self.checkpoint_digest, self.data_options, self.device)
         found = read_logits_cache(cache, cache_id, len(self.eval_set), len(self.class_names))
         self.timings["float_logits_cached"] = found is not None
         if found is None:
@@ -332,10 +332,26 @@ def _check_level_ks(cfg: RunConfig, n_classes: int) -> None:
             )
 
 
-def _cache_id(cfg: RunConfig, n: int, digest: str, options: FolderOptions | None = None) -> str:
-    """What the float logits depend on: the cache is used only when this matches."""
-    data_id = {"dataset": cfg.data.dataset, "root": cfg.data.root, "split": cfg.data.eval_split, "n": n, "checkpoint": digest}
-    return json.dumps({**data_id, **data_variant(cfg, options)}, sort_keys=True)
+def data_identity(cfg: RunConfig, n: int, options: FolderOptions | None) -> dict[str, Any]:
+    """What selects the evaluation images: dataset, root (resolved), split, count and :func:`data_variant`.
+
+    The root is resolved like every config path, so the same folder written as a relative
+    or an absolute path is the same data.
+    """
+    root = str(resolve_path(cfg.data.root, cfg.source)) if cfg.data.root else None
+    return {"dataset": cfg.data.dataset, "root": root, "split": cfg.data.eval_split, "n": n, **data_variant(cfg, options)}
+
+
+def _cache_id(cfg: RunConfig, n: int, digest: str, options: FolderOptions | None, device: torch.device) -> str:
+    """What the float logits depend on: the cache is used only when this matches.
+
+    The device type and the code are part of it, as of every result's key: float logits of
+    one device type or of other code are never compared with another's quantized logits.
+    """
+    from hiercluster.run.versions import code_version
+
+    ident = {**data_identity(cfg, n, options), "checkpoint": digest, "device": device.type, "code": code_version()}
+    return json.dumps(ident, sort_keys=True)
 
 
 def data_variant(cfg: RunConfig, options: FolderOptions | None) -> dict[str, Any]:

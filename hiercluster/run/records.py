@@ -1,10 +1,10 @@
 """Typed records of a run: a reported level, one level's result, one spec's result.
 
 These frozen dataclasses are the one definition of what a result holds. The results
-store's SQLite schema is generated from their fields (:func:`sql_columns`), the CSV
-header follows the same order, and building a record from a mapping with an unknown or
-missing key is an error that names the key, so that a renamed metric can never be
-written as NULL.
+store's SQLite schema is generated from their fields (:func:`result_columns` for the
+results, :func:`detail_columns` for the report's details), the CSV header follows the
+same order, and building a record from a mapping with an unknown or missing key is an
+error that names the key, so that a renamed metric can never be written as NULL.
 
 Examples
 --------
@@ -34,6 +34,12 @@ from hiercluster.errors import HierclusterError
 SCHEMA_VERSION = 3
 
 LEVEL_KINDS = ("learned", "reference")
+
+# A spec's xz size (quant.packing.XZ_PRESET) is computed for packed payloads up to this size
+# and stored as None above it: on a random ViT-B/16 (42.6 MiB) xz took 24 CPU-s per spec for a
+# size within 0.1% of gzip's, which is always computed (benchmarks/bench_xz.py). It lives here,
+# not in the sweep, so that the report can say so without importing the sweep (torch, quant, data).
+XZ_MAX_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -143,8 +149,11 @@ class SpecResult:
         return [{**spec, **dataclasses.asdict(level)} for level in self.levels]
 
 
-# Fields of SpecResult that are not columns of the ``results`` table.
-_NOT_COLUMNS = frozenset({"levels", "spec_json", "plan_json", "prediction_share", "layers", "packed_model"})
+# Fields of SpecResult kept as JSON text in the ``specs`` table (what only the report reads).
+DETAIL_FIELDS = frozenset({"spec_json", "plan_json", "prediction_share", "layers"})
+# Fields of SpecResult that are not columns of the ``results`` table: the details, the level
+# results (rows of their own) and the packed model (a file of the run directory, never stored).
+_NOT_COLUMNS = DETAIL_FIELDS | {"levels", "packed_model"}
 _SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT", bool: "INTEGER"}
 
 
@@ -198,30 +207,64 @@ def build_record(record: type, values: Mapping[str, Any], where: str, ignore: fr
             [f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}"] if missing else []
         )
         raise HierclusterError(f"{where}: {'; '.join(parts)} for a {record.__name__} (its fields: {', '.join(names)})")
-    return record(**{k: _plain(v) for k, v in values.items() if k in names})
+    return record(**{k: plain_value(v) for k, v in values.items() if k in names})
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python scalars, so that sqlite3 and json take them."""
+def plain_value(value: Any) -> Any:
+    """numpy scalars -> Python scalars, so that sqlite3 and json take them; anything else as it is.
+
+    Examples
+    --------
+    >>> plain_value(np.float32(0.5)), plain_value(np.int64(3)), plain_value("a")
+    (0.5, 3, 'a')
+    """
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
-def result_columns() -> list[tuple[str, str]]:
-    """The columns of the ``results`` table (and of ``results.csv``): a spec's, then a level's."""
-    return sql_columns(SpecResult) + sql_columns(LevelResult)
+def result_columns(spec: type = SpecResult, level: type = LevelResult) -> list[tuple[str, str]]:
+    """The columns of the ``results`` table (and of ``results.csv``): a spec's, then a level's.
+
+    A level field named like a spec field would make two columns of one name (a dict of
+    the columns keeps one, a row keeps the level's value): that is refused here, at import
+    of the store, rather than found as a wrong value in a table.
+    """
+    columns = sql_columns(spec) + sql_columns(level)
+    names = [name for name, _ in columns]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise TypeError(
+            f"{spec.__name__} and {level.__name__} both have the field{'s' if len(clashes) > 1 else ''} "
+            f"{', '.join(clashes)}: the results table needs one column per name; rename one of them"
+        )
+    return columns
+
+
+def detail_columns(spec: type = SpecResult) -> list[tuple[str, str]]:
+    """The columns of the ``specs`` table: ``spec_key``, then each of :data:`DETAIL_FIELDS` as JSON text.
+
+    Examples
+    --------
+    >>> [name for name, _ in detail_columns()]
+    ['spec_key', 'spec_json', 'plan_json', 'prediction_share', 'layers']
+    """
+    return [("spec_key", "TEXT")] + [(f.name, "TEXT") for f in dataclasses.fields(spec) if f.name in DETAIL_FIELDS]
 
 
 __all__ = [
+    "DETAIL_FIELDS",
     "LEVEL_KINDS",
     "Level",
     "LevelResult",
     "RUN_WIDE_METRIC_KEYS",
     "SCHEMA_VERSION",
     "SpecResult",
+    "XZ_MAX_BYTES",
     "build_record",
+    "detail_columns",
     "nullable_columns",
+    "plain_value",
     "result_columns",
     "sql_columns",
 ]

@@ -43,6 +43,16 @@ DENDROGRAM_FILE = "dendrogram.png"
 LEVELS_DIR = "levels"  # one grouping YAML per reported level
 MODELS_DIR = "models"  # the exported headline winners and their manifest
 EVALUATIONS_DIR = "evaluations"  # tables of `hiercluster evaluate`
+# The report's figures, by the name report.md captions them with.
+FIGURE_FILES = {
+    "dendrogram": DENDROGRAM_FILE,
+    "drop_vs_bits": "drop_vs_bits.png",
+    "pareto": "pareto.png",
+    "quartiles": "quartiles.png",
+    "prediction_share": "prediction_share.png",
+}
+MODEL_SUFFIX = ".hcq"  # a bit-packed model (quant.save_packed)
+GROUPS_SUFFIX = "_groups.yaml"  # an exported level's superclasses
 # Folders a run writes at its top level: never a file there.
 RUN_FOLDERS = (LEVELS_DIR, MODELS_DIR, PACKED_CACHE_DIR, EVALUATIONS_DIR)
 # Files a run writes at its top level: never a folder there, never the target of another command's --out.
@@ -71,7 +81,7 @@ MANIFEST_FILE = "manifest.json"
 # models/manifest.json holds one short entry per level: about 300 bytes each, 1,000 levels far below this.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MANIFEST_SPEC: dict[str, Any] = {"reduction": str, "levels": dict}
-# What report.export_models writes for each level.
+# What run.export.export_models writes for each level.
 MANIFEST_ENTRY_SPEC: dict[str, Any] = {
     "model": str, "spec_key": str, "groups": str, "bits": int, "method": str, "tag": str, "drop_pp": float,
 }
@@ -87,6 +97,7 @@ RUN_INFO_SPEC: dict[str, Any] = {
     "class_names": [str],
     "float_accuracy": float,
     "float_prediction_share": [float],
+    "device?": str,
     "reduction": str,
     "random_seeds": int,
     "tolerance": float,
@@ -108,6 +119,34 @@ RUN_INFO_SPEC: dict[str, Any] = {
     "reference_file?": str,
     "data_limit?": {"limit": int, "of": int},
 }
+
+
+# --- paths of the files in a run directory ---------------------------------------------------
+
+
+def packed_model_path(run_dir: str | Path, key: str) -> Path:
+    """``packed/KEY.hcq``: a calibrated spec's bit-packed model, kept by the sweep for the export."""
+    return Path(run_dir) / PACKED_CACHE_DIR / f"{key}{MODEL_SUFFIX}"
+
+
+def level_yaml_path(run_dir: str | Path, k: int) -> Path:
+    """``levels/kK.yaml``: the grouping of a learned level of ``k`` superclasses."""
+    return Path(run_dir) / LEVELS_DIR / f"k{k}.yaml"
+
+
+def exported_model_path(run_dir: str | Path, tag: str) -> Path:
+    """``models/TAG.hcq``: a headline winner, exported."""
+    return Path(run_dir) / MODELS_DIR / f"{tag}{MODEL_SUFFIX}"
+
+
+def level_groups_path(run_dir: str | Path, level: str) -> Path:
+    """``models/kK_groups.yaml`` (level ``k=K``; ``=`` left out of the name): an exported level's superclasses."""
+    return Path(run_dir) / MODELS_DIR / f"{level.replace('=', '')}{GROUPS_SUFFIX}"
+
+
+def evaluation_path(run_dir: str | Path, packed: str | Path) -> Path:
+    """``evaluations/NAME.json``: what ``hiercluster evaluate`` saves for the packed model ``NAME.hcq``."""
+    return Path(run_dir) / EVALUATIONS_DIR / f"{Path(packed).stem}.json"
 
 
 # --- paths, checked before any work -------------------------------------------------------
@@ -436,7 +475,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     remedy = "run `hiercluster run` again on this folder to export the models again"
     manifest = read_json_record(path, "model manifest", MANIFEST_SPEC, remedy, MAX_MANIFEST_BYTES)
     for where, entry in _checked_levels(manifest["levels"], MANIFEST_ENTRY_SPEC, path, remedy):
-        for key, suffix in (("model", ".hcq"), ("groups", "_groups.yaml")):
+        for key, suffix in (("model", MODEL_SUFFIX), ("groups", GROUPS_SUFFIX)):
             if not _is_plain_name(entry[key], suffix):
                 raise _damaged(
                     path, f"{where}.{key}: {short_repr(entry[key])} is not a file name ending in {suffix}", remedy
@@ -589,22 +628,52 @@ def _tree_changes(path: Path, hierarchy: Any) -> list[str]:
     return []
 
 
-
 __all__ = [
     "CONFIG_FILE",
+    "CSV_FILE",
     "DB_FILE",
+    "DENDROGRAM_FILE",
+    "EVALUATIONS_DIR",
+    "FIGURE_FILES",
+    "GROUPS_SUFFIX",
     "HIERARCHY_FILE",
+    "LEVELS_DIR",
     "LOCK_FILE",
     "LOGITS_FILE",
+    "MANIFEST_ENTRY_SPEC",
+    "MANIFEST_FILE",
+    "MANIFEST_SPEC",
+    "MARKERS",
+    "MARKER_FILES",
+    "MAX_LISTED_CHANGES",
+    "MAX_LOCK_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "MAX_RUN_FILE_BYTES",
+    "MODELS_DIR",
+    "MODEL_SUFFIX",
+    "PACKED_CACHE_DIR",
+    "REPORT_FILE",
     "RUN_FILE",
+    "RUN_FILES",
+    "RUN_FOLDERS",
+    "RUN_INFO_SPEC",
     "RunLock",
     "check_is_run",
     "check_output_file",
     "check_parent_folders",
-    "check_writable",
     "check_run_dir",
     "check_same_grid",
     "check_same_hierarchy",
+    "check_writable",
+    "config_changes",
+    "evaluation_path",
+    "exported_model_path",
+    "grid_changes",
+    "level_groups_path",
+    "level_yaml_path",
+    "packed_model_path",
+    "read_json_record",
+    "read_manifest",
     "read_run_info",
     "write_json",
 ]

@@ -17,21 +17,32 @@ import io
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hiercluster import __version__
 from hiercluster.errors import HierclusterError, short_repr
-from hiercluster.run.records import SCHEMA_VERSION, LevelResult, SpecResult, nullable_columns, result_columns
+from hiercluster.run.records import (
+    SCHEMA_VERSION,
+    LevelResult,
+    SpecResult,
+    detail_columns,
+    nullable_columns,
+    plain_value,
+    result_columns,
+)
 from quant._files import write_text_atomic
 from quant._validate import check_json
 
 _T = TypeVar("_T")
 
-# Column name -> SQLite type, in CSV order: generated from the records, never spelled here.
+# Column name -> SQLite type, in CSV order: generated from the records, never spelled here
+# (result_columns refuses two fields of one name, which this dict would merge).
 _COLUMN_TYPES: dict[str, str] = dict(result_columns())
 RESULT_COLUMNS = list(_COLUMN_TYPES)
+# The ``specs`` table: ``spec_key``, then each detail field of SpecResult as JSON text.
+DETAIL_COLUMNS = [name for name, _ in detail_columns()]
 # Columns that hold NULL in rows this code writes (``Optional`` fields of the records).
 _MAY_BE_NULL = nullable_columns(SpecResult) | nullable_columns(LevelResult)
 
@@ -135,42 +146,67 @@ class ResultsStore:
 
     @_guarded
     def _create_tables(self) -> None:
-        if not self._check_schema_version():
-            # A new database: its tables and its version in one transaction, so that a kill
-            # in between never leaves tables without a version (which would be refused). An
-            # existing one is not written to here: setting the version again rewrites the
-            # file's header, and commands that only read must leave the file as it was.
-            cols = ", ".join(f'"{c}" {t}' for c, t in _COLUMN_TYPES.items())
-            self._con.execute("BEGIN IMMEDIATE")
-            try:
-                self._con.execute(f"CREATE TABLE results ({cols}, PRIMARY KEY (spec_key, level))")
-                self._con.execute(
-                    "CREATE TABLE specs (spec_key TEXT PRIMARY KEY, spec_json TEXT, plan_json TEXT, "
-                    "prediction_share TEXT, layers TEXT)"
-                )
-                self._con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                self._con.commit()
-            except BaseException:
-                self._con.rollback()
-                raise
+        # An existing database is not written to here: setting the version again rewrites the
+        # file's header, and commands that only read must leave the file as it was.
+        if not self._check_schema():
+            self._create_schema()
         # Reads every page once (cheap next to any run): damage is found before work that would need the file.
         first = self._con.execute("PRAGMA quick_check(1)").fetchone()
         if first is None or first[0] != "ok":
             raise self.damaged(first[0] if first else "its integrity check returned nothing")
 
-    def _check_schema_version(self) -> bool:
-        """True for a database of this schema version, False for a new (empty) one.
+    def _create_schema(self) -> None:
+        """A new database: its tables and its version in one transaction.
 
-        A database written by code of another schema version is refused: its rows mean other things.
+        One transaction, so that a kill in between never leaves tables without a version
+        (which would be refused). The schema is checked again once the write lock is held:
+        another process opening the same new file (library use, without the run's lock)
+        may have created it since the first check, and then nothing is written.
+        """
+        self._con.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._check_schema():
+                for table, columns, key in (
+                    ("results", result_columns(), "spec_key, level"),
+                    ("specs", detail_columns(), "spec_key"),
+                ):
+                    cols = ", ".join(f'"{name}" {sql_type}' for name, sql_type in columns)
+                    self._con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({key}))")
+                self._con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._con.commit()
+        except BaseException:
+            self._con.rollback()
+            raise
+
+    def _check_schema(self) -> bool:
+        """True for a database of this schema, False for a new (empty) one.
+
+        A database of another schema version is refused: its rows mean other things. So
+        is one of this version whose tables have other columns than this code writes (a
+        record field added or retyped without bumping ``SCHEMA_VERSION``).
         """
         version = self._con.execute("PRAGMA user_version").fetchone()[0]
         has_tables = self._con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0] > 0
-        if version == SCHEMA_VERSION:
-            return True
         if version == 0 and not has_tables:
             return False
-        written = f"schema version {version}" if version else "an older hiercluster (no schema version)"
-        raise HierclusterError(
+        if version != SCHEMA_VERSION:
+            raise self._rebuild(f"schema version {version}" if version else "an older hiercluster (no schema version)")
+        drift = [
+            change
+            for table, expected in (("results", result_columns()), ("specs", detail_columns()))
+            if (change := _column_changes(table, self._table_columns(table), expected))
+        ]
+        if drift:
+            raise self._rebuild(f"code of schema version {version} with other columns ({'; '.join(drift)})")
+        return True
+
+    def _table_columns(self, table: str) -> list[tuple[str, str]]:
+        """``[(column, declared type)]`` of a table as the file holds it (empty when there is no such table)."""
+        return [(row[1], row[2]) for row in self._con.execute(f"PRAGMA table_info({table})")]
+
+    def _rebuild(self, written: str) -> HierclusterError:
+        """The refusal of a database this code cannot read (``written``: by what), with how to rebuild it."""
+        return HierclusterError(
             f"results database {self.path} was written by {written}; this hiercluster {__version__} reads "
             f"schema version {SCHEMA_VERSION}. Rebuild it: move the file away (mv {self.path} {self.path}.old) "
             f"and run `hiercluster run CONFIG --out {self.path.parent}` again; the finished specs are recomputed"
@@ -208,41 +244,51 @@ class ResultsStore:
         if not isinstance(result, SpecResult):
             raise TypeError(f"add_spec takes a SpecResult, got {type(result).__name__}")
         self._check_same_file()
-        cols = ", ".join(f'"{c}"' for c in RESULT_COLUMNS)
-        marks = ", ".join("?" for _ in RESULT_COLUMNS)
+        details = {"spec_key": result.spec_key, **{name: _json_text(getattr(result, name)) for name in DETAIL_COLUMNS[1:]}}
         with self._con:
             self._con.execute("DELETE FROM results WHERE spec_key = ?", (result.spec_key,))
             self._con.executemany(
-                f"INSERT INTO results ({cols}) VALUES ({marks})",
-                [[_plain(row[c]) for c in RESULT_COLUMNS] for row in result.rows()],
+                f"INSERT INTO results ({_quoted(RESULT_COLUMNS)}) VALUES ({_marks(RESULT_COLUMNS)})",
+                [[plain_value(row[c]) for c in RESULT_COLUMNS] for row in result.rows()],
             )
             self._con.execute(
-                "INSERT OR REPLACE INTO specs VALUES (?, ?, ?, ?, ?)",
-                (
-                    result.spec_key,
-                    json.dumps(dict(result.spec_json)),
-                    json.dumps(dict(result.plan_json)),
-                    json.dumps([float(v) for v in result.prediction_share]),
-                    json.dumps([dict(layer) for layer in result.layers], default=_plain),
-                ),
+                f"INSERT OR REPLACE INTO specs ({_quoted(DETAIL_COLUMNS)}) VALUES ({_marks(DETAIL_COLUMNS)})",
+                [details[c] for c in DETAIL_COLUMNS],
             )
 
     @_guarded
+    def set_xz_bytes(self, key: str, xz_bytes: int) -> None:
+        """Fill in the xz size of finished spec ``key`` (every level row of it): the sweep skips
+        xz for big payloads, and the export computes it for the winners it writes."""
+        self._check_same_file()
+        with self._con:
+            self._con.execute("UPDATE results SET xz_bytes = ? WHERE spec_key = ?", (int(xz_bytes), key))
+
+    @_guarded
     def results(self, keys: Iterable[str] | None = None, complete: bool = False) -> list[dict[str, Any]]:
-        """Rows of ``results`` as dicts (only those of ``keys`` when given), in insertion order.
+        """Rows of ``results`` as dicts: those of ``keys`` in the order of ``keys``, else all in the order written.
+
+        Within a spec the levels come in the order they were written. Ordering by ``keys``
+        (the grid's order) rather than by when each spec finished makes every tie-break
+        that takes the earlier row (:func:`~hiercluster.evaluation.metrics.min_bits`) and
+        results.csv the same whether the specs ran one after another or in parallel.
 
         Every value is checked against its column's type: a row edited by hand into nonsense
         is reported as damage here, not as a ``TypeError`` deep inside the report. With
         ``complete``, a missing value (NULL) where the records never hold one is damage too
         (a database of other code is refused when it is opened, so only a hand edit does that).
         """
-        cur = self._con.execute("SELECT * FROM results ORDER BY rowid")
-        names = [d[0] for d in cur.description]
-        wanted = set(keys) if keys is not None else None
+        select = f"SELECT {_quoted(RESULT_COLUMNS)} FROM results"
+        if keys is None:
+            cursors: Iterable[sqlite3.Cursor] = [self._con.execute(f"{select} ORDER BY rowid")]
+        else:  # one indexed query per spec (the primary key starts with spec_key): other specs' rows are not read
+            cursors = (
+                self._con.execute(f"{select} WHERE spec_key = ? ORDER BY rowid", (key,)) for key in dict.fromkeys(keys)
+            )
         rows = []
-        for values in cur:
-            row = dict(zip(names, values))
-            if wanted is None or row["spec_key"] in wanted:
+        for cursor in cursors:
+            for values in cursor:
+                row = dict(zip(RESULT_COLUMNS, values))
                 self._check_types(row, complete)
                 rows.append(row)
         return rows
@@ -265,17 +311,16 @@ class ResultsStore:
         A row edited by hand into JSON of another shape (or, given ``n_classes``, a
         prediction share of another length) is damage, reported as one error.
         """
-        row = self._con.execute("SELECT * FROM specs WHERE spec_key = ?", (key,)).fetchone()
-        if row is None:
+        values = self._con.execute(f"SELECT {_quoted(DETAIL_COLUMNS)} FROM specs WHERE spec_key = ?", (key,)).fetchone()
+        if values is None:
             return None
+        stored = dict(zip(DETAIL_COLUMNS, values))
         where = f"the details of spec {short_repr(key, 30)}"
         try:
             details = {
-                "spec_key": row[0],
-                "spec": json.loads(row[1]),
-                "plan": json.loads(row[2]),
-                "prediction_share": json.loads(row[3]),
-                "layers": json.loads(row[4]),
+                "spec_key": stored["spec_key"],
+                # spec_json -> "spec", plan_json -> "plan": the names the report reads
+                **{name.removesuffix("_json"): json.loads(stored[name]) for name in DETAIL_COLUMNS[1:]},
             }
         except (TypeError, ValueError, RecursionError):
             raise self.damaged(f"{where} are not JSON") from None
@@ -330,8 +375,56 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python scalars, so sqlite3 and json take them."""
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
+def _quoted(columns: Iterable[str]) -> str:
+    """``"a", "b"``: column names for SQL (``drop`` is a keyword)."""
+    return ", ".join(f'"{c}"' for c in columns)
+
+
+def _marks(columns: Iterable[str]) -> str:
+    return ", ".join("?" for _ in columns)
+
+
+def _jsonable(value: Any) -> Any:
+    """A detail field as plain JSON values: mappings as dicts, tuples as lists, numpy scalars as Python ones."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return plain_value(value)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(_jsonable(value))
+
+
+# How many names a schema refusal lists per kind of change; the rest are counted.
+_LISTED_COLUMNS = 5
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED_COLUMNS])
+    return shown + (f" and {len(names) - _LISTED_COLUMNS} more" if len(names) > _LISTED_COLUMNS else "")
+
+
+def _column_changes(table: str, actual: list[tuple[str, str]], expected: list[tuple[str, str]]) -> str:
+    """How a table's ``(column, type)`` list differs from what this code writes; ``""`` when it does not.
+
+    Examples
+    --------
+    >>> _column_changes("specs", [("a", "TEXT"), ("b", "REAL")], [("a", "TEXT"), ("b", "TEXT"), ("c", "TEXT")])
+    'specs table without c, b REAL not TEXT'
+    >>> _column_changes("specs", [], [("a", "TEXT")])
+    'no specs table'
+    """
+    if actual == expected:
+        return ""
+    if not actual:
+        return f"no {table} table"
+    have, want = dict(actual), dict(expected)
+    parts = []
+    if missing := [name for name in want if name not in have]:
+        parts.append(f"without {_names(missing)}")
+    if extra := [name for name in have if name not in want]:
+        parts.append(f"with {_names(extra)}")
+    parts += [f"{name} {have[name] or 'untyped'} not {want[name]}" for name in want if name in have and have[name] != want[name]]
+    return f"{table} table " + (", ".join(parts) if parts else "columns in another order")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,54 +12,24 @@ import torch.nn as nn
 import quant
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluation.inference import accuracy, collect_logits
-from hiercluster.evaluation.metrics import FloatLevelStats, evaluate_levels, float_level_stats, prediction_share
+from hiercluster.evaluation.metrics import (
+    FloatLevelStats,
+    evaluate_levels,
+    float_level_stats,
+    prediction_share,
+)
 from hiercluster.run.grid import GridPoint, calibration_settings
-from hiercluster.run.prepare import Prepared, data_variant
+from hiercluster.run.prepare import Prepared, data_identity
 from hiercluster.run.records import (
     LEVEL_KINDS,
     RUN_WIDE_METRIC_KEYS,
-    SCHEMA_VERSION,
+    XZ_MAX_BYTES,
     LevelResult,
     SpecResult,
     build_record,
 )
 from hiercluster.run.store import spec_key
-
-# Where the code that computes a result lives: its source bytes are part of every resume key.
-_CODE_ROOTS = ("quant", "hiercluster")
-# A spec's xz size (quant.packing.XZ_PRESET) is computed for packed payloads up to this size
-# and stored as None above it: on a random ViT-B/16 (42.6 MiB) xz took 24 CPU-s per spec for a
-# size within 0.1% of gzip's, which is always computed (benchmarks/bench_xz.py).
-XZ_MAX_BYTES = 4 * 2**20
-
-
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """SHA-256 of the source of ``quant`` and ``hiercluster`` (every ``.py`` file, by relative path).
-
-    The package version changes only at a release; this changes with any edit, so a run
-    resumed after a quantizer fix never reuses results of the code before it.
-    """
-    base = Path(quant.__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for root in _CODE_ROOTS:
-        for path in sorted((base / root).rglob("*.py")):
-            h.update(str(path.relative_to(base)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:20]
-
-
-def code_version() -> dict[str, Any]:
-    """The versions of the code that computes a result: part of every resume key and of run.json."""
-    import hiercluster
-
-    return {
-        "schema": SCHEMA_VERSION,
-        "hiercluster": hiercluster.__version__,
-        # quant ships in the hiercluster distribution; it has a version of its own only if it declares one
-        "quant": getattr(quant, "__version__", hiercluster.__version__),
-        "torch": torch.__version__,
-        "source": code_digest(),
-    }
+from hiercluster.run.versions import code_version
 
 
 def resume_key(point: GridPoint, prep: Prepared) -> str:
@@ -95,14 +63,11 @@ def resume_key(point: GridPoint, prep: Prepared) -> str:
     )
 
 
-def _data_key(prep: Prepared) -> list[Any]:
+def _data_key(prep: Prepared) -> dict[str, Any]:
     """The evaluation data in a result's key: what selects it, and a digest of its labels."""
-    cfg = prep.cfg
     labels = prep.labels.numpy().astype("<i8").tobytes()
-    key: list[Any] = [cfg.data.dataset, cfg.data.root, cfg.data.eval_split, len(prep.labels)]
-    key.append(hashlib.sha256(labels).hexdigest()[:16])
-    variant = data_variant(cfg, prep.data_options)
-    return key + [variant] if variant else key
+    ident = data_identity(prep.cfg, len(prep.labels), prep.data_options)
+    return {**ident, "labels": hashlib.sha256(labels).hexdigest()[:16]}
 
 
 def quantize_point(model: nn.Module, point: GridPoint, prep: Prepared) -> tuple[nn.Module, Any]:

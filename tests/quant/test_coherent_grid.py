@@ -4,14 +4,14 @@ objective, sign invariance, determinism, degenerate rows, hand-computed cases.""
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import quant.coherent_grid as cg
 from quant import QuantSpec, choose_qparams, fake_quantize
 from quant.clipping import is_sign_symmetric, minmax_range
 from quant.ranges import clip_range
-from quant.coherent_grid import _SortedMoments, candidate_ranges, coherent_error, grid_error, coherent_range
+from quant.coherent_grid import _SortedMoments, affine_thresholds, candidate_ranges, coherent_error, grid_error, coherent_range
 from quant.schemes import Grid
 from quant_testing import make_tensor, rows_of, specs, tensors
 
@@ -51,9 +51,14 @@ def test_grid_error_matches_the_documented_objective_with_torch_fake_quant():
 
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["asymmetric", "symmetric", "pow2"]), st.integers(2, 6), st.integers(0, 10_000))
+# Element (0, 55) of this one: x * fl32(1/s) rounds to exactly -25.5 (x / s = -25.499999):
+# the quantizer's tie goes to the even step -26, the old midpoint rule put it on -25,
+# and the sum e, sum e*x of the row moved J by a relative 0.47.
+@example("asymmetric", 6, 2451)
+@example("symmetric", 6, 84)  # the same on a symmetric grid (relative 0.49)
 def test_sorted_moments_match_the_real_quantizer(scheme, bits, seed):
-    # Continuous random data: no value sits on a decision threshold, where the midpoint
-    # rule and float32 rounding could disagree.
+    # Continuous random data still puts a value within a float32 step of a decision
+    # threshold now and then: the evaluator must follow the quantizer's float32 decisions.
     x = make_tensor(seed, (4, 70), "normal") * 3
     grid = Grid.make(scheme, bits)
     lo, hi = minmax_range(x, symmetric=scheme != "asymmetric")
@@ -66,6 +71,63 @@ def test_sorted_moments_match_the_real_quantizer(scheme, bits, seed):
     slow = grid_error(x, cand_lo, cand_hi, grid)
     # The real quantizer rounds each error to float32 before summing: agreement to ~1e-7.
     assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("bits", [2, 3, 6])
+def test_sorted_moments_match_the_real_quantizer_on_exact_ties(scheme, bits):
+    # Multiples of 0.5 on grids of scale 2^-k: many values are exactly halfway between
+    # two levels, where the quantizer rounds half to even (a midpoint rule rounds all up).
+    x = make_tensor(bits, (6, 64), "small_ints")
+    grid = Grid.make(scheme, bits)
+    scale = torch.tensor([0.25, 0.5, 1.0, 2.0])[:, None].expand(-1, 6)
+    if scheme == "asymmetric":
+        z = torch.randint(grid.qmin, grid.qmax + 1, (4, 6), generator=torch.Generator().manual_seed(bits)).float()
+        cand_lo, cand_hi = (grid.qmin - z) * scale, (grid.qmax - z) * scale
+    else:
+        cand_lo, cand_hi = -scale * grid.qmax, scale * grid.qmax
+    params = grid.params(cand_lo, cand_hi)
+    assert torch.equal(params[0], scale)
+    fast = _SortedMoments(x, x.double().pow(2).sum(1), grid, signed=is_sign_symmetric(grid))(cand_lo, cand_hi, False)
+    assert torch.allclose(fast, grid_error(x, cand_lo, cand_hi, grid), rtol=1e-9, atol=1e-12)
+
+
+def test_sorted_moments_hand_case_with_ties():
+    # Levels -1, 0, 1, 2 (s = 1, z = 1); x = (-0.5, 0.5, 1.5) are all ties, rounded half to
+    # even to 0, 0, 2: e = (0.5, -0.5, 0.5), sum e = 0.5, sum e*x = 0.25, sum x^2 = 2.75.
+    # J = 0.75 + 0.5 * 3 * 0.25^2 / 2.75 + 0.25. (All rounded up, e = (0.5, 0.5, 0.5):
+    # J = 0.75 + 1.5 * 0.75^2 / 2.75 + 1.5^2 = 3.31, which the midpoint rule gave.)
+    assert (cg.GAIN_WEIGHT, cg.MEAN_WEIGHT) == (0.5, 1.0), "the hand computation below uses these weights"
+    x = torch.tensor([[-0.5, 0.5, 1.5]])
+    grid = Grid.make("asymmetric", 2)
+    lo, hi = torch.tensor([[-1.0]]), torch.tensor([[2.0]])
+    expected = 0.75 + 0.5 * 3 * 0.25**2 / 2.75 + 0.25
+    fast = _SortedMoments(x, x.double().pow(2).sum(1), grid, signed=False)(lo, hi, False)
+    assert float(fast) == pytest.approx(expected, rel=1e-15)
+    assert float(grid_error(x, lo, hi, grid)) == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_affine_thresholds_are_the_quantizers(scheme, bits):
+    # The threshold gets the upper code, the float32 just below it the lower one: with codes
+    # non-decreasing in x, that is exactly the quantizer's decision, ties included (scales
+    # 2^k (1 + i 2^-23) make x * fl32(1/s) land on .5 exactly).
+    gen = torch.Generator().manual_seed(bits)
+    n = 600 if bits <= 8 else 12
+    for narrow in (True, False):
+        grid = Grid.make(scheme, bits, narrow)
+        power = torch.randint(-126, 100, (n,), generator=gen)
+        tweak = 1 + torch.randint(-3, 4, (n,), generator=gen) * 2.0**-23
+        scale = torch.cat([torch.ldexp(tweak, power), torch.exp(torch.empty(n).uniform_(-80, 80, generator=gen))]).float()
+        scale = scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+        z = torch.randint(grid.qmin, grid.qmax + 1, scale.shape, generator=gen) if scheme == "asymmetric" else torch.zeros_like(scale, dtype=torch.int64)
+        upper = torch.arange(grid.qmin + 1, grid.qmax + 1)
+        cut = affine_thresholds(scale, upper - z)
+        assert cut.dtype == torch.float32
+        at = grid.quantize(cut, scale, z).to(torch.int64)
+        below = grid.quantize(torch.nextafter(cut, torch.tensor(-torch.inf)), scale, z).to(torch.int64)
+        assert bool((at >= upper).all() and (below < upper).all())
 
 
 def test_coherent_error_weights_the_mean_and_gain_components():

@@ -34,6 +34,7 @@ from hiercluster.errors import HierclusterError
 from hiercluster.evaluation.inference import accuracy, collect_logits
 from hiercluster.models.zoo import load_checkpoint
 from hiercluster.run.prepare import _cache_id, data_variant
+from hiercluster.run.versions import code_version
 from hiercluster.run.sweep import resume_key
 from hiercluster.run.grid import expand_grid
 
@@ -328,7 +329,8 @@ def test_limit_dataset_keeps_the_kind_and_refuses_more_than_the_split():
 def test_a_limited_run_never_shares_a_full_runs_cache_or_keys():
     full = load_config(None, ["data.dataset=digits"])
     limited = load_config(None, ["data.dataset=digits", "data.limit=450"])  # all 450 test images: same n
-    assert _cache_id(full, 450, "d") != _cache_id(limited, 450, "d")
+    cpu = torch.device("cpu")
+    assert _cache_id(full, 450, "d", None, cpu) != _cache_id(limited, 450, "d", None, cpu)
     point = expand_grid(full)[0]
     prep = SimpleNamespace(
         cfg=full, checkpoint_digest="d", labels=torch.zeros(450), levels={}, data_options=None, device=torch.device("cpu")
@@ -336,8 +338,12 @@ def test_a_limited_run_never_shares_a_full_runs_cache_or_keys():
     key = resume_key(point, prep)
     assert resume_key(point, SimpleNamespace(**{**vars(prep), "cfg": limited})) != key
     assert data_variant(full, None) == {}  # a full run's ids are what they were before data.limit
-    assert _cache_id(full, 450, "d") == json.dumps(
-        {"checkpoint": "d", "dataset": "digits", "n": 450, "root": None, "split": "test"}, sort_keys=True
+    assert _cache_id(full, 450, "d", None, cpu) == json.dumps(
+        {"checkpoint": "d", "code": code_version(), "dataset": "digits", "device": "cpu", "n": 450, "root": None,
+         "split": "test"},
+        sort_keys=True,
     )
+    # float logits of another device type are never reused
+    assert _cache_id(full, 450, "d", None, torch.device("cuda")) != _cache_id(full, 450, "d", None, cpu)
     folder = load_config(None, ["data.dataset=imagefolder", "data.channels=1"])
     assert data_variant(folder, resolve_folder_options("imagefolder", folder.data))["images"]["channels"] == 1

@@ -321,3 +321,16 @@ def test_the_device_flag_overrides_the_config_and_a_missing_device_stops_before_
     assert main(["run", config, "--out", str(tmp_path / "run"), "--device", "cuda:1"]) == 2
     assert "--device is cuda:1, but CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cuda_device_turns_tf32_off(monkeypatch):
+    """TF32 would make GPU logits differ from the CPU's by more than kernel order: resolving CUDA turns it off."""
+    _machine(monkeypatch, cuda=1)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    # torch's flags are module attributes served by __getattr__: set and restored by hand
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+    try:
+        assert resolve_device("auto") == torch.device("cuda")
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

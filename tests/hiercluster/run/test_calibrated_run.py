@@ -16,7 +16,7 @@ from hiercluster.run.config import load_config
 from hiercluster.data.datasets import load_dataset
 from hiercluster.errors import HierclusterError
 from hiercluster.models.zoo import build_model, load_checkpoint, save_checkpoint
-from hiercluster.run import executors, export, grid, prepare, sweep
+from hiercluster.run import executors, export, grid, prepare, sweep, versions
 
 SAMPLES, CAL_BATCH = 96, 32
 
@@ -288,7 +288,7 @@ def test_resume_key_covers_method_calibration_and_code_version(config_file, tmp_
     monkeypatch.setattr(torch, "__version__", "0.0.1")
     assert sweep.resume_key(rtn, prep) != before
     monkeypatch.undo()
-    monkeypatch.setattr(sweep, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(versions, "SCHEMA_VERSION", 1)
     assert sweep.resume_key(rtn, prep) != before
 
 

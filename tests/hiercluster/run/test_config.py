@@ -327,3 +327,19 @@ def _loop(path: Path) -> Path:
 def _under_a_file(tmp: Path) -> Path:
     (tmp / "afile").write_text("x")
     return tmp / "afile" / "c.yaml"
+
+
+@pytest.mark.parametrize("embedding", ["centroids", "confusion"])
+def test_a_data_based_hierarchy_is_never_fitted_on_the_evaluation_split(embedding):
+    with pytest.raises(HierclusterError, match=r"hierarchy\.split is 'test', the same as data\.eval_split"):
+        load_config(None, [f"hierarchy.embedding={embedding}", "hierarchy.split=test"])
+    # fc_weights reads no images: any split is fine
+    assert load_config(None, ["hierarchy.embedding=fc_weights", "hierarchy.split=test"]).hierarchy.split == "test"
+    assert load_config(None, [f"hierarchy.embedding={embedding}"]).hierarchy.split == "train"
+
+
+def test_the_config_knows_which_embeddings_read_images():
+    from hiercluster.hierarchy.embeddings import NEEDS_DATA
+    from hiercluster.run.config import DATA_EMBEDDINGS
+
+    assert set(DATA_EMBEDDINGS) == set(NEEDS_DATA)

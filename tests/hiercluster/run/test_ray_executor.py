@@ -1,13 +1,19 @@
-"""Sweeps on Ray: the same rows as the serial executor, and a killed driver resumes (issue 11).
+"""Sweeps on Ray: the same rows as the serial executor, a killed driver resumes, and what goes
+wrong on the way (a wrong address, a request no node meets, a failing or foreign worker) is
+one line (issue 11).
 
 A local Ray instance with two CPUs runs the digits sweep. Ray is part of the test extra,
-so CI runs these; they take about a minute (Ray's start-up is most of it).
+so CI runs these; they take about a minute and a half (Ray's start-up is most of it).
+``test_executor_errors.py`` checks the same paths without a Ray instance.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -15,12 +21,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch.nn as nn
 
 from hiercluster.cli import main
 from hiercluster.errors import HierclusterError
+from hiercluster.run import executors
 from hiercluster.run.config import load_config
 from hiercluster.run.executors import RayExecutor, SerialExecutor, make_executor
+from hiercluster.run.grid import expand_grid
 from hiercluster.run.pipeline import run_pipeline
+from hiercluster.run.prepare import prepare
+from hiercluster.run.rundir import LOGITS_FILE, RUN_FILE
 from hiercluster.run.store import ResultsStore
 
 REPO = Path(__file__).resolve().parents[3]
@@ -59,8 +70,11 @@ def serial_run(checkpoint, tmp_path_factory) -> Path:
 
 
 def test_ray_gives_the_serial_rows(checkpoint, serial_run, tmp_path):
+    import ray
+
     cfg = load_config(DIGITS, [*OVERRIDES, f"model.checkpoint={checkpoint}"])
     summary = run_pipeline(cfg, tmp_path / "run", progress=False, executor=RayExecutor(num_cpus=2))
+    assert not ray.is_initialized()  # the local instance the run started is shut down
     ray_rows, serial_rows = _rows(tmp_path / "run"), _rows(serial_run)
     assert summary["timings"]["specs_run"] == summary["timings"]["specs_total"] == 5
     assert len(ray_rows) == 5 * 9 and ray_rows == serial_rows
@@ -121,6 +135,73 @@ def test_a_killed_ray_driver_resumes_to_the_serial_rows(checkpoint, serial_run, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{5 - finished} of 5 specs run" in resumed.stdout
     assert _rows(out) == _rows(serial_run)
+
+
+def test_a_wrong_address_fails_before_the_run_writes_anything(checkpoint, tmp_path, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    out = tmp_path / "run"
+    code = main(["run", str(DIGITS), "--out", str(out), "--quiet", "--executor", "ray", "--address", address,
+                 "--set", f"model.checkpoint={checkpoint}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--address {address}: nothing answers there" in err, err
+    assert len(err.strip().splitlines()) == 1
+    # no float logits computed, nothing of the run written: the executor connects before prepare
+    assert not (out / LOGITS_FILE).exists() and not (out / RUN_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def digits_prep(checkpoint, tmp_path_factory):
+    """A prepared digits run of two round-to-nearest specs (the float model's logits and levels)."""
+    cfg = load_config(DIGITS, [*OVERRIDES, "quant.methods=[rtn]", "quant.bits=[4]", f"model.checkpoint={checkpoint}"])
+    grid = expand_grid(cfg)
+    return prepare(cfg, tmp_path_factory.mktemp("prep"), progress=False, grid=grid), grid
+
+
+def _digits_model(*layers: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), *layers)  # digits: 8x8 grayscale images, 10 classes
+
+
+def test_what_goes_wrong_on_a_worker_is_one_line(digits_prep, monkeypatch):
+    """One local instance for every check: a request no node meets, a worker's exception, its
+    warnings, and a worker whose code differs from the driver's."""
+    import ray
+
+    prep, grid = digits_prep
+    todo = [(point, f"key-{i}") for i, point in enumerate(grid)]
+    assert len(todo) == 2
+    with RayExecutor(num_cpus=2) as executor:
+        # three CPUs per task on a two-CPU instance: refused before a task is submitted (Ray would wait forever)
+        with pytest.raises(HierclusterError, match=r"requests 3 CPUs.*lower runtime\.threads .* to at most 2$"):
+            next(RayExecutor(threads_per_task=3).map(prep, todo))
+
+        # a worker's exception: its type and first line, the spec, and how to resume
+        broken = dataclasses.replace(prep, model=_digits_model(nn.Linear(63, 10)))
+        tag = re.escape(grid[0].tag)
+        with pytest.raises(HierclusterError, match=rf"^spec {tag} failed on a Ray worker: RuntimeError: mat1 and mat2.*"
+                           "run the same command again to resume$"):
+            list(executor.map(broken, todo[:1]))
+
+        # warnings raised on the workers (nn.Softmax() without dim warns at every call) are shown here, once
+        chatty = dataclasses.replace(prep, model=_digits_model(nn.Linear(64, 10), nn.Softmax()))
+        with pytest.warns(UserWarning) as shown:
+            results = list(executor.map(chatty, todo))
+        assert sorted(r.spec_key for r in results) == ["key-0", "key-1"]
+        assert [str(w.message) for w in shown].count(_softmax_warning(shown)) == 1
+
+        # a worker whose code is not the driver's: its result is refused
+        monkeypatch.setattr(executors, "code_version", lambda: {"torch": "0.0-driver"})
+        mismatch = r"with torch .* where this command has torch 0\.0-driver; install the same hiercluster"
+        with pytest.raises(HierclusterError, match=mismatch):
+            list(executor.map(prep, todo[:1]))
+    assert not ray.is_initialized()
+
+
+def _softmax_warning(shown) -> str:
+    found = [str(w.message) for w in shown if "softmax" in str(w.message).lower()]
+    assert found, [str(w.message) for w in shown]
+    return found[0]
 
 
 def test_executor_choices_are_checked():

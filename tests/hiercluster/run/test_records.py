@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import doctest
+import hashlib
 import sqlite3
 
 import pytest
@@ -15,6 +17,7 @@ from hiercluster.run.records import (
     LevelResult,
     SpecResult,
     build_record,
+    detail_columns,
     nullable_columns,
     result_columns,
     sql_columns,
@@ -51,6 +54,34 @@ def test_the_schema_is_generated_from_the_records():
     assert dict(sql_columns(SpecResult))["bn_reestimate"] == "INTEGER"
     assert nullable_columns(SpecResult) == {"activation_bits", "xz_bytes"}
     assert nullable_columns(LevelResult) == set()
+
+
+def test_the_schema_version_is_pinned_to_the_columns():
+    # Bump SCHEMA_VERSION when this changes, then pin the new digest and version here together: a database
+    # of the old columns is refused as another version, with the command that rebuilds it.
+    digest = hashlib.sha256(str(result_columns()).encode()).hexdigest()
+    assert (SCHEMA_VERSION, digest) == (3, "929fdd14c593e6d9814ed52e8f43093c64b8ce000607e37f6dea9f4c90fa350d")
+    assert detail_columns() == [
+        ("spec_key", "TEXT"), ("spec_json", "TEXT"), ("plan_json", "TEXT"), ("prediction_share", "TEXT"), ("layers", "TEXT"),
+    ]
+
+
+def test_a_level_field_named_like_a_spec_field_is_refused():
+    # dict(result_columns()) would keep one "tag" column, and each row the level's value under it.
+    @dataclasses.dataclass(frozen=True)
+    class Clash(LevelResult):
+        tag: str = ""
+        bits: int = 0
+
+    with pytest.raises(TypeError, match="SpecResult and Clash both have the fields bits, tag"):
+        result_columns(SpecResult, Clash)
+    assert [name for name, _ in result_columns()] == RESULT_COLUMNS  # the real records have no clash
+
+
+def test_the_module_examples_hold():
+    from hiercluster.run import records
+
+    assert doctest.testmod(records).failed == 0
 
 
 def test_a_new_field_becomes_a_column():

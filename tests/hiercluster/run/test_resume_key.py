@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hiercluster
-from hiercluster.run import sweep
+from hiercluster.run import sweep, versions
 from hiercluster.run.config import MethodConfig, RunConfig, load_config
 from hiercluster.run.grid import expand_grid
 from hiercluster.run.records import Level
@@ -146,8 +146,8 @@ def test_covered_settings_name_something_tested() -> None:
     [
         (hiercluster, "__version__", "99.0"),
         (torch, "__version__", "0.0.1"),
-        (sweep, "SCHEMA_VERSION", 999),
-        (sweep, "code_digest", lambda: "another source"),
+        (versions, "SCHEMA_VERSION", 999),
+        (versions, "code_digest", lambda: "another source"),
     ],
     ids=["package version", "torch version", "schema version", "source"],
 )
@@ -180,7 +180,7 @@ def test_the_key_is_stable() -> None:
 
 
 def test_the_source_digest_changes_with_a_source_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """code_digest reads the source bytes: a copy of the tree with one byte changed digests differently."""
+    """code_digest reads the bytes of the code that computes results, and only those."""
     import shutil
 
     import quant
@@ -192,9 +192,18 @@ def test_the_source_digest_changes_with_a_source_file(monkeypatch: pytest.Monkey
             ignore=shutil.ignore_patterns("__pycache__"),
         )
     monkeypatch.setattr(quant, "__file__", str(base / "quant" / "__init__.py"))
-    sweep.code_digest.cache_clear()
-    first = sweep.code_digest()
-    (base / "quant" / "spec.py").write_text((base / "quant" / "spec.py").read_text() + "\n# changed\n")
-    sweep.code_digest.cache_clear()
-    assert sweep.code_digest() != first
-    sweep.code_digest.cache_clear()
+    versions.code_digest.cache_clear()
+    first = versions.code_digest()
+    def edit(relative: str) -> str:
+        path = base / relative
+        path.write_text(path.read_text() + "\n# changed\n")
+        versions.code_digest.cache_clear()
+        return versions.code_digest()
+
+    # the report, the CLI and the store only move results around: editing them re-runs nothing
+    assert edit("hiercluster/cli.py") == first
+    assert edit("hiercluster/report/markdown.py") == first
+    changed = edit("quant/spec.py")
+    assert changed != first
+    assert edit("hiercluster/run/sweep.py") != changed
+    versions.code_digest.cache_clear()

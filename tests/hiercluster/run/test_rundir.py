@@ -12,15 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from hiercluster.run.config import load_config, save_config
 from hiercluster.errors import HierclusterError
+from hiercluster.run.config import load_config, save_config
 from hiercluster.run.rundir import (
+    FIGURE_FILES,
     LOCK_FILE,
     RunLock,
     check_is_run,
     check_output_file,
     check_run_dir,
     check_same_grid,
+    evaluation_path,
+    exported_model_path,
+    level_groups_path,
+    level_yaml_path,
+    packed_model_path,
     read_manifest,
     read_run_info,
     write_json,
@@ -147,6 +153,7 @@ def _run_info(**changes) -> dict:
         ({"tolerance": None}, "tolerance: expected a number, got None"),
         ({"hierarchy": {"embedding": "fc_weights", "linkage": 3, "metric": None}}, "hierarchy.linkage: expected a string or null"),
         ({"float_prediction_share": [1.0]}, "float_prediction_share has 1 entries for 3 classes"),
+        ({"device": 0}, "device: expected a string, got 0"),
         ({"levels": {}}, "levels: no level"),
         ({"levels": {"k=2": {"k": 2, "kind": "learned", "assignment": [0, 0, True], "names": ["x", "y"]}}},
          "levels.k=2.assignment[2]: expected an integer, got True"),
@@ -164,8 +171,10 @@ def test_run_info_of_wrong_shape_is_named_damaged(tmp_path, changes, message):
 
 
 def test_run_info_reads_what_the_pipeline_writes(tmp_path):
-    write_json(tmp_path / "run.json", _run_info())
+    write_json(tmp_path / "run.json", _run_info())  # a run recorded before run.json named its device
     assert read_run_info(tmp_path)["levels"]["k=2"]["assignment"] == [0, 0, 1]
+    write_json(tmp_path / "run.json", _run_info(device="cuda"))
+    assert read_run_info(tmp_path)["device"] == "cuda"
     (tmp_path / "run.json").write_text("[" * 100_000)
     with pytest.raises(HierclusterError, match="is damaged: not valid JSON"):
         read_run_info(tmp_path)
@@ -314,3 +323,64 @@ def test_a_huge_level_name_is_quoted_only_in_part(tmp_path):
     with pytest.raises(HierclusterError, match=r"is damaged: levels\.k+\.\.\.: expected an object, got 3") as info:
         read_manifest(tmp_path / "manifest.json")
     assert len(str(info.value)) < 300
+
+
+# --- the run directory's file names live here only -------------------------------------------
+
+
+def test_each_file_of_a_run_directory_has_its_path_here(tmp_path):
+    # By hand: the layout DESIGN.md describes.
+    assert packed_model_path(tmp_path, "0123abcd") == tmp_path / "packed" / "0123abcd.hcq"
+    assert level_yaml_path(tmp_path, 12) == tmp_path / "levels" / "k12.yaml"
+    assert exported_model_path(tmp_path, "asymmetric-4b+full") == tmp_path / "models" / "asymmetric-4b+full.hcq"
+    assert level_groups_path(tmp_path, "k=12") == tmp_path / "models" / "k12_groups.yaml"
+    assert evaluation_path(tmp_path, Path("elsewhere") / "m4.hcq") == tmp_path / "evaluations" / "m4.json"
+    assert {name: Path(file).suffix for name, file in FIGURE_FILES.items()} == dict.fromkeys(
+        ["dendrogram", "drop_vs_bits", "pareto", "quartiles", "prediction_share"], ".png"
+    )
+
+
+def test_the_manifest_accepts_the_names_the_export_writes(tmp_path):
+    entry = {"model": exported_model_path(tmp_path, "a-4b").name, "groups": level_groups_path(tmp_path, "k=2").name}
+    write_json(tmp_path / "manifest.json", _manifest(**entry))
+    assert read_manifest(tmp_path / "manifest.json")["levels"]["k=2"]["groups"] == "k2_groups.yaml"
+
+
+def _run_dir_names() -> set[str]:
+    """The file names (and name endings) of a run directory, which no module but rundir may spell."""
+    from hiercluster.run import rundir
+
+    return {
+        *rundir.RUN_FILES, *rundir.FIGURE_FILES.values(), rundir.MANIFEST_FILE, rundir.MODEL_SUFFIX,
+        rundir.GROUPS_SUFFIX,
+    }
+
+
+def test_no_other_module_spells_a_run_directory_file_name():
+    import ast
+
+    import hiercluster
+
+    names = _run_dir_names()
+    root = Path(hiercluster.__file__).parent
+    spelled = [
+        f"{path.relative_to(root)}:{node.lineno} {node.value!r}"
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "rundir.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in names  # also the parts of an f-string
+    ]
+    assert spelled == []
+
+
+def test_all_lists_every_public_name():
+    import inspect
+
+    from hiercluster.run import rundir
+
+    public = {
+        name for name, value in vars(rundir).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+        and getattr(value, "__module__", rundir.__name__) == rundir.__name__  # not what it imports
+    }
+    assert sorted(rundir.__all__) == sorted(public)

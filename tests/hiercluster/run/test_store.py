@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hiercluster.errors import HierclusterError
-from hiercluster.run.records import SCHEMA_VERSION, LevelResult, SpecResult
+from hiercluster.run.records import SCHEMA_VERSION, LevelResult, SpecResult, detail_columns, result_columns
 from hiercluster.run.store import RESULT_COLUMNS, ResultsStore, check_database
 
 
@@ -289,3 +289,162 @@ def test_opening_a_database_changes_no_byte_of_it(db):
         store.results()
     check_database(db)
     assert db.read_bytes() == before
+
+
+# --- row order: the keys', not the finishing order ------------------------------------------
+
+
+def _tied(key: str) -> SpecResult:
+    """A spec whose every level has the same bits and drop as any other ``_tied`` spec: only the row order decides."""
+    levels = tuple(dataclasses.replace(_level(k), level=f"k={k}", drop=0.25) for k in (10, 2, 5))  # not in name order
+    return dataclasses.replace(_spec(key, levels=0), levels=levels)
+
+
+@pytest.mark.parametrize("finished", [["a", "b"], ["b", "a"]])
+def test_rows_come_in_the_order_of_the_keys_whatever_order_the_specs_finished_in(tmp_path, finished):
+    # Under Ray, specs are written in the order they finish; the headline breaks ties by the earlier row.
+    from hiercluster.evaluation.metrics import headline
+
+    db = tmp_path / "results.sqlite"
+    with ResultsStore(db) as store:
+        for key in finished:
+            store.add_spec(_tied(key))
+        rows = store.results(["a", "b"], complete=True)
+        store.export_csv(tmp_path / "r.csv", ["a", "b"])
+    assert [(r["spec_key"], r["level"]) for r in rows] == [
+        (key, level) for key in "ab" for level in ("k=10", "k=2", "k=5")  # each spec's levels as written
+    ]
+    assert {t["level"]: t["winner"]["spec_key"] for t in headline(rows, 1.0)} == {"k=10": "a", "k=2": "a", "k=5": "a"}
+    with open(tmp_path / "r.csv", newline="") as fh:
+        table = list(csv.reader(fh))
+    assert [row[0] for row in table[1:]] == ["a"] * 3 + ["b"] * 3
+
+
+def test_the_csv_is_the_same_whichever_spec_finished_first(tmp_path):
+    texts = []
+    for order in (["a", "b"], ["b", "a"]):
+        folder = tmp_path / "".join(order)
+        with ResultsStore(folder / "results.sqlite") as store:
+            for key in order:
+                store.add_spec(_tied(key))
+            texts.append(store.export_csv(folder / "results.csv", ["a", "b"]).read_bytes())
+    assert texts[0] == texts[1]
+
+
+def test_keys_given_twice_or_unknown_give_each_spec_once(db):
+    with ResultsStore(db) as store:
+        rows = store.results(["s3", "s1", "s3", "nowhere"])
+    assert [r["spec_key"] for r in rows] == ["s3"] * 40 + ["s1"] * 40
+
+
+# --- the schema the file holds must be the one this code writes ---------------------------
+
+
+def _drift(db: Path, *statements: str) -> None:
+    with sqlite3.connect(db) as con:
+        for statement in statements:
+            con.execute(statement)
+    con.close()
+
+
+@pytest.mark.parametrize(
+    "statements, words",
+    [
+        (["ALTER TABLE results DROP COLUMN xz_bytes"], "results table without xz_bytes"),
+        (["ALTER TABLE results ADD COLUMN ece REAL"], "results table with ece"),
+        (["ALTER TABLE specs ADD COLUMN calibration_json TEXT"], "specs table with calibration_json"),
+        (["ALTER TABLE specs DROP COLUMN layers"], "specs table without layers"),
+        (["DROP TABLE specs"], "no specs table"),
+        (["ALTER TABLE results RENAME COLUMN advantage TO gain"], "results table without advantage, with gain"),
+    ],
+)
+def test_a_database_of_this_version_with_other_columns_is_refused_with_the_rebuild_command(db, statements, words):
+    # A record field added, removed or renamed without bumping SCHEMA_VERSION: the rows would not mean what they say.
+    _drift(db, *statements)
+    before = db.read_bytes()
+    with pytest.raises(HierclusterError, match=_refusal(db)) as err:
+        ResultsStore(db)
+    assert f"written by code of schema version {SCHEMA_VERSION} with other columns ({words}" in str(err.value)
+    assert db.read_bytes() == before
+
+
+def test_a_column_of_another_type_is_refused(tmp_path):
+    db = tmp_path / "results.sqlite"
+    columns = [f'"{name}" {"TEXT" if name == "bits" else sql_type}' for name, sql_type in result_columns()]
+    specs = ", ".join(f'"{name}" {sql_type}' for name, sql_type in detail_columns())
+    _drift(
+        db, f"CREATE TABLE results ({', '.join(columns)}, PRIMARY KEY (spec_key, level))",
+        f"CREATE TABLE specs ({specs}, PRIMARY KEY (spec_key))", f"PRAGMA user_version = {SCHEMA_VERSION}",
+    )
+    with pytest.raises(HierclusterError, match=r"with other columns \(results table bits TEXT not INTEGER\)"):
+        ResultsStore(db)
+
+
+def test_the_tables_hold_the_columns_of_the_records(tmp_path):
+    db = tmp_path / "results.sqlite"
+    with ResultsStore(db) as store:
+        store.add_spec(_spec("s", packed_model=b"\x00PACKED-MODEL-BYTES\x00"))
+    con = sqlite3.connect(db)
+    tables = {name: [(r[1], r[2]) for r in con.execute(f"PRAGMA table_info({name})")] for name in ("results", "specs")}
+    con.close()
+    # The specs table by hand from the brief: SpecResult's fields that are neither columns of results, nor
+    # the level rows, nor the packed model (never stored).
+    others = [f.name for f in dataclasses.fields(SpecResult) if f.name not in RESULT_COLUMNS]
+    assert others == ["levels", "spec_json", "plan_json", "prediction_share", "layers", "packed_model"]
+    assert tables["specs"] == [("spec_key", "TEXT")] + [(name, "TEXT") for name in others[1:-1]]
+    assert tables["results"] == result_columns()
+    assert b"PACKED-MODEL-BYTES" not in db.read_bytes()
+
+
+def test_details_of_numpy_values_and_read_only_mappings_read_back_as_plain_json(tmp_path):
+    import types
+
+    import numpy as np
+
+    result = _spec(
+        "s", spec_json=types.MappingProxyType({"scheme": "asymmetric", "bits": np.int64(4)}),
+        prediction_share=(np.float32(0.25), np.float64(0.75)), layers=(_layer(after_max=np.float32(0.5)),),
+    )
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        store.add_spec(result)
+        details = store.spec_details("s", n_classes=2)
+    assert details == {
+        "spec_key": "s", "spec": {"scheme": "asymmetric", "bits": 4}, "plan": {"name": "full"},
+        "prediction_share": [0.25, 0.75], "layers": [_layer(after_max=0.5)],
+    }
+
+
+# --- two processes creating one new database -------------------------------------------------
+
+
+def test_a_database_created_by_another_opener_meanwhile_is_not_called_damage(tmp_path, monkeypatch):
+    # Library use without the run's lock: both openers find an empty file, the other one creates the
+    # tables first. The second must find them once it holds the write lock, not fail on CREATE TABLE.
+    db = tmp_path / "results.sqlite"
+    real = ResultsStore._check_schema
+    calls = []
+
+    def racing(self):
+        found = real(self)
+        calls.append(found)
+        if len(calls) == 1:  # between our first look and our write lock, the other opener wins
+            monkeypatch.setattr(ResultsStore, "_check_schema", real)
+            with ResultsStore(db) as other:
+                other.add_spec(_spec("theirs", levels=2))
+            monkeypatch.setattr(ResultsStore, "_check_schema", racing)
+        return found
+
+    monkeypatch.setattr(ResultsStore, "_check_schema", racing)
+    with ResultsStore(db) as store:
+        assert calls == [False, True]  # checked again under the lock, and found the other's database
+        assert store.done_keys() == {"theirs"}
+        store.add_spec(_spec("ours", levels=2))
+    assert _user_version(db) == SCHEMA_VERSION
+
+
+def test_the_module_examples_hold():
+    import doctest
+
+    import hiercluster.run.store as store_module
+
+    assert doctest.testmod(store_module).failed == 0
