@@ -622,7 +622,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evaluation_path,
         write_json,
     )
-    from hiercluster.run.sweep import level_metrics
+    from hiercluster.run.sweep import level_metrics, sweep_context
 
     cfg = _load_config(args)
     packed = Path(args.packed)
@@ -645,7 +645,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         prep.evaluate_float(progress=not args.quiet)  # after the packed model is known to fit
         qlogits, _ = collect_logits(qmodel, prep.loader())
         rows = [
-            {**dataclasses.asdict(row), "names": list(prep.levels[row.level].names)} for row in level_metrics(prep, qlogits)
+            {**dataclasses.asdict(row), "names": list(prep.levels[row.level].names)}
+            for row in level_metrics(sweep_context(prep), qlogits)
         ]
         limited = prep.data_limit
         record.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,13 @@
 """Executors: who runs the pending specs of a sweep.
 
-Every spec is independent: it reads the run's shared, prepared state and returns a
+Every spec is independent: it reads the run's frozen :class:`~hiercluster.run.sweep.SweepContext` and returns a
 :class:`~hiercluster.run.records.SpecResult`. An executor only decides where that
 happens; the driver (:func:`hiercluster.run.pipeline.run_pipeline`) alone writes the
 results store and the run directory, so resuming works the same for every executor.
 
 * :class:`SerialExecutor` (the default) runs the specs one after another in this
   process. It imports nothing beyond the sweep itself.
-* :class:`RayExecutor` runs each spec as a Ray task. The prepared state goes through
+* :class:`RayExecutor` runs each spec as a Ray task. The sweep context goes through
   Ray's object store once (``ray.put``), not once per task; results come back to the
   driver in the order they finish. Ray is an optional dependency:
   ``pip install 'hiercluster[ray]'``.
@@ -45,9 +45,8 @@ import torch
 from hiercluster import interrupt
 from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.run.grid import GridPoint
-from hiercluster.run.prepare import Prepared
 from hiercluster.run.records import SpecResult
-from hiercluster.run.sweep import code_version, evaluate_point, fill_float_stats
+from hiercluster.run.sweep import SweepContext, code_version, evaluate_point
 from quant.device import model_device
 
 if TYPE_CHECKING:
@@ -84,7 +83,7 @@ class Executor(Protocol):
 
     def __exit__(self, *exc_info: object) -> None: ...
 
-    def map(self, prep: Prepared, todo: Sequence[tuple[GridPoint, str]]) -> Iterator[SpecResult]: ...
+    def map(self, ctx: SweepContext, todo: Sequence[tuple[GridPoint, str]]) -> Iterator[SpecResult]: ...
 
 
 class SerialExecutor:
@@ -107,10 +106,10 @@ class SerialExecutor:
     def __exit__(self, *exc_info: object) -> None:
         return None
 
-    def map(self, prep: Prepared, todo: Sequence[tuple[GridPoint, str]]) -> Iterator[SpecResult]:
+    def map(self, ctx: SweepContext, todo: Sequence[tuple[GridPoint, str]]) -> Iterator[SpecResult]:
         for point, key in todo:
             interrupt.check()  # Ctrl-C between specs: the finished ones are all in the store
-            yield evaluate_point(point, prep, key)
+            yield evaluate_point(point, ctx, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,14 +170,14 @@ class RayExecutor:
         if ray is not None and started:
             ray.shutdown()
 
-    def map(self, prep: Prepared, todo: Sequence[tuple[GridPoint, str]]) -> Iterator[SpecResult]:
+    def map(self, ctx: SweepContext, todo: Sequence[tuple[GridPoint, str]]) -> Iterator[SpecResult]:
         if not todo:
             return
         if self._ray is None:  # not entered: connect for this call only
             with self:
-                yield from self._run(self._ray, prep, todo)
+                yield from self._run(self._ray, ctx, todo)
             return
-        yield from self._run(self._ray, prep, todo)
+        yield from self._run(self._ray, ctx, todo)
 
     def _connect(self, ray: Any) -> bool:
         """Join the cluster (or the instance already joined, or a new local one); True when this call started it."""
@@ -206,16 +205,14 @@ class RayExecutor:
             ) from None
         return True
 
-    def _run(self, ray: Any, prep: Prepared, todo: Sequence[tuple[GridPoint, str]]) -> Iterator[SpecResult]:
-        threads = self.threads_per_task or prep.cfg.runtime.threads or 1
-        gpus = 1 if prep.device.type == "cuda" else 0
+    def _run(self, ray: Any, ctx: SweepContext, todo: Sequence[tuple[GridPoint, str]]) -> Iterator[SpecResult]:
+        threads = self.threads_per_task or ctx.cfg.runtime.threads or 1
+        gpus = 1 if ctx.device.type == "cuda" else 0
         check_feasible(ray.nodes(), threads, gpus)
         options: dict[str, Any] = {"num_cpus": threads, "num_gpus": gpus, "max_retries": 0}
-        calibrated = next((p for p, _ in todo if p.needs_calibration), None)
-        if calibrated is not None:  # loaded here: a worker may not see the data
-            prep.calibration_batches(calibrated.calibration_user)
-        fill_float_stats(prep)  # the float side of every metric, once, not once per task
-        shared = ray.put(_for_workers(prep))  # once: every task reads the same copy
+        # The context already holds the calibration images and the float side of every metric
+        # (a worker may not see the data, and nothing is computed once per task that could be once).
+        shared = ray.put(_for_workers(ctx))  # once: every task reads the same copy
         task = ray.remote(_evaluate_task).options(**options)
         pending = {task.remote(shared, point, key, threads): point for point, key in todo}
         version, warned = code_version(), set()
@@ -226,7 +223,7 @@ class RayExecutor:
                 for ref in done:
                     point = pending.pop(ref)
                     output = _result(ray, ref, point)
-                    check_worker(output.worker, version, prep.device.type, point.tag)
+                    check_worker(output.worker, version, ctx.device.type, point.tag)
                     reemit_warnings(output.warnings, warned)
                     yield output.result
         finally:
@@ -399,17 +396,17 @@ def task_error(exc: BaseException, tag: str) -> HierclusterError:
     )
 
 
-def _for_workers(prep: Prepared) -> Prepared:
-    """The prepared state as tasks get it: the model on the CPU, the device as a worker names it.
+def _for_workers(ctx: SweepContext) -> SweepContext:
+    """The sweep context as tasks get it: the model on the CPU, the device as a worker names it.
 
     A worker need not have the driver's GPU to unpickle it (it moves the model to
     :func:`worker_device`), and nothing of the driver's run directory is needed on a worker.
     """
-    model = copy.deepcopy(prep.model).cpu()
-    return dataclasses.replace(prep, model=model, device=worker_device(prep.device))
+    model = copy.deepcopy(ctx.model).cpu()
+    return dataclasses.replace(ctx, model=model, device=worker_device(ctx.device))
 
 
-def _evaluate_task(prep: Prepared, point: GridPoint, key: str, threads: int) -> TaskOutput:
+def _evaluate_task(ctx: SweepContext, point: GridPoint, key: str, threads: int) -> TaskOutput:
     """One spec on a Ray worker (module level, so Ray pickles it by reference).
 
     Its warnings come back with the result: Ray forwards no worker output to a driver
@@ -418,9 +415,9 @@ def _evaluate_task(prep: Prepared, point: GridPoint, key: str, threads: int) -> 
     torch.set_num_threads(threads)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # every warning is recorded; the driver's filters decide what shows
-        prep.model.to(prep.device)
-        result = evaluate_point(point, prep, key)
-    worker = WorkerInfo(socket.gethostname(), code_version(), model_device(prep.model).type)
+        ctx.model.to(ctx.device)
+        result = evaluate_point(point, ctx, key)
+    worker = WorkerInfo(socket.gethostname(), code_version(), model_device(ctx.model).type)
     return TaskOutput(result, worker, record_warnings(caught))
 
 

@@ -6,15 +6,18 @@ import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluation.metrics import headline
 from hiercluster.run.store import row_method
 from quant._files import write_text_atomic
 
+if TYPE_CHECKING:  # the sweep (torch, quant) loads only when a model is exported
+    from hiercluster.run.sweep import SweepContext
 
-def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Sequence[dict[str, Any]], out_dir: Path) -> Path:
+
+def export_models(ctx: SweepContext, grid: Sequence[Any], keys: Sequence[str], rows: Sequence[dict[str, Any]], out_dir: Path) -> Path:
     """Write each headline winner as a bit-packed model with its level's grouping under ``models/``.
 
     ``models/manifest.json`` maps every level to its model file, grouping file and reduction.
@@ -39,14 +42,14 @@ def export_models(prep: Any, grid: Sequence[Any], keys: Sequence[str], rows: Seq
         if (model_dir / entry["model"]).is_file()
     }
     by_key = dict(zip(keys, grid))
-    manifest: dict[str, Any] = {"reduction": prep.cfg.eval.reduction, "levels": {}}
-    for t in headline(rows, prep.cfg.eval.tolerance):
+    manifest: dict[str, Any] = {"reduction": ctx.cfg.eval.reduction, "levels": {}}
+    for t in headline(rows, ctx.cfg.eval.tolerance):
         w = t["winner"]
         if w is None:
             continue
         if w["spec_key"] not in written:
-            written[w["spec_key"]] = _export_model(prep, by_key[w["spec_key"]], w["spec_key"], out_dir, model_dir).name
-        group_file = _write_level_groups(prep, t["level"], out_dir)
+            written[w["spec_key"]] = _export_model(ctx, by_key[w["spec_key"]], w["spec_key"], out_dir, model_dir).name
+        group_file = _write_level_groups(ctx, t["level"], out_dir)
         manifest["levels"][t["level"]] = {
             "model": written[w["spec_key"]],
             "spec_key": w["spec_key"],
@@ -115,7 +118,7 @@ def _listed_files(manifest: dict[str, Any] | None) -> set[str]:
     return {name for entry in manifest["levels"].values() for name in (entry["model"], entry["groups"])}
 
 
-def _export_model(prep: Any, point: Any, key: str, out_dir: Path, model_dir: Path) -> Path:
+def _export_model(ctx: SweepContext, point: Any, key: str, out_dir: Path, model_dir: Path) -> Path:
     """Write one winner's bit-packed model as ``models/TAG.hcq``, whole or not at all."""
     import shutil
 
@@ -130,20 +133,20 @@ def _export_model(prep: Any, point: Any, key: str, out_dir: Path, model_dir: Pat
         with open(cached, "rb") as src:
             write_atomic(path, lambda dst: shutil.copyfileobj(src, dst))
     else:
-        qmodel, qreport = quantize_point(prep.model, point, prep)
+        qmodel, qreport = quantize_point(ctx.model, point, ctx)
         quant.save_packed(path, qmodel, qreport, overwrite=True)
     return path
 
 
-def _write_level_groups(prep: Any, level: str, out_dir: Path) -> Path:
+def _write_level_groups(ctx: SweepContext, level: str, out_dir: Path) -> Path:
     """``models/kK_groups.yaml``: the level's superclasses and their classes."""
     import yaml
 
     from hiercluster.run.rundir import level_groups_path
 
     groups: dict[str, list[str]] = defaultdict(list)
-    for cls, g in zip(prep.class_names, prep.levels[level].assignment):
-        groups[prep.levels[level].names[g]].append(cls)
+    for cls, g in zip(ctx.class_names, ctx.levels[level].assignment):
+        groups[ctx.levels[level].names[g]].append(cls)
     path = level_groups_path(out_dir, level)
     write_text_atomic(path, yaml.safe_dump(dict(groups), sort_keys=False))
     return path

@@ -32,7 +32,6 @@ from hiercluster.run.rundir import (
     DB_FILE,
     HIERARCHY_FILE,
     LEVELS_DIR,
-    PACKED_CACHE_DIR,
     RUN_FILE,
     RunLock,
     check_run_dir,
@@ -42,7 +41,7 @@ from hiercluster.run.rundir import (
     write_json,
 )
 from hiercluster.run.store import ResultsStore, check_database, file_digest
-from hiercluster.run.sweep import code_version, resume_key
+from hiercluster.run.sweep import code_version, resume_key, sweep_context
 from quant._files import write_atomic
 
 
@@ -99,11 +98,12 @@ def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool,
     start = time.perf_counter()
     user = next((p.calibration_user for p in grid if p.needs_calibration), None)
     prep = prepare(cfg, out_dir, progress=progress, calibration_for=user, grid=grid, write_cache=True)
-    if cfg.output.export_models:
-        prep.packed_cache = out_dir / PACKED_CACHE_DIR
+    t0 = time.perf_counter()
+    ctx = sweep_context(prep, grid, keep_packed=cfg.output.export_models)
+    prep.timings["float_metrics_s"] = time.perf_counter() - t0
     save_config(cfg, out_dir / CONFIG_FILE)
     write_hierarchy_files(prep, out_dir)
-    keys = [resume_key(p, prep) for p in grid]
+    keys = [resume_key(p, ctx) for p in grid]
     run_info = _run_info(prep, grid, keys)
     write_json(out_dir / RUN_FILE, run_info)
 
@@ -113,7 +113,7 @@ def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="quant specs", unit="spec", disable=not progress)
-        for result in executor.map(prep, todo):
+        for result in executor.map(ctx, todo):
             if result.packed_model is not None:
                 write_packed_cache(out_dir, result)
             store.add_spec(result)
@@ -126,7 +126,7 @@ def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool,
     run_info["timings"] = {**prep.timings, "sweep_s": sweep_s, "specs_run": len(todo), "specs_total": len(grid)}
     write_json(out_dir / RUN_FILE, run_info)
     if cfg.output.export_models:
-        export_models(prep, grid, keys, rows, out_dir)
+        export_models(ctx, grid, keys, rows, out_dir)
     run_info["timings"]["total_s"] = time.perf_counter() - start
     write_json(out_dir / RUN_FILE, run_info)
     return {"run_dir": str(out_dir), "headline": headline(rows, cfg.eval.tolerance), **run_info}

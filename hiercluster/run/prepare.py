@@ -24,7 +24,6 @@ from hiercluster.data.datasets import (
 )
 from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.evaluation.inference import collect_logits
-from hiercluster.evaluation.metrics import FloatLevelStats
 from hiercluster.hierarchy.clustering import ClassHierarchy, build_hierarchy
 from hiercluster.hierarchy.groupings import as_assignment, group_names
 from hiercluster.models.device import resolve_device
@@ -119,12 +118,8 @@ class Prepared:
     reference_groups: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     calibration: list[torch.Tensor] | None = None
-    packed_cache: Path | None = None
     data_options: FolderOptions | None = None  # an image folder's size, channels, normalization, resizing
     data_limit: dict[str, int] | None = None  # {"limit": n, "of": N} when data.limit evaluates a subset
-    # The float side of every spec's level metrics, per level kind: filled on first use by
-    # hiercluster.run.sweep.level_metrics (it depends only on the float logits and the levels).
-    float_stats: dict[str, FloatLevelStats] = field(default_factory=dict)
     # Where ``model`` (and every quantized copy of it) runs: runtime.device resolved. Batches stay
     # on the CPU until quant.device.to_device moves them; logits come back to the CPU.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 import quant
+from hiercluster.data.datasets import FolderOptions, make_loader
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluation.inference import accuracy, collect_logits
 from hiercluster.evaluation.metrics import (
@@ -18,12 +21,14 @@ from hiercluster.evaluation.metrics import (
     float_level_stats,
     prediction_share,
 )
+from hiercluster.run.config import RunConfig
 from hiercluster.run.grid import GridPoint, calibration_settings
 from hiercluster.run.prepare import Prepared, data_identity
 from hiercluster.run.records import (
     LEVEL_KINDS,
     RUN_WIDE_METRIC_KEYS,
     XZ_MAX_BYTES,
+    Level,
     LevelResult,
     SpecResult,
     build_record,
@@ -32,7 +37,75 @@ from hiercluster.run.store import spec_key
 from hiercluster.run.versions import code_version
 
 
-def resume_key(point: GridPoint, prep: Prepared) -> str:
+@dataclass(frozen=True)
+class SweepContext:
+    """What every spec of a sweep reads: fixed before the first spec runs, never written by one.
+
+    Built once per run by :func:`sweep_context` from the prepared state: the float model,
+    the evaluation set with its float logits and labels, the levels, the calibration images
+    (loaded when a spec of the grid needs them) and the float side of every level's metrics
+    (computed once, not once per spec). The Ray executor puts it into the object store once;
+    it pickles with the model, tensors and dataset it holds (plain dicts, not read-only
+    mapping proxies, for that reason: no spec writes to them).
+    """
+
+    cfg: RunConfig
+    model: nn.Module
+    class_names: tuple[str, ...]
+    eval_set: Any
+    labels: torch.Tensor
+    float_logits: torch.Tensor
+    levels: Mapping[str, Level]
+    float_stats: Mapping[str, FloatLevelStats]
+    calibration: tuple[torch.Tensor, ...] | None
+    checkpoint_digest: str
+    data_options: FolderOptions | None
+    device: torch.device
+    keep_packed: bool = False  # return calibrated models bit-packed, for the run's export
+
+    def loader(self) -> Any:
+        """Batches of the evaluation set (scoring only: nothing is ever fitted on it)."""
+        return make_loader(self.eval_set, self.cfg.data.batch_size, num_workers=self.cfg.runtime.workers)
+
+
+def sweep_context(prep: Prepared, grid: Sequence[GridPoint] = (), keep_packed: bool = False) -> SweepContext:
+    """The frozen context of a sweep over ``grid`` from ``prep`` (whose float logits are computed).
+
+    Calibration images are loaded here when a point of ``grid`` needs them, and the float
+    side of every level kind's metrics is computed here, so that no spec (and no Ray task)
+    does either again.
+    """
+    if prep.float_logits is None or prep.labels is None:
+        raise HierclusterError("sweep_context needs the float logits: call prep.evaluate_float() first")
+    calibrated = next((p for p in grid if p.needs_calibration), None)
+    calibration = prep.calibration_batches(calibrated.calibration_user) if calibrated is not None else prep.calibration
+    cfg = prep.cfg
+    float_stats = {}
+    for kind in LEVEL_KINDS:
+        names, levels = _kind_levels(prep.levels, kind)
+        if names:
+            float_stats[kind] = float_level_stats(
+                prep.float_logits, prep.labels, levels,
+                n_random=cfg.eval.random_seeds, seed=cfg.eval.seed, reduction=cfg.eval.reduction,
+            )
+    return SweepContext(
+        cfg=cfg,
+        model=prep.model,
+        class_names=tuple(prep.class_names),
+        eval_set=prep.eval_set,
+        labels=prep.labels,
+        float_logits=prep.float_logits,
+        levels=dict(prep.levels),
+        float_stats=float_stats,
+        calibration=tuple(calibration) if calibration is not None else None,
+        checkpoint_digest=prep.checkpoint_digest,
+        data_options=prep.data_options,
+        device=prep.device,
+        keep_packed=keep_packed,
+    )
+
+
+def resume_key(point: GridPoint, ctx: SweepContext) -> str:
     """The key a spec's results are stored under: a hash of everything that changes them.
 
     The spec, plan and method; the calibration images' settings (calibrated specs) and the
@@ -43,7 +116,7 @@ def resume_key(point: GridPoint, prep: Prepared) -> str:
     Settings that only change speed or the report (batch sizes, workers, threads,
     tolerance, output) are left out: ``tests/hiercluster/run/test_resume_key.py`` lists each.
     """
-    cfg = prep.cfg
+    cfg = ctx.cfg
     return spec_key(
         {
             "spec": point.spec.to_dict(),
@@ -53,30 +126,32 @@ def resume_key(point: GridPoint, prep: Prepared) -> str:
             "calibration": calibration_settings(cfg) if point.needs_calibration else None,
             "activation": point.activation.to_dict() if point.activation else None,
             "activation_batches": cfg.quant.activation_calibration_batches if point.activation else None,
-            "checkpoint": prep.checkpoint_digest,
-            "data": _data_key(prep),
+            "checkpoint": ctx.checkpoint_digest,
+            "data": _data_key(ctx),
             "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed],
-            "levels": {name: list(level.assignment) for name, level in prep.levels.items()},
-            "device": prep.device.type,
+            "levels": {name: list(level.assignment) for name, level in ctx.levels.items()},
+            "device": ctx.device.type,
             "version": code_version(),
         }
     )
 
 
-def _data_key(prep: Prepared) -> dict[str, Any]:
+def _data_key(ctx: SweepContext) -> dict[str, Any]:
     """The evaluation data in a result's key: what selects it, and a digest of its labels."""
-    labels = prep.labels.numpy().astype("<i8").tobytes()
-    ident = data_identity(prep.cfg, len(prep.labels), prep.data_options)
+    labels = ctx.labels.numpy().astype("<i8").tobytes()
+    ident = data_identity(ctx.cfg, len(ctx.labels), ctx.data_options)
     return {**ident, "labels": hashlib.sha256(labels).hexdigest()[:16]}
 
 
-def quantize_point(model: nn.Module, point: GridPoint, prep: Prepared) -> tuple[nn.Module, Any]:
+def quantize_point(model: nn.Module, point: GridPoint, ctx: SweepContext) -> tuple[nn.Module, Any]:
     """Quantize the float model for one grid point (weights once; activations if asked).
 
     Everything fitted (calibrated rounding, BN statistics, activation ranges) is fitted
     on the calibration batches, never on the evaluation set.
     """
-    calibration = prep.calibration_batches(point.calibration_user) if point.needs_calibration else None
+    calibration = ctx.calibration if point.needs_calibration else None
+    if point.needs_calibration and ctx.calibration is None:
+        raise HierclusterError(f"{point.tag} needs calibration images; build the context with sweep_context(prep, grid)")
     try:
         return quant.quantize_model(
             model,
@@ -86,94 +161,67 @@ def quantize_point(model: nn.Module, point: GridPoint, prep: Prepared) -> tuple[
             bn_reestimate=point.bn_reestimate,
             act_spec=point.activation,
             calibration=calibration,
-            calibration_batches=prep.cfg.quant.activation_calibration_batches,
-            seed=prep.cfg.calibration.seed,
+            calibration_batches=ctx.cfg.quant.activation_calibration_batches,
+            seed=ctx.cfg.calibration.seed,
         )
     except quant.QuantError as exc:
         raise HierclusterError(f"quantizing with {point.tag}: {exc}") from None
 
 
-def _float_stats(prep: Prepared, kind: str, levels: dict[int, Any]) -> FloatLevelStats:
-    """The float side of the ``kind`` levels' metrics: computed for the first spec, then kept on ``prep``."""
-    if kind not in prep.float_stats:
-        cfg = prep.cfg
-        prep.float_stats[kind] = float_level_stats(
-            prep.float_logits,
-            prep.labels,
-            levels,
-            n_random=cfg.eval.random_seeds,
-            seed=cfg.eval.seed,
-            reduction=cfg.eval.reduction,
-        )
-    return prep.float_stats[kind]
-
-
-def _kind_levels(prep: Prepared, kind: str) -> tuple[list[str], dict[int, Any]]:
+def _kind_levels(levels: Mapping[str, Level], kind: str) -> tuple[list[str], dict[int, Any]]:
     """The names of the ``kind`` levels and their ``{k: assignment}``, in the run's level order."""
-    names = [name for name, level in prep.levels.items() if level.kind == kind]
-    return names, {prep.levels[name].k: prep.levels[name].array for name in names}
+    names = [name for name, level in levels.items() if level.kind == kind]
+    return names, {levels[name].k: levels[name].array for name in names}
 
 
-def fill_float_stats(prep: Prepared) -> None:
-    """Compute the float side of every level kind's metrics now, not for the first spec.
-
-    For an executor that ships ``prep`` to workers: filled before, it travels with
-    ``prep`` and no task computes it again.
-    """
-    for kind in LEVEL_KINDS:
-        names, levels = _kind_levels(prep, kind)
-        if names:
-            _float_stats(prep, kind, levels)
-
-
-def level_metrics(prep: Prepared, quant_logits: torch.Tensor) -> list[LevelResult]:
+def level_metrics(ctx: SweepContext, quant_logits: torch.Tensor) -> list[LevelResult]:
     """Every level's metrics for one quantized model, from kept logits.
 
     The learned levels (distinct k) go through one vectorized :func:`evaluate_levels`
     call; the reference grouping, whose k may equal a learned level's, through another.
-    The float side of both is computed once per run (:func:`_float_stats`).
+    The float side of both was computed once, in :func:`sweep_context`.
     """
-    cfg = prep.cfg
+    cfg = ctx.cfg
     rows: dict[str, LevelResult] = {}
     for kind in LEVEL_KINDS:
-        names, levels = _kind_levels(prep, kind)
+        names, levels = _kind_levels(ctx.levels, kind)
         if not names:
             continue
         results = evaluate_levels(
-            prep.float_logits,
+            ctx.float_logits,
             quant_logits,
-            prep.labels,
+            ctx.labels,
             levels,
             n_random=cfg.eval.random_seeds,
             seed=cfg.eval.seed,
             reduction=cfg.eval.reduction,
-            float_stats=_float_stats(prep, kind, levels),
+            float_stats=ctx.float_stats[kind],
         )
         for name, row in zip(names, results):
             rows[name] = build_record(
                 LevelResult, {**row, "level": name, "grouping": kind}, f"level {name}", ignore=RUN_WIDE_METRIC_KEYS
             )
-    return [rows[name] for name in prep.levels]
+    return [rows[name] for name in ctx.levels]
 
 
-def evaluate_point(point: GridPoint, prep: Prepared, key: str) -> SpecResult:
+def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
     """Quantize, run once, compute every level's metrics and the sizes; returns what the store keeps.
 
-    With ``prep.packed_cache`` set, a calibrated model comes back bit-packed in
+    With ``ctx.keep_packed``, a calibrated model comes back bit-packed in
     ``packed_model`` too, for the driver to keep (``packed/KEY.hcq``), so that exporting it
     later does not fit it again. Nothing here writes a file: on a Ray cluster this runs on
     a machine that may not see the run directory.
     """
     t0 = time.perf_counter()
-    qmodel, qreport = quantize_point(prep.model, point, prep)
+    qmodel, qreport = quantize_point(ctx.model, point, ctx)
     packed = None
-    if prep.packed_cache is not None and point.needs_calibration:
+    if ctx.keep_packed and point.needs_calibration:
         packed = quant.packed_file_bytes(qmodel, qreport)
     t1 = time.perf_counter()
-    qlogits, _ = collect_logits(qmodel, prep.loader())
+    qlogits, _ = collect_logits(qmodel, ctx.loader())
     t2 = time.perf_counter()
-    level_rows = level_metrics(prep, qlogits)
-    share = prediction_share(qlogits, len(prep.class_names))
+    level_rows = level_metrics(ctx, qlogits)
+    share = prediction_share(qlogits, len(ctx.class_names))
     t3 = time.perf_counter()
     sizes = quant.model_size(qmodel, qreport, xz_max_bytes=XZ_MAX_BYTES)
     t4 = time.perf_counter()
@@ -191,7 +239,7 @@ def evaluate_point(point: GridPoint, prep: Prepared, key: str) -> SpecResult:
             "bn_reestimate": bool(point.bn_reestimate),
             "activation_bits": point.activation.bits if point.activation else None,
             "avg_bits": qreport.avg_bits,
-            "fine_acc": accuracy(qlogits, prep.labels),
+            "fine_acc": accuracy(qlogits, ctx.labels),
             **{k: sizes[k] for k in ("fp32_bytes", "packed_bytes", "gzip_bytes", "xz_bytes")},
             "quantize_s": t1 - t0,
             "eval_s": t2 - t1,

@@ -211,7 +211,7 @@ def test_float_stats_of_other_settings_are_refused():
         float_level_stats(zf, y, levels, n_random=0)
 
 
-def test_level_metrics_computes_the_float_side_once_per_run(monkeypatch):
+def test_the_sweep_context_computes_the_float_side_once_per_run(monkeypatch):
     zf, zq, y = _toy(3)
     names = [f"g{i}" for i in range(5)]
     levels = {
@@ -220,13 +220,18 @@ def test_level_metrics_computes_the_float_side_once_per_run(monkeypatch):
     }
     levels["reference"] = Level.of("reference", np.arange(30) % 5, names, "reference")
     cfg = SimpleNamespace(eval=SimpleNamespace(random_seeds=5, seed=4, reduction="prob_sum"))
-    prep = SimpleNamespace(cfg=cfg, levels=levels, float_logits=zf, labels=y, float_stats={})
+    prep = SimpleNamespace(
+        cfg=cfg, levels=levels, float_logits=zf, labels=y, calibration=None, model=None, class_names=names,
+        eval_set=None, checkpoint_digest="d", data_options=None, device=torch.device("cpu"),
+    )
     calls = []
     real = sweep.float_level_stats
     monkeypatch.setattr(sweep, "float_level_stats", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    first = sweep.level_metrics(prep, zq)
-    second = sweep.level_metrics(prep, zq)
-    assert len(calls) == 2 and set(prep.float_stats) == {"learned", "reference"}  # one per level kind, once
+    ctx = sweep.sweep_context(prep)
+    assert len(calls) == 2 and set(ctx.float_stats) == {"learned", "reference"}  # one per level kind
+    first = sweep.level_metrics(ctx, zq)
+    second = sweep.level_metrics(ctx, zq)
+    assert len(calls) == 2  # no spec computes the float side again
     assert first == second and [r.level for r in first] == list(levels)
     learned = evaluate_levels(zf, zq, y, {lv.k: lv.array for lv in list(levels.values())[:3]}, 5, 4)
     assert [r.acc_quant for r in first[:3]] == [row["acc_quant"] for row in learned]

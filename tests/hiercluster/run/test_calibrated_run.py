@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -215,9 +216,9 @@ def test_activation_calibration_does_not_read_the_evaluation_set(config_file, tm
     def no_eval_data():
         raise AssertionError("quantize_point read the evaluation loader")
 
+    ctx = dataclasses.replace(sweep.sweep_context(prep, [point]), eval_set=None)  # no evaluation images to read
     prep.loader = no_eval_data
-    prep.eval_set = None
-    _, report = sweep.quantize_point(prep.model, point, prep)
+    _, report = sweep.quantize_point(ctx.model, point, ctx)
     # Reference: the same activation ranges from the first two calibration batches, by hand.
     _, ref = quant.quantize_model(
         prep.model, point.spec, point.plan, act_spec=point.activation, calibration=_expected_calibration()[:2]

@@ -31,6 +31,7 @@ from hiercluster.run.executors import RayExecutor, SerialExecutor, make_executor
 from hiercluster.run.grid import expand_grid
 from hiercluster.run.pipeline import run_pipeline
 from hiercluster.run.prepare import prepare
+from hiercluster.run.sweep import sweep_context
 from hiercluster.run.rundir import LOGITS_FILE, RUN_FILE
 from hiercluster.run.store import ResultsStore
 
@@ -153,10 +154,11 @@ def test_a_wrong_address_fails_before_the_run_writes_anything(checkpoint, tmp_pa
 
 @pytest.fixture(scope="module")
 def digits_prep(checkpoint, tmp_path_factory):
-    """A prepared digits run of two round-to-nearest specs (the float model's logits and levels)."""
+    """The sweep context of a digits run of two round-to-nearest specs (the float model's logits and levels)."""
     cfg = load_config(DIGITS, [*OVERRIDES, "quant.methods=[rtn]", "quant.bits=[4]", f"model.checkpoint={checkpoint}"])
     grid = expand_grid(cfg)
-    return prepare(cfg, tmp_path_factory.mktemp("prep"), progress=False, grid=grid), grid
+    prep = prepare(cfg, tmp_path_factory.mktemp("prep"), progress=False, grid=grid)
+    return sweep_context(prep, grid), grid
 
 
 def _digits_model(*layers: nn.Module) -> nn.Module:
