@@ -96,3 +96,76 @@ def distinct_sorted(ordered: Tensor) -> Tensor:
 def per_channel_distinct(x: Tensor) -> Tensor:
     """Number of distinct values in each slice along axis 0 (int64, ``(C,)``)."""
     return distinct_sorted(sort_rows(_channel_rows(x).to(torch.float32)))
+
+
+def mean(x: Tensor) -> float:
+    """Mean of all elements, accumulated in float64 (a float32 sum drifts on large weights).
+
+    Examples
+    --------
+    >>> mean(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    3.0
+    """
+    return float(x.detach().to(torch.float64).mean())
+
+
+def tukey_fences(stats: dict[str, float], k: float = 1.5) -> tuple[float, float]:
+    """Tukey's fences ``(q1 - k IQR, q3 + k IQR)`` from :func:`five_numbers` statistics.
+
+    Examples
+    --------
+    >>> tukey_fences({"q1": 1.0, "q3": 3.0})
+    (-2.0, 6.0)
+    """
+    iqr = stats["q3"] - stats["q1"]
+    return stats["q1"] - k * iqr, stats["q3"] + k * iqr
+
+
+def outlier_fraction_sorted(ordered: Tensor, stats: dict[str, float] | None = None) -> float:
+    """Share of an already sorted 1-D tensor's elements outside the Tukey fences of its own quartiles.
+
+    ``stats`` is :func:`five_numbers_sorted` of ``ordered`` when the caller has it already.
+    An element on a fence is not an outlier. NaN for an empty tensor.
+    """
+    n = ordered.numel()
+    if n == 0:
+        return math.nan
+    lo, hi = tukey_fences(five_numbers_sorted(ordered) if stats is None else stats)
+    # float64, so that the fences (computed in Python doubles) are not rounded to float32.
+    values = ordered.to(torch.float64)
+    return float(((values < lo) | (values > hi)).sum()) / n
+
+
+def outlier_fraction(x: Tensor) -> float:
+    """Share of ``x``'s elements outside Tukey's fences ``[q1 - 1.5 IQR, q3 + 1.5 IQR]`` of its quartiles.
+
+    Examples
+    --------
+    >>> outlier_fraction(torch.tensor([0.0, 1.0, 2.0, 3.0, 100.0]))
+    0.2
+    """
+    return outlier_fraction_sorted(sort_rows(x.detach().to(torch.float32).reshape(1, -1))[0])
+
+
+def per_channel_range(x: Tensor) -> Tensor:
+    """``max - min`` of each slice along axis 0 (float64, ``(C,)``)."""
+    rows = _channel_rows(x).to(torch.float64)
+    return rows.amax(dim=1) - rows.amin(dim=1)
+
+
+def per_channel_range_ratio(before: Tensor, after: Tensor) -> Tensor:
+    """Per output channel (axis 0), ``(max - min)`` of ``after`` over ``(max - min)`` of ``before`` (float64).
+
+    Below 1, quantization shrank the channel's spread (clipping, or levels rounded to zero);
+    above 1, it widened it. NaN where ``before``'s channel is constant: the ratio is undefined.
+
+    Examples
+    --------
+    >>> per_channel_range_ratio(torch.tensor([[0.0, 4.0], [1.0, 1.0]]), torch.tensor([[0.0, 3.0], [1.0, 1.0]])).tolist()
+    [0.75, nan]
+    """
+    if before.shape != after.shape:
+        raise ValueError(f"per_channel_range_ratio: shapes differ, {tuple(before.shape)} and {tuple(after.shape)}")
+    spread = per_channel_range(before)
+    ratio = per_channel_range(after) / spread
+    return torch.where(spread > 0, ratio, torch.full_like(ratio, math.nan))

@@ -19,7 +19,10 @@ from quant.metrics import (
     QUARTILES,
     distinct_sorted,
     five_numbers_sorted,
+    mean,
+    outlier_fraction_sorted,
     per_channel_distinct,
+    per_channel_range_ratio,
     per_channel_zero_fraction,
     sqnr_from,
     squared_error,
@@ -33,6 +36,15 @@ def _summary(values: Tensor) -> dict[str, float]:
     return {"min": float(values.min()), "mean": float(values.mean()), "max": float(values.max())}
 
 
+def _ratio_summary(ratios: tuple[float, ...]) -> dict[str, float]:
+    """Median and min of the defined (non-NaN) per-channel range ratios; NaN for both when none is."""
+    defined = torch.tensor([r for r in ratios if not math.isnan(r)], dtype=torch.float64)
+    if not defined.numel():
+        return {"median": math.nan, "min": math.nan}
+    stats = five_numbers_sorted(defined.sort().values)
+    return {"median": stats["median"], "min": stats["min"]}
+
+
 @dataclass(frozen=True)
 class LayerReport:
     """Statistics of one weight (Conv/Linear, or an attention projection) before and after quantization.
@@ -41,6 +53,16 @@ class LayerReport:
     (two-term) layer, 32 for a layer left float. ``zero_fraction`` and
     ``distinct_levels`` describe the quantized weight (the seed's "local sparsity"),
     also per output channel (``*_per_channel`` lists; ``*_channels`` min/mean/max).
+    ``before`` and ``after`` hold the five numbers (``min q1 median q3 max``) and the
+    ``mean`` of the float and of the quantized weight: a shifted mean is a bias every
+    output of the layer inherits. ``outlier_fraction`` is the share of the *float*
+    weight's elements outside Tukey's fences ``[q1 - 1.5 IQR, q3 + 1.5 IQR]`` of its own
+    quartiles: the long tails a min-max range has to cover. ``range_ratio_per_channel``
+    is, per output channel (axis 0), ``(max - min)`` after over ``(max - min)`` before
+    (NaN for a channel that is constant in the float weight). The flat row summarizes it
+    by its median (the typical channel, robust to a few channels with a near-zero float
+    range whose ratio explodes, which would drag a mean) and its min (the channel that
+    clipping or rounding to zero shrank most, which a mean would hide).
     ``method`` is how the weights were rounded (None for a float layer). For the
     calibrated methods, ``output_mse_rtn`` and ``output_mse`` are the mean squared
     errors of the layer's output (without bias) against the float weight's output on
@@ -62,6 +84,8 @@ class LayerReport:
     distinct_levels: int
     zero_fraction_per_channel: tuple[float, ...]
     distinct_per_channel: tuple[int, ...]
+    outlier_fraction: float
+    range_ratio_per_channel: tuple[float, ...]
     act_bits: int | None = None
     act_scale: float | None = None
     act_zero_point: int | None = None
@@ -75,6 +99,7 @@ class LayerReport:
         before = sort_rows(weight.detach().to(torch.float32).reshape(1, -1))[0]
         after = sort_rows(quantized.detach().to(torch.float32).reshape(1, -1))[0]
         error = squared_error(weight, quantized)
+        before_stats = five_numbers_sorted(before)
         return cls(
             name=name,
             shape=tuple(weight.shape),
@@ -85,12 +110,14 @@ class LayerReport:
             residual=residual,
             mse=error / weight.numel(),
             sqnr_db=sqnr_from(weight, error),
-            before=five_numbers_sorted(before),
-            after=five_numbers_sorted(after),
+            before={**before_stats, "mean": mean(weight)},
+            after={**five_numbers_sorted(after), "mean": mean(quantized)},
             zero_fraction=float((after == 0).sum()) / after.numel(),
             distinct_levels=int(distinct_sorted(after)),
             zero_fraction_per_channel=tuple(per_channel_zero_fraction(quantized).tolist()),
             distinct_per_channel=tuple(per_channel_distinct(quantized).tolist()),
+            outlier_fraction=outlier_fraction_sorted(before, before_stats),
+            range_ratio_per_channel=tuple(per_channel_range_ratio(weight, quantized).tolist()),
             method=None if spec is None else "rtn",
         )
 
@@ -127,6 +154,8 @@ class LayerReport:
             "distinct_levels": self.distinct_levels,
             "zero_fraction_per_channel": list(self.zero_fraction_per_channel),
             "distinct_per_channel": list(self.distinct_per_channel),
+            "outlier_fraction": self.outlier_fraction,
+            "range_ratio_per_channel": list(self.range_ratio_per_channel),
             "act_bits": self.act_bits,
             "act_scale": self.act_scale,
             "act_zero_point": self.act_zero_point,
@@ -135,14 +164,16 @@ class LayerReport:
         }
 
     def row(self) -> dict[str, Any]:
-        """One flat row (scalars only; per-channel lists summarized as min/mean/max)."""
+        """One flat row: scalars only; per-channel lists summarized as min/mean/max, range ratios as median/min."""
         out = self._head("x".join(map(str, self.shape)))
         for when, stats in (("before", self.before), ("after", self.after)):
-            out.update({f"{when}_{k}": stats[k] for k in QUARTILES})
+            out.update({f"{when}_{k}": stats[k] for k in (*QUARTILES, "mean")})
         out["zero_fraction"] = self.zero_fraction
         out.update({f"zero_fraction_ch_{k}": v for k, v in _summary(torch.tensor(self.zero_fraction_per_channel)).items()})
         out["distinct_levels"] = self.distinct_levels
         out.update({f"distinct_ch_{k}": v for k, v in _summary(torch.tensor(self.distinct_per_channel)).items()})
+        out["outlier_fraction"] = self.outlier_fraction
+        out.update({f"range_ratio_ch_{k}": v for k, v in _ratio_summary(self.range_ratio_per_channel).items()})
         out.update(act_bits=self.act_bits, act_scale=self.act_scale, act_zero_point=self.act_zero_point)
         out.update(output_mse_rtn=self.output_mse_rtn, output_mse=self.output_mse)
         return out
@@ -227,7 +258,8 @@ class QuantReport:
         return [layer.row() for layer in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly summary (codes excluded; an SQNR of a perfectly kept layer is ``inf``)."""
+        """JSON-friendly summary (codes excluded; an SQNR of a perfectly kept layer is ``inf``, the range
+        ratio of a channel constant in the float weight NaN)."""
         return {
             "spec": self.spec.to_dict(),
             "spec_tag": self.spec.tag,

@@ -351,6 +351,9 @@ _LAYER_SPEC: dict[str, Any] = {
     "name": str,
     "bits": (int, None),
     **{f"{when}_{stat}": float for when in ("before", "after") for stat in _QUARTILES},
+    # Added with issue 12 (quant.report.LayerReport.row); optional, so rows stored before still read.
+    **{f"{key}?": float for key in ("before_mean", "after_mean", "outlier_fraction",
+                                    "range_ratio_ch_median", "range_ratio_ch_min")},
 }
 SPEC_DETAILS_SPEC: dict[str, Any] = {
     "spec": {"scheme": str, "bits": int},
