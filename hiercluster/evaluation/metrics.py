@@ -8,6 +8,8 @@ works on the logits it returns, never re-running the model (DESIGN.md, "Evaluati
 * :func:`random_groupings` / :func:`random_baseline`: same group sizes, random classes;
 * :func:`drop`, :func:`advantage`, :func:`min_bits`: DESIGN.md's definitions
   (accuracies are fractions, drops and advantages percentage points);
+* :func:`bootstrap_resamples`, :func:`rank_p`, :func:`absorbed_share`, :func:`fine_bootstrap`:
+  DESIGN.md's "Statistics" (paired bootstrap intervals, the chance test, the absorbed share);
 * :func:`evaluate_levels`: all of it for one quantized model at every level, with the
   float model's side computed once per run by :func:`float_level_stats`;
 * :func:`prediction_share`, :func:`bias_report`: where quantization moves predictions.
@@ -119,6 +121,92 @@ def grouped_accuracies(
     return _correct_counts(z, y, distinct, reduction)[inverse] / len(y)
 
 
+def grouped_correct_sums(
+    logits: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    assignments: np.ndarray,
+    slots: np.ndarray,
+    n_slots: int,
+    reduction: str = "prob_sum",
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`grouped_accuracies` plus per-sample correctness summed over groupings into slots.
+
+    Parameters
+    ----------
+    logits, labels, assignments, reduction
+        As for :func:`grouped_accuracies`.
+    slots : ``(G,)`` int
+        The slot each grouping's per-sample correctness is added to; ``-1``: not kept.
+    n_slots : int
+
+    Returns
+    -------
+    acc : ``(G,)``
+        Grouped accuracy of every grouping (the same numbers as :func:`grouped_accuracies`).
+    sums : ``(n_slots, N)`` float32
+        ``sums[s, i]``: how many groupings of slot ``s`` put sample ``i`` in its true group.
+        Dividing a slot of R random groupings by R gives their mean correctness per sample
+        (the paired bootstrap's input), at the cost of one scatter-add per scored block.
+
+    Examples
+    --------
+    >>> z = torch.tensor([[3.0, 2.0, 0.0], [0.0, 1.0, 2.0]])
+    >>> acc, sums = grouped_correct_sums(z, torch.tensor([1, 2]), np.array([[0, 1, 2], [0, 0, 1], [0, 1, 1]]),
+    ...                                  np.array([0, 1, 1]), 2)
+    >>> acc.tolist(), sums.tolist()
+    ([0.5, 1.0, 0.5], [[0.0, 1.0], [1.0, 2.0]])
+    """
+    z, y = _logits_labels(logits, labels)
+    if reduction not in REDUCTIONS:
+        raise HierclusterError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    a = _check_assignments(assignments, z.shape[1])
+    slots = np.asarray(slots, dtype=np.int64)
+    if slots.shape != (len(a),) or (slots.size and (slots.min() < -1 or slots.max() >= n_slots)):
+        raise HierclusterError(f"slots must be ({len(a)},) ints in [-1, {n_slots}), got shape {slots.shape}")
+    if len(a) == 0:
+        return np.empty(0), np.zeros((n_slots, len(y)), dtype=np.float32)
+    distinct, inverse = _distinct_rows(a)
+    sums = _SlotSums(inverse, slots, n_slots, len(y), z.device)
+    counts = _correct_counts(z, y, distinct, reduction, sums)
+    return counts[inverse] / len(y), sums.result()
+
+
+class _SlotSums:
+    """Per-sample correctness of distinct groupings, scatter-added into slots ``(N, S)``.
+
+    A distinct grouping may stand for several rows (the random groupings of k = C or
+    k = 1 all equal the learned one): each (distinct row, slot) pair is added with the
+    number of rows it stands for.
+    """
+
+    def __init__(self, inverse: np.ndarray, slots: np.ndarray, n_slots: int, n: int, device: torch.device) -> None:
+        keep = slots >= 0
+        pairs, weight = np.unique(np.stack([inverse[keep], slots[keep]], 1), axis=0, return_counts=True)
+        pairs = pairs.reshape(-1, 2)
+        self._row, self._slot, self._weight = pairs[:, 0], pairs[:, 1], weight.astype(np.float32)
+        self._starts = np.searchsorted(self._row, np.arange(int(inverse.max()) + 2))
+        self._device = device
+        self._out = torch.zeros(n, n_slots, dtype=torch.float32, device=device)
+
+    def add(self, rows: np.ndarray, lo: int, correct: torch.Tensor | np.ndarray) -> None:
+        """Add ``correct`` ``(r, len(rows))`` (samples ``lo:lo+r`` of the distinct ``rows``) to their slots."""
+        rows = np.asarray(rows, dtype=np.int64)
+        per = self._starts[rows + 1] - self._starts[rows]
+        if not per.any():
+            return
+        column = np.repeat(np.arange(len(rows)), per)
+        first = np.repeat(self._starts[rows] - np.cumsum(per) + per, per)
+        pair = first + np.arange(len(column))
+        correct = torch.as_tensor(correct, device=self._device)
+        dev = self._device
+        src = correct[:, torch.as_tensor(column, device=dev)].to(torch.float32)
+        src = src * torch.as_tensor(self._weight[pair], device=dev)
+        self._out[lo : lo + len(correct)].index_add_(1, torch.as_tensor(self._slot[pair], device=dev), src)
+
+    def result(self) -> np.ndarray:
+        return self._out.T.contiguous().cpu().numpy()
+
+
 def _distinct_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each distinct row of ``a`` once, in order of first appearance, and ``inverse`` with ``a == distinct[inverse]``."""
     seen: dict[bytes, int] = {}
@@ -127,10 +215,15 @@ def _distinct_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a[first], inverse
 
 
-def _correct_counts(z: torch.Tensor, y: torch.Tensor, a: np.ndarray, reduction: str) -> np.ndarray:
-    """Correctly grouped samples ``(G,)`` of every grouping of ``a``, each by the cheaper kernel for its k."""
+def _correct_counts(
+    z: torch.Tensor, y: torch.Tensor, a: np.ndarray, reduction: str, sums: _SlotSums | None = None
+) -> np.ndarray:
+    """Correctly grouped samples ``(G,)`` of every grouping of ``a``, each by the cheaper kernel for its k.
+
+    With ``sums``, every kernel also adds each grouping's per-sample correctness to it.
+    """
     if reduction == "argmax_then_map":
-        return _vote_counts(z, y, a)
+        return _vote_counts(z, y, a, sums)
     source = torch.exp(z - z.amax(1, keepdim=True)) if reduction == "prob_sum" else z  # what group sums add up
     segment = a.max(1) + 1 >= _SEGMENT_MIN_K
     # The segment sum runs in numpy; elsewhere (another device, a half dtype) and for
@@ -140,19 +233,25 @@ def _correct_counts(z: torch.Tensor, y: torch.Tensor, a: np.ndarray, reduction: 
     elif segment.any() and not bool(torch.isfinite(source).all()):
         segment[:] = False
     counts = np.zeros(len(a), dtype=np.int64)
+    ids = np.arange(len(a))
     if not segment.all():
-        counts[~segment] = _dense_counts(source, y, a[~segment], reduction)
+        counts[~segment] = _dense_counts(source, y, a[~segment], reduction, sums, ids[~segment])
     if segment.any():
-        counts[segment] = _segment_counts(source, y, a[segment], reduction)
+        counts[segment] = _segment_counts(source, y, a[segment], reduction, sums, ids[segment])
     return counts
 
 
-def _vote_counts(z: torch.Tensor, y: torch.Tensor, a: np.ndarray) -> np.ndarray:
+def _vote_counts(z: torch.Tensor, y: torch.Tensor, a: np.ndarray, sums: _SlotSums | None = None) -> np.ndarray:
     """``argmax_then_map``: the fine prediction's group against the true class's group."""
     fine = z.argmax(1)
     at = torch.as_tensor(a, device=z.device)
     step = max(1, _MAX_BLOCK // len(y))
-    hits = [(block[:, fine] == block[:, y]).sum(1) for block in at.split(step)]
+    hits = []
+    for lo in range(0, len(a), step):
+        correct = at[lo : lo + step][:, fine] == at[lo : lo + step][:, y]  # (g, N)
+        hits.append(correct.sum(1))
+        if sums is not None:
+            sums.add(np.arange(lo, min(lo + step, len(a))), 0, correct.T)
     return torch.cat(hits).cpu().numpy()
 
 
@@ -168,12 +267,20 @@ def _same_k_blocks(ks: np.ndarray, width: int) -> Iterable[tuple[np.ndarray, int
             yield order[lo : min(lo + step, stop)], k
 
 
-def _dense_counts(source: torch.Tensor, y: torch.Tensor, a: np.ndarray, reduction: str) -> np.ndarray:
+def _dense_counts(
+    source: torch.Tensor,
+    y: torch.Tensor,
+    a: np.ndarray,
+    reduction: str,
+    sums: _SlotSums | None = None,
+    ids: np.ndarray | None = None,
+) -> np.ndarray:
     """The one-hot product: scores of g groupings with the same k side by side, ``(r, C) @ (C, g * k)``.
 
     ``source`` is ``exp(z - max z)`` for ``prob_sum`` and the logits for ``mean_logit``:
     the ranking scores of :func:`~hiercluster.evaluation.heads.group_argmax`, empty groups
-    (an id skipped) included. Runs on ``source``'s device.
+    (an id skipped) included. Runs on ``source``'s device. ``sums`` receives every block's
+    per-sample correctness, ``ids`` naming the rows of ``a`` there.
     """
     n = len(y)
     at = torch.as_tensor(a, device=source.device)
@@ -191,18 +298,29 @@ def _dense_counts(source: torch.Tensor, y: torch.Tensor, a: np.ndarray, reductio
             if reduction == "mean_logit":
                 scores = (scores / members.clamp_min(1)).masked_fill(members == 0, float("-inf"))
             predicted = scores.view(-1, g, k).argmax(-1)  # (r, g)
-            hits += (predicted == block[:, y[lo : lo + step]].T).sum(0)
+            correct = predicted == block[:, y[lo : lo + step]].T
+            hits += correct.sum(0)
+            if sums is not None:
+                sums.add(ids[rows], lo, correct)
         counts[torch.as_tensor(rows, device=source.device)] = hits
     return counts.cpu().numpy()
 
 
-def _segment_counts(source: torch.Tensor, y: torch.Tensor, a: np.ndarray, reduction: str) -> np.ndarray:
+def _segment_counts(
+    source: torch.Tensor,
+    y: torch.Tensor,
+    a: np.ndarray,
+    reduction: str,
+    sums: _SlotSums | None = None,
+    ids: np.ndarray | None = None,
+) -> np.ndarray:
     """The segment sum (CPU): a sparse ``(k, C)`` membership matrix times a transposed chunk of scores.
 
     Every sample's C scores are added once per grouping, in class order, instead of
     ``C * k`` multiply-adds; the chunk of ``C x r`` scores stays in cache while all the
     groupings are summed over it.
     """
+    slot_sums = sums
     src = source.detach().numpy()
     n, c = src.shape
     truth_ids = y.numpy()
@@ -215,16 +333,27 @@ def _segment_counts(source: torch.Tensor, y: torch.Tensor, a: np.ndarray, reduct
         chunk = np.ascontiguousarray(src[lo : lo + step].T)  # (C, r): one contiguous row per class
         truth = truth_ids[lo : lo + step]
         for i, (row, matrix) in enumerate(zip(a, members)):
-            sums = matrix @ chunk  # (k, r)
+            scores = matrix @ chunk  # (k, r)
             if sizes is not None:  # the mean logit; an empty group (an id skipped) never wins
-                sums = np.divide(sums, np.maximum(sizes[i], 1), out=sums)
-                sums[sizes[i][:, 0] == 0] = -np.inf
-            counts[i] += _first_argmax_hits(sums, row[truth])
+                scores = np.divide(scores, np.maximum(sizes[i], 1), out=scores)
+                scores[sizes[i][:, 0] == 0] = -np.inf
+            correct = _first_argmax_mask(scores, row[truth])
+            counts[i] += int(np.count_nonzero(correct))
+            if slot_sums is not None:
+                slot_sums.add(ids[i : i + 1], lo, correct[:, None])
     return counts
 
 
 def _first_argmax_hits(scores: np.ndarray, truth: np.ndarray) -> int:
     """How many columns of ``scores`` ``(k, r)`` have their first maximum in row ``truth[j]``.
+
+    Overwrites ``scores``; see :func:`_first_argmax_mask`.
+    """
+    return int(np.count_nonzero(_first_argmax_mask(scores, truth)))
+
+
+def _first_argmax_mask(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Whether each column of ``scores`` ``(k, r)`` has its first maximum in row ``truth[j]``, ``(r,)`` bool.
 
     Each column's own score against the best of its other rows (a max down the rows is
     fast where numpy's argmax along the slow axis is not); the rare exact ties go to
@@ -234,12 +363,12 @@ def _first_argmax_hits(scores: np.ndarray, truth: np.ndarray) -> int:
     own = scores[truth, cols]
     scores[truth, cols] = -np.inf
     rival = scores.max(0)  # the best other group of every sample
-    hits = int(np.count_nonzero(own > rival))
+    correct = own > rival
     tied = np.flatnonzero(own == rival)
     if len(tied):
         scores[truth[tied], tied] = own[tied]
-        hits += int(np.count_nonzero(scores[:, tied].argmax(0) == truth[tied]))
-    return hits
+        correct[tied] = scores[:, tied].argmax(0) == truth[tied]
+    return correct
 
 
 def grouped_metrics(
@@ -366,7 +495,8 @@ def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> di
     dict
         ``{k: row or None}`` for every k seen, descending: the winning row without its
         ``"k"`` (so ``{"bits": b, "drop": d, ...}``), or ``None`` when no row of that
-        level has ``drop <= tolerance``. The winner has the smallest ``bits`` among the
+        level has ``drop <= tolerance``. A winning row with a ``drop_hi`` (the upper end
+        of its drop's 95% interval) also gets ``"confidence"`` (:func:`confidence`). The winner has the smallest ``bits`` among the
         passing rows (the literal definition: a passing b is reported even if a larger b
         fails); ties on bits go to the smaller drop, then to the earlier row.
 
@@ -393,9 +523,189 @@ def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> di
         if current is None or (row["bits"], row["drop"]) < (current["bits"], current["drop"]):
             best[k] = row
     return {
-        k: None if row is None else {"bits": row["bits"], **{f: v for f, v in row.items() if f not in ("k", "bits")}}
+        k: None if row is None else _winner(row, tolerance)
         for k, row in sorted(best.items(), key=lambda item: item[0], reverse=True)
     }
+
+
+def _winner(row: Mapping[str, Any], tolerance: float) -> dict[str, Any]:
+    """A winning row without ``k``, bits first; with its confidence when the row has an interval."""
+    out = {"bits": row["bits"], **{f: v for f, v in row.items() if f not in ("k", "bits")}}
+    if "drop_hi" in row:
+        out["confidence"] = confidence(row, tolerance)
+    return out
+
+
+# --- statistics: paired bootstrap, chance test, absorbed share ----------------------------
+
+# The bootstrap's random stream is numpy's default_rng([_BOOTSTRAP_STREAM, seed]): seeded by
+# eval.seed like the random groupings, but a stream of its own, so that changing the number of
+# resamples never changes the groupings (and the reverse).
+_BOOTSTRAP_STREAM = 0xB0075
+# Index resamples generated (and turned into counts) per chunk: bounded memory at any N.
+_BOOTSTRAP_CHUNK = 1 << 22
+# Resample-count matrices up to this many elements (float64: 128 MiB) are kept for the next call
+# with the same (N, R, seed): every spec of a run resamples the same samples the same way.
+_MAX_CACHED_WEIGHTS = 1 << 24
+_weights_cache: dict[tuple[int, int, int], np.ndarray] = {}
+CONFIDENCE_LEVEL = 0.95
+
+
+def bootstrap_resamples(n: int, n_resamples: int, seed: int = 0) -> Iterable[np.ndarray]:
+    """The paired bootstrap's resamples of ``n`` evaluation samples, in chunks of ``(r, n)`` indices.
+
+    Row ``j`` of the concatenated chunks is resample ``j``: ``n`` sample indices drawn
+    with replacement. Deterministic given ``seed``; the float and the quantized logits of
+    every spec are resampled with these same indices (that is what makes it paired).
+
+    Examples
+    --------
+    >>> idx = np.concatenate(list(bootstrap_resamples(5, 3, seed=1)))
+    >>> idx.shape, bool(((0 <= idx) & (idx < 5)).all())
+    ((3, 5), True)
+    """
+    if n < 1 or n_resamples < 0:
+        raise HierclusterError(f"bootstrap needs n >= 1 samples and n_resamples >= 0, got {n} and {n_resamples}")
+    rng = np.random.default_rng([_BOOTSTRAP_STREAM, int(seed)])
+    step = max(1, _BOOTSTRAP_CHUNK // n)
+    for lo in range(0, n_resamples, step):
+        yield rng.integers(0, n, size=(min(step, n_resamples - lo), n))
+
+
+def _resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """``(r, n)`` float64: how often each sample occurs in each resample (the multinomial counts).
+
+    float64, so that sums of whole-count values stay exact (below 2**53) in any summation order.
+    """
+    r = len(idx)
+    flat = (idx + (np.arange(r) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=r * n).reshape(r, n).astype(np.float64)
+
+
+def bootstrap_means(values: np.ndarray, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """Mean of every column of ``values`` ``(N, m)`` in every resample, ``(n_resamples, m)``.
+
+    One matrix product per chunk of resamples, ``counts (r, N) @ values (N, m) / N``: no
+    metric is recomputed per resample. The counts are cached for the next call with the
+    same ``(N, n_resamples, seed)`` when they are small (:data:`_MAX_CACHED_WEIGHTS`).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    key = (n, n_resamples, int(seed))
+    cached = _weights_cache.get(key)
+    if cached is not None:
+        return (cached @ v) / n
+    chunks = [_resample_counts(idx, n) for idx in bootstrap_resamples(n, n_resamples, seed)]
+    if not chunks:
+        return np.empty((0, v.shape[1]))
+    if n_resamples * n <= _MAX_CACHED_WEIGHTS:
+        weights = np.concatenate(chunks)
+        _weights_cache.clear()  # one run's resamples at a time
+        _weights_cache[key] = weights
+        return (weights @ v) / n
+    return np.concatenate([w @ v for w in chunks]) / n
+
+
+def percentile_interval(samples: np.ndarray, level: float = CONFIDENCE_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)``: the percentile method's interval of each column of ``samples`` ``(R, m)``.
+
+    Examples
+    --------
+    >>> lo, hi = percentile_interval(np.arange(101.0)[:, None])
+    >>> round(float(lo[0]), 6), round(float(hi[0]), 6)
+    (2.5, 97.5)
+    """
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(samples, [tail, 100 - tail], axis=0)
+    return lo, hi
+
+
+def rank_p(learned_drop: float, random_drops: Any) -> float:
+    """The chance test: how unusual the learned grouping's drop is among random groupings'.
+
+    ``p = (1 + #{random drops <= learned drop}) / (R + 1)``. DESIGN.md words it as the
+    share of random groupings whose drop is <= the learned one; the ``+1`` form counts
+    the learned grouping among the candidates, so that p is a valid (never 0) p-value of
+    the rank test: with R random groupings the smallest p is ``1 / (R + 1)`` (with 20,
+    1/21 = 0.048, which is why the default is 100). Ties count against the learned grouping.
+
+    Examples
+    --------
+    >>> rank_p(1.0, [2.0, 3.0, 0.5, 1.0])
+    0.6
+    >>> rank_p(0.1, [2.0, 3.0, 0.5, 1.0])
+    0.2
+    """
+    r = np.asarray(random_drops, dtype=np.float64)
+    return float((1 + np.count_nonzero(r <= learned_drop)) / (len(r) + 1))
+
+
+def absorbed_share(drop_k: Any, drop_fine: float) -> Any:
+    """``1 - drop_k / drop_fine``: the share of the fine-level drop that merging classes absorbs.
+
+    Comparable across groupings, unlike the advantage in pp, which scales with the fine
+    drop. ``None`` when ``drop_fine`` is 0 (nothing to absorb) or not finite.
+
+    Examples
+    --------
+    >>> absorbed_share(0.5, 2.0), absorbed_share(0.5, 0.0)
+    (0.75, None)
+    """
+    if drop_fine == 0 or not np.isfinite(drop_fine):
+        return None
+    return 1.0 - float(drop_k) / float(drop_fine)
+
+
+def group_sizes(assignment: Groups) -> str:
+    """Group sizes, largest first: ``"4+3+1+1+1"``.
+
+    Examples
+    --------
+    >>> group_sizes([0, 0, 1, 2, 1, 0])
+    '3+2+1'
+    """
+    sizes = np.bincount(as_assignment(assignment))
+    return "+".join(str(int(s)) for s in sorted(sizes[sizes > 0], reverse=True))
+
+
+def fine_bootstrap(
+    float_logits: torch.Tensor | np.ndarray,
+    quant_logits: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    n_resamples: int,
+    seed: int = 0,
+) -> dict[str, float | None]:
+    """95% paired-bootstrap intervals of the quantized model's fine accuracy and its fine drop.
+
+    The resamples are :func:`bootstrap_resamples` of ``(N, n_resamples, seed)``, the same
+    :func:`evaluate_levels` uses. Returns ``fine_acc_lo``, ``fine_acc_hi`` (fractions),
+    ``fine_drop_lo``, ``fine_drop_hi`` (pp); all ``None`` when ``n_resamples`` is 0.
+    """
+    zf, y = _logits_labels(float_logits, labels)
+    zq, yq = _logits_labels(quant_logits, labels)
+    if zf.shape != zq.shape:
+        raise HierclusterError(f"float logits {tuple(zf.shape)} and quantized logits {tuple(zq.shape)} differ in shape")
+    keys = ("fine_acc_lo", "fine_acc_hi", "fine_drop_lo", "fine_drop_hi")
+    if n_resamples == 0:
+        return dict.fromkeys(keys)
+    cf = (zf.argmax(1) == y).cpu().numpy().astype(np.float32)
+    cq = (zq.argmax(1) == yq).cpu().numpy().astype(np.float32)
+    lo, hi = percentile_interval(bootstrap_means(np.stack([cq, cf - cq], 1), n_resamples, seed))
+    return dict(zip(keys, (float(lo[0]), float(hi[0]), 100 * float(lo[1]), 100 * float(hi[1]))))
+
+
+def confidence(winner: Mapping[str, Any] | None, tolerance: float) -> str | None:
+    """``"confident"`` when the winner's drop interval ends within ``tolerance``, ``"borderline"``
+    when it does not, ``None`` without a winner or an interval.
+
+    Examples
+    --------
+    >>> confidence({"drop": 0.88, "drop_hi": 1.20}, 1.0), confidence({"drop": 0.4, "drop_hi": 0.7}, 1.0)
+    ('borderline', 'confident')
+    """
+    if winner is None or winner.get("drop_hi") is None:
+        return None
+    return "confident" if float(winner["drop_hi"]) <= tolerance else "borderline"
 
 
 # --- one call per model ------------------------------------------------------------------
@@ -406,7 +716,9 @@ def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str,
 
     Among the specs at that bit width, the one with the smallest drop is reported. Each
     entry also carries ``lowest_bits``, the narrowest width the grid tried: an answer
-    equal to it is only an upper bound.
+    equal to it is only an upper bound; and ``confidence``: ``"confident"`` when the
+    winner's drop interval ends within ``tolerance``, ``"borderline"`` when it does not,
+    ``None`` without an interval (or a winner).
     """
     lowest = min((r["bits"] for r in rows), default=None)
     by_level: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -423,6 +735,7 @@ def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str,
                 "acc_float": level_rows[0]["acc_float"],
                 "min_bits": best["bits"] if best else None,
                 "lowest_bits": lowest,
+                "confidence": confidence(best, tolerance),
                 "winner": best,
             }
         )
@@ -452,6 +765,12 @@ class FloatLevelStats:
         The float logits' grouped accuracy of every row of ``groupings``.
     fine_acc : float
         The float logits' fine accuracy.
+    bootstrap : int
+        Resamples of the intervals (0: none).
+    correct : ndarray ``(2 L, N)`` float32, or None
+        Per sample, level by level: whether the learned grouping is right (row ``2 i``)
+        and the mean over the random groupings (row ``2 i + 1``); kept only when
+        ``bootstrap`` > 0, the paired bootstrap's float side.
     """
 
     levels: tuple[tuple[int, tuple[int, ...]], ...]
@@ -463,6 +782,8 @@ class FloatLevelStats:
     groupings: np.ndarray
     acc: np.ndarray
     fine_acc: float
+    bootstrap: int = 0
+    correct: np.ndarray | None = None
 
 
 def _labels_digest(y: torch.Tensor) -> str:
@@ -484,11 +805,30 @@ def _level_keys(levels: Mapping[int, Groups], n_classes: int) -> tuple[tuple[int
     return tuple(keys)
 
 
-def _check_n_random(n_random: int) -> None:
+def _check_n_random(n_random: int, bootstrap: int = 0) -> None:
     if n_random < 1:
         raise HierclusterError(
             f"n_random must be >= 1 (the random baseline is what advantage compares to), got {n_random}"
         )
+    if bootstrap < 0:
+        raise HierclusterError(f"bootstrap must be >= 0 resamples (0: no intervals), got {bootstrap}")
+
+
+def _level_slots(n_levels: int, n_random: int) -> np.ndarray:
+    """Slot of every row of the stacked groupings: level i's learned -> 2 i, its random ones -> 2 i + 1."""
+    per_level = np.r_[0, np.ones(n_random, dtype=np.int64)]
+    return (2 * np.arange(n_levels)[:, None] + per_level[None]).ravel()
+
+
+def _scored(
+    z: torch.Tensor, y: torch.Tensor, groupings: np.ndarray, n_levels: int, n_random: int, reduction: str, bootstrap: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Grouped accuracies of the stacked groupings, and their per-sample correctness when bootstrapping."""
+    if bootstrap == 0:
+        return grouped_accuracies(z, y, groupings, reduction), None
+    acc, sums = grouped_correct_sums(z, y, groupings, _level_slots(n_levels, n_random), 2 * n_levels, reduction)
+    sums[1::2] /= n_random
+    return acc, sums
 
 
 def float_level_stats(
@@ -498,11 +838,13 @@ def float_level_stats(
     n_random: int = 20,
     seed: int = 0,
     reduction: str = "prob_sum",
+    bootstrap: int = 0,
 ) -> FloatLevelStats:
     """The float side of :func:`evaluate_levels`, to compute once and pass as its ``float_stats``.
 
     Parameters are those of :func:`evaluate_levels`: the random groupings of every level
-    are drawn here (:func:`random_groupings` with ``seed``) and scored on the float logits.
+    are drawn here (:func:`random_groupings` with ``seed``) and scored on the float logits;
+    with ``bootstrap`` > 0 their per-sample correctness is kept for the paired bootstrap.
 
     Examples
     --------
@@ -512,13 +854,14 @@ def float_level_stats(
     (0.5, (4, 3), 1.0)
     """
     zf, y = _logits_labels(float_logits, labels)
-    _check_n_random(n_random)
+    _check_n_random(n_random, bootstrap)
     keys = _level_keys(levels, zf.shape[1])
     blocks = []
     for _, a in keys:
         a = np.asarray(a, dtype=np.int64)
         blocks += [a[None], random_groupings(a, n_random, seed)]
     groupings = np.concatenate(blocks)
+    acc, correct = _scored(zf, y, groupings, len(keys), n_random, reduction, bootstrap)
     return FloatLevelStats(
         levels=keys,
         n_random=n_random,
@@ -527,18 +870,20 @@ def float_level_stats(
         n_samples=len(y),
         labels_digest=_labels_digest(y),
         groupings=groupings,
-        acc=grouped_accuracies(zf, y, groupings, reduction),
+        acc=acc,
         fine_acc=accuracy(zf, y),
+        bootstrap=bootstrap,
+        correct=correct,
     )
 
 
 def _check_float_stats(
-    stats: FloatLevelStats, keys: Any, n_random: int, seed: int, reduction: str, y: torch.Tensor
+    stats: FloatLevelStats, keys: Any, n_random: int, seed: int, reduction: str, y: torch.Tensor, bootstrap: int = 0
 ) -> None:
     """Refuse float stats computed for other levels, baseline, scoring or labels than this call's."""
     if not isinstance(stats, FloatLevelStats):
         raise HierclusterError(f"float_stats must come from float_level_stats, got {type(stats).__name__}")
-    wanted = {"n_random": n_random, "seed": seed, "reduction": reduction, "n_samples": len(y)}
+    wanted = {"n_random": n_random, "seed": seed, "reduction": reduction, "n_samples": len(y), "bootstrap": bootstrap}
     for name, value in wanted.items():
         if getattr(stats, name) != value:
             raise HierclusterError(
@@ -563,6 +908,7 @@ def evaluate_levels(
     seed: int = 0,
     reduction: str = "prob_sum",
     float_stats: FloatLevelStats | None = None,
+    bootstrap: int = 0,
 ) -> list[dict[str, Any]]:
     """Every grouped metric of one quantized model at every level, from kept logits.
 
@@ -586,6 +932,9 @@ def evaluate_levels(
         :func:`float_level_stats` of ``float_logits`` with the same labels, levels,
         ``n_random``, ``seed`` and ``reduction`` (refused otherwise); computed here when
         not given. The rows are the same either way.
+    bootstrap : int, default 0
+        Resamples of the paired bootstrap (:func:`bootstrap_resamples` with ``seed``);
+        0: no intervals (their keys hold None).
 
     Returns
     -------
@@ -593,8 +942,14 @@ def evaluate_levels(
         One row per level, in the order of ``levels``, with keys ``k``, ``reduction``,
         ``n_random``, ``fine_acc_float``, ``fine_acc_quant``, ``acc_float``, ``acc_quant``,
         ``drop``, ``random_acc_float_mean``/``_std``, ``random_acc_quant_mean``/``_std``,
-        ``random_drop_mean``/``_std`` and ``advantage``. Accuracies are fractions, drops
-        and advantage percentage points; stds are numpy's (ddof=0) over the random seeds.
+        ``random_drop_mean``/``_std``, ``advantage``; the statistics (DESIGN.md,
+        "Statistics"): ``drop_lo``/``drop_hi`` and ``advantage_lo``/``advantage_hi`` (95%
+        paired-bootstrap intervals, percentile method; the same resamples for the float and
+        the quantized logits), ``rank_p`` (:func:`rank_p`), ``group_sizes``
+        (:func:`group_sizes`), ``absorbed_share`` and ``random_absorbed_share_mean``
+        (:func:`absorbed_share` of the learned grouping's drop and of the random mean drop;
+        None when the fine drop is 0). Accuracies are fractions, drops and advantage
+        percentage points; stds are numpy's (ddof=0) over the random seeds.
         Where all random values are equal (k = C and k = 1, whose random groupings are
         the learned one, scored once), the mean is that value and the std exactly 0.
     """
@@ -602,16 +957,21 @@ def evaluate_levels(
     zq, yq = _logits_labels(quant_logits, labels)  # the labels on each logit set's device
     if zf.shape != zq.shape:
         raise HierclusterError(f"float logits {tuple(zf.shape)} and quantized logits {tuple(zq.shape)} differ in shape")
-    _check_n_random(n_random)
+    _check_n_random(n_random, bootstrap)
     if float_stats is None:
-        float_stats = float_level_stats(zf, y, levels, n_random, seed, reduction)
+        float_stats = float_level_stats(zf, y, levels, n_random, seed, reduction, bootstrap)
     else:
-        _check_float_stats(float_stats, _level_keys(levels, zf.shape[1]), n_random, seed, reduction, y)
+        _check_float_stats(float_stats, _level_keys(levels, zf.shape[1]), n_random, seed, reduction, y, bootstrap)
+    n_levels, n = len(float_stats.levels), len(y)
     acc_f = float_stats.acc
-    acc_q = grouped_accuracies(zq, yq, float_stats.groupings, reduction)
+    acc_q, correct_q = _scored(zq, yq, float_stats.groupings, n_levels, n_random, reduction, bootstrap)
     fine_f, fine_q = float_stats.fine_acc, accuracy(zq, yq)
+    # Drops compared as whole sample counts, so that equal drops compare equal (no rounding noise).
+    count_drop = np.rint(acc_f * n) - np.rint(acc_q * n)
+    fine_drop = None if round((fine_f - fine_q) * n) == 0 else drop(fine_f, fine_q)
+    intervals = _level_intervals(float_stats.correct, correct_q, n_levels, bootstrap, seed, n_random)
     rows = []
-    for i, (k, _) in enumerate(float_stats.levels):
+    for i, (k, assignment) in enumerate(float_stats.levels):
         lo = i * (1 + n_random)
         rand_f, rand_q = acc_f[lo + 1 : lo + 1 + n_random], acc_q[lo + 1 : lo + 1 + n_random]
         rand_drop = drop(rand_f, rand_q)
@@ -634,9 +994,46 @@ def evaluate_levels(
                 "random_drop_mean": d_mean,
                 "random_drop_std": d_std,
                 "advantage": advantage(level_drop, d_mean),
+                **intervals[i],
+                "rank_p": rank_p(count_drop[lo], count_drop[lo + 1 : lo + 1 + n_random]),
+                "group_sizes": group_sizes(assignment),
+                "absorbed_share": None if fine_drop is None else absorbed_share(level_drop, fine_drop),
+                "random_absorbed_share_mean": None if fine_drop is None else absorbed_share(d_mean, fine_drop),
             }
         )
     return rows
+
+
+def _level_intervals(
+    correct_f: np.ndarray | None,
+    correct_q: np.ndarray | None,
+    n_levels: int,
+    bootstrap: int,
+    seed: int,
+    n_random: int,
+) -> list[dict[str, float | None]]:
+    """Every level's drop and advantage interval (pp) from per-sample correctness ``(2 L, N)``.
+
+    Per sample, the learned grouping's drop is ``d = correct_float - correct_quant`` and the
+    random groupings' mean drop ``e`` the same of their mean correctness; a resample's drop
+    is its mean of ``d`` and its advantage its mean of ``e - d``: one product with the
+    resample counts for all levels (:func:`bootstrap_means`). None without a bootstrap.
+    """
+    keys = ("drop_lo", "drop_hi", "advantage_lo", "advantage_hi")
+    if bootstrap == 0 or correct_f is None or correct_q is None:
+        return [dict.fromkeys(keys) for _ in range(n_levels)]
+    diff = correct_f - correct_q  # (2 L, N)
+    # In whole counts (the random groupings' correct ones summed, not averaged): the resample
+    # sums are then exact in float32 whatever order the matrix product adds them in, so the
+    # intervals are the same on any machine, thread count or executor.
+    learned = np.rint(diff[0::2] * n_random)
+    random_sum = np.rint(diff[1::2] * n_random)
+    values = np.concatenate([learned, random_sum - learned]).T  # (N, 2 L)
+    lo, hi = percentile_interval(100 * bootstrap_means(values, bootstrap, seed) / n_random)
+    return [
+        dict(zip(keys, (float(lo[i]), float(hi[i]), float(lo[n_levels + i]), float(hi[n_levels + i]))))
+        for i in range(n_levels)
+    ]
 
 
 def _mean_std(values: np.ndarray) -> tuple[float, float]:

@@ -247,12 +247,16 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Section ``eval``: merged-head reduction, random baselines and the tolerance (pp)."""
+    """Section ``eval``: merged-head reduction, random baselines, bootstrap resamples and the tolerance (pp).
+
+    ``bootstrap``: resamples of the paired bootstrap's 95% intervals (0: none), seeded by ``seed``.
+    """
 
     reduction: str = "prob_sum"
-    random_seeds: int = 20
+    random_seeds: int = 100
     seed: int = 0
     tolerance: float = 1.0
+    bootstrap: int = 1000
 
 
 @dataclass(frozen=True)
@@ -359,6 +363,7 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
     "runtime.workers": (0, 256, False),  # DataLoader processes: more than any machine has cores
     "eval.tolerance": (0.0, None, False),
     "eval.seed": (0, 2**63 - 1, False),  # numpy's default_rng takes no negative seed
+    "eval.bootstrap": (0, 100_000, False),  # resamples; 0 turns the intervals off, 1,000 is the default
     "calibration.seed": (0, 2**63 - 1, False),  # torch.Generator.manual_seed's range
     # a number of groups: at most the classes a checkpoint may have (models.MAX_NUM_CLASSES; not
     # imported here, that would load torch); the run checks it against the data's own count
@@ -374,7 +379,7 @@ _POSITIVE: dict[str, float | None] = {
     "train.epochs": 10_000,  # 100x a long schedule
     "train.lr": None,
     "model.width": 1024,  # resnet20 at width 1024 holds 1.1 G weights (4 GiB); at 4096 it would need 66 GiB
-    "eval.random_seeds": 10_000,  # random groupings per level and spec (20 by default); 1e9 tried to allocate 74.5 GiB
+    "eval.random_seeds": 10_000,  # random groupings per level and spec (100 by default); 1e9 tried to allocate 74.5 GiB
     "quant.activation_calibration_batches": 10_000,  # more than any calibration set has batches
     "calibration.samples": 1_000_000,  # calibration takes about 1,000 images; ImageNet's train split has 1.28 M
 }

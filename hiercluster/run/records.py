@@ -31,7 +31,7 @@ from hiercluster.errors import HierclusterError
 # Bumped whenever the meaning or layout of a stored result changes. It is stored in the
 # database (PRAGMA user_version) and is part of every resume key, so that results of older
 # code are never read as this code's.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 LEVEL_KINDS = ("learned", "reference")
 
@@ -85,7 +85,13 @@ class LevelResult:
     """Every grouped metric of one quantized model at one level (DESIGN.md, "Merged heads and metrics").
 
     Accuracies are fractions; ``drop``, ``random_drop_*`` and ``advantage`` are
-    percentage points; stds are over the random groupings.
+    percentage points; stds are over the random groupings. The statistics (DESIGN.md,
+    "Statistics"): ``drop_lo``/``drop_hi`` and ``advantage_lo``/``advantage_hi``, 95%
+    paired-bootstrap intervals in pp (None when ``eval.bootstrap`` is 0); ``rank_p``, the
+    chance test of the learned grouping's drop among the random ones'; ``group_sizes``,
+    largest first (``"4+3+1+1+1"``); ``absorbed_share`` and ``random_absorbed_share_mean``,
+    ``1 - drop / fine drop`` of the learned grouping and of the random ones' mean drop (None
+    when the fine drop is 0).
     """
 
     level: str
@@ -103,6 +109,14 @@ class LevelResult:
     random_drop_mean: float
     random_drop_std: float
     advantage: float
+    drop_lo: Optional[float]
+    drop_hi: Optional[float]
+    advantage_lo: Optional[float]
+    advantage_hi: Optional[float]
+    rank_p: float
+    group_sizes: str
+    absorbed_share: Optional[float]
+    random_absorbed_share_mean: Optional[float]
 
 
 # Keys of :func:`~hiercluster.evaluation.metrics.evaluate_levels`' rows that hold run-wide
@@ -112,7 +126,12 @@ RUN_WIDE_METRIC_KEYS = frozenset({"reduction", "n_random"})
 
 @dataclass(frozen=True)
 class SpecResult:
-    """One finished spec: its settings, sizes, timings, every level's result and the report's details."""
+    """One finished spec: its settings, sizes, timings, every level's result and the report's details.
+
+    ``fine_acc_lo``/``fine_acc_hi`` (fractions) and ``fine_drop_lo``/``fine_drop_hi`` (pp):
+    95% paired-bootstrap intervals of the fine accuracy and its drop (None when
+    ``eval.bootstrap`` is 0).
+    """
 
     spec_key: str
     tag: str
@@ -126,6 +145,10 @@ class SpecResult:
     activation_bits: Optional[int]
     avg_bits: float
     fine_acc: float
+    fine_acc_lo: Optional[float]
+    fine_acc_hi: Optional[float]
+    fine_drop_lo: Optional[float]
+    fine_drop_hi: Optional[float]
     fp32_bytes: int
     packed_bytes: int
     gzip_bytes: int

@@ -43,6 +43,7 @@ DENDROGRAM_FILE = "dendrogram.png"
 LEVELS_DIR = "levels"  # one grouping YAML per reported level
 MODELS_DIR = "models"  # the exported headline winners and their manifest
 EVALUATIONS_DIR = "evaluations"  # tables of `hiercluster evaluate`
+SENSITIVITY_DIR = "sensitivity"  # tables and plots of `hiercluster sensitivity`
 # The report's figures, by the name report.md captions them with.
 FIGURE_FILES = {
     "dendrogram": DENDROGRAM_FILE,
@@ -54,12 +55,12 @@ FIGURE_FILES = {
 MODEL_SUFFIX = ".hcq"  # a bit-packed model (quant.save_packed)
 GROUPS_SUFFIX = "_groups.yaml"  # an exported level's superclasses
 # Folders a run writes at its top level: never a file there.
-RUN_FOLDERS = (LEVELS_DIR, MODELS_DIR, PACKED_CACHE_DIR, EVALUATIONS_DIR)
+RUN_FOLDERS = (LEVELS_DIR, MODELS_DIR, PACKED_CACHE_DIR, EVALUATIONS_DIR, SENSITIVITY_DIR)
 # Files a run writes at its top level: never a folder there, never the target of another command's --out.
 MARKER_FILES = (RUN_FILE, DB_FILE, LOGITS_FILE, HIERARCHY_FILE)
 RUN_FILES = (*MARKER_FILES, CONFIG_FILE, CSV_FILE, REPORT_FILE, LOCK_FILE)
 # Any command writing a run directory leaves one of these: how a run directory is told from a user's folder.
-MARKERS = (*MARKER_FILES, EVALUATIONS_DIR)
+MARKERS = (*MARKER_FILES, EVALUATIONS_DIR, SENSITIVITY_DIR)
 
 # run.json of 1,000 classes with every level from 1,000 down to 2 is about 30 MB; far more is not ours.
 MAX_RUN_FILE_BYTES = 64 * 1024 * 1024
@@ -147,6 +148,12 @@ def level_groups_path(run_dir: str | Path, level: str) -> Path:
 def evaluation_path(run_dir: str | Path, packed: str | Path) -> Path:
     """``evaluations/NAME.json``: what ``hiercluster evaluate`` saves for the packed model ``NAME.hcq``."""
     return Path(run_dir) / EVALUATIONS_DIR / f"{Path(packed).stem}.json"
+
+
+def sensitivity_paths(run_dir: str | Path, tag: str, k: int) -> tuple[Path, Path]:
+    """``sensitivity/TAG-kK.csv`` and ``.png``: what ``hiercluster sensitivity`` writes for spec ``TAG`` at level k."""
+    folder, stem = Path(run_dir) / SENSITIVITY_DIR, f"{tag}-k{k}"  # not with_suffix: a tag may hold a dot (p99.9)
+    return folder / f"{stem}.csv", folder / f"{stem}.png"
 
 
 # --- paths, checked before any work -------------------------------------------------------
@@ -657,6 +664,7 @@ __all__ = [
     "RUN_FILES",
     "RUN_FOLDERS",
     "RUN_INFO_SPEC",
+    "SENSITIVITY_DIR",
     "RunLock",
     "check_is_run",
     "check_output_file",
@@ -675,5 +683,6 @@ __all__ = [
     "read_json_record",
     "read_manifest",
     "read_run_info",
+    "sensitivity_paths",
     "write_json",
 ]

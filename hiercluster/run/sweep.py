@@ -18,6 +18,7 @@ from hiercluster.evaluation.inference import accuracy, collect_logits
 from hiercluster.evaluation.metrics import (
     FloatLevelStats,
     evaluate_levels,
+    fine_bootstrap,
     float_level_stats,
     prediction_share,
 )
@@ -87,6 +88,7 @@ def sweep_context(prep: Prepared, grid: Sequence[GridPoint] = (), keep_packed: b
             float_stats[kind] = float_level_stats(
                 prep.float_logits, prep.labels, levels,
                 n_random=cfg.eval.random_seeds, seed=cfg.eval.seed, reduction=cfg.eval.reduction,
+                bootstrap=cfg.eval.bootstrap,
             )
     return SweepContext(
         cfg=cfg,
@@ -128,7 +130,7 @@ def resume_key(point: GridPoint, ctx: SweepContext) -> str:
             "activation_batches": cfg.quant.activation_calibration_batches if point.activation else None,
             "checkpoint": ctx.checkpoint_digest,
             "data": _data_key(ctx),
-            "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed],
+            "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed, cfg.eval.bootstrap],
             "levels": {name: list(level.assignment) for name, level in ctx.levels.items()},
             "device": ctx.device.type,
             "version": code_version(),
@@ -196,6 +198,7 @@ def level_metrics(ctx: SweepContext, quant_logits: torch.Tensor) -> list[LevelRe
             seed=cfg.eval.seed,
             reduction=cfg.eval.reduction,
             float_stats=ctx.float_stats[kind],
+            bootstrap=cfg.eval.bootstrap,
         )
         for name, row in zip(names, results):
             rows[name] = build_record(
@@ -221,6 +224,7 @@ def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
     qlogits, _ = collect_logits(qmodel, ctx.loader())
     t2 = time.perf_counter()
     level_rows = level_metrics(ctx, qlogits)
+    fine = fine_bootstrap(ctx.float_logits, qlogits, ctx.labels, ctx.cfg.eval.bootstrap, ctx.cfg.eval.seed)
     share = prediction_share(qlogits, len(ctx.class_names))
     t3 = time.perf_counter()
     sizes = quant.model_size(qmodel, qreport, xz_max_bytes=XZ_MAX_BYTES)
@@ -240,6 +244,7 @@ def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
             "activation_bits": point.activation.bits if point.activation else None,
             "avg_bits": qreport.avg_bits,
             "fine_acc": accuracy(qlogits, ctx.labels),
+            **fine,
             **{k: sizes[k] for k in ("fp32_bytes", "packed_bytes", "gzip_bytes", "xz_bytes")},
             "quantize_s": t1 - t0,
             "eval_s": t2 - t1,

@@ -253,11 +253,11 @@ def _subcommands() -> dict:
 
 def test_every_subcommand_takes_threads_and_every_flag_has_help():
     commands = _subcommands()
-    assert set(commands) == {"train", "evaluate-checkpoint", "run", "hierarchy", "quantize", "evaluate", "report"}
+    assert set(commands) == {"train", "evaluate-checkpoint", "run", "hierarchy", "quantize", "evaluate", "report", "sensitivity"}
     for name, parser in commands.items():
         flags = {opt for action in parser._actions for opt in action.option_strings}
         assert "--threads" in flags, name
-        assert ("--limit" in flags) == (name in ("run", "evaluate", "evaluate-checkpoint")), name
+        assert ("--limit" in flags) == (name in ("run", "evaluate", "evaluate-checkpoint", "sensitivity")), name
         for action in parser._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
 

@@ -219,7 +219,7 @@ def test_the_sweep_context_computes_the_float_side_once_per_run(monkeypatch):
         for k, a in _levels_for(30, [30, 5, 2]).items()
     }
     levels["reference"] = Level.of("reference", np.arange(30) % 5, names, "reference")
-    cfg = SimpleNamespace(eval=SimpleNamespace(random_seeds=5, seed=4, reduction="prob_sum"))
+    cfg = SimpleNamespace(eval=SimpleNamespace(random_seeds=5, seed=4, reduction="prob_sum", bootstrap=50))
     prep = SimpleNamespace(
         cfg=cfg, levels=levels, float_logits=zf, labels=y, calibration=None, model=None, class_names=names,
         eval_set=None, checkpoint_digest="d", data_options=None, device=torch.device("cpu"),
@@ -233,7 +233,8 @@ def test_the_sweep_context_computes_the_float_side_once_per_run(monkeypatch):
     second = sweep.level_metrics(ctx, zq)
     assert len(calls) == 2  # no spec computes the float side again
     assert first == second and [r.level for r in first] == list(levels)
-    learned = evaluate_levels(zf, zq, y, {lv.k: lv.array for lv in list(levels.values())[:3]}, 5, 4)
+    learned = evaluate_levels(zf, zq, y, {lv.k: lv.array for lv in list(levels.values())[:3]}, 5, 4, bootstrap=50)
+    assert [r.drop_hi for r in first[:3]] == [row["drop_hi"] for row in learned]
     assert [r.acc_quant for r in first[:3]] == [row["acc_quant"] for row in learned]
     assert [r.random_drop_mean for r in first[:3]] == [row["random_drop_mean"] for row in learned]
 

@@ -143,8 +143,10 @@ def test_headline_matches_a_direct_query_of_results_csv(run_dir):
         if w is None:
             assert cells[2] == "none in grid"
             continue
-        assert cells[2] == fewest_bits_cell(int(w["bits"]), lowest) and cells[3] == f"`{w['tag']}`"
-        assert cells[7] == fmt_number(float(w["drop"]), signed=True)
+        confident = "confident" if float(w["drop_hi"]) <= TOLERANCE else "borderline"
+        assert cells[2] == f"{fewest_bits_cell(int(w['bits']), lowest)} ({confident})" and cells[3] == f"`{w['tag']}`"
+        drop_cell = [fmt_number(float(w[key]), signed=True) for key in ("drop", "drop_lo", "drop_hi")]
+        assert cells[7] == f"{drop_cell[0]} [{drop_cell[1]}, {drop_cell[2]}]"
         if int(w["k"]) == 10:  # one class per group: no random baseline
             assert cells[8] == cells[9] == "-"
         else:

@@ -44,7 +44,9 @@ def _level_result(name: str, k: int, kind: str, bits: int, rng: np.random.Genera
         level=name, grouping=kind, k=k, fine_acc_float=0.7, fine_acc_quant=0.7 - drop / 100, acc_float=acc_float,
         acc_quant=acc_float - drop / 100, drop=drop, random_acc_float_mean=acc_float, random_acc_float_std=0.01,
         random_acc_quant_mean=acc_float - random_drop / 100, random_acc_quant_std=0.01, random_drop_mean=random_drop,
-        random_drop_std=0.2, advantage=random_drop - drop,
+        random_drop_std=0.2, advantage=random_drop - drop, drop_lo=drop - 0.3, drop_hi=drop + 0.3,
+        advantage_lo=random_drop - drop - 0.4, advantage_hi=random_drop - drop + 0.4, rank_p=0.01,
+        group_sizes="+".join(["1"] * k), absorbed_share=0.5, random_absorbed_share_mean=0.2,
     )
 
 
@@ -54,7 +56,7 @@ def _spec_result(bits: int, share: np.ndarray, levels: dict, xz: int | None, rng
     return SpecResult(
         spec_key=f"key{bits}", tag=spec.tag + "+full", scheme=spec.scheme, bits=bits, clipping=spec.clipping,
         granularity=spec.granularity, plan="full", method="rtn", bn_reestimate=False, activation_bits=None,
-        avg_bits=float(bits), fine_acc=0.7 - bits / 1000, fp32_bytes=4_000_000, packed_bytes=bits * 60_000,
+        avg_bits=float(bits), fine_acc=0.7 - bits / 1000, fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, fp32_bytes=4_000_000, packed_bytes=bits * 60_000,
         gzip_bytes=bits * 55_000, xz_bytes=xz, quantize_s=1.0, eval_s=1.0, metrics_s=1.0, size_s=0.1,
         levels=tuple(_level_result(name, lv["k"], lv["kind"], bits, rng) for name, lv in levels.items()),
         spec_json=spec.to_dict(), plan_json=quant.QuantPlan(name="full").to_dict(),

@@ -132,8 +132,12 @@ def test_headline_is_the_fewest_bits_within_tolerance(run_dir):
     report = (run_dir / "report.md").read_text()
     lowest = min(int(r["bits"]) for r in rows)
     for level in {r["level"] for r in rows}:
-        ok = [int(r["bits"]) for r in rows if r["level"] == level and float(r["drop"]) <= 1.0]
-        expected = fewest_bits_cell(min(ok), lowest) if ok else "none in grid"
+        ok = [r for r in rows if r["level"] == level and float(r["drop"]) <= 1.0]
+        expected = "none in grid"
+        if ok:
+            winner = min(ok, key=lambda r: (int(r["bits"]), float(r["drop"])))
+            sure = "confident" if float(winner["drop_hi"]) <= 1.0 else "borderline"  # the interval's upper end
+            expected = f"{fewest_bits_cell(int(winner['bits']), lowest)} ({sure})"
         line = next(l for l in report.splitlines() if l.startswith(f"| {level} |"))
         assert line.split("|")[3].strip() == expected
 

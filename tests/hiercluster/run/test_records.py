@@ -27,7 +27,7 @@ from hiercluster.run.store import RESULT_COLUMNS, ResultsStore
 
 def _level_result(level: str = "k=2", **changes) -> LevelResult:
     values = {f.name: 0.5 for f in dataclasses.fields(LevelResult)}
-    values.update({"level": level, "grouping": "learned", "k": 2, **changes})
+    values.update({"level": level, "grouping": "learned", "k": 2, "group_sizes": "1+1", **changes})
     return LevelResult(**values)
 
 
@@ -35,6 +35,7 @@ def _spec_result(key: str = "abc", levels=None, **changes) -> SpecResult:
     values = dict(
         spec_key=key, tag="asymmetric-4b", scheme="asymmetric", bits=4, clipping="minmax", granularity="per_channel",
         plan="full", method="rtn", bn_reestimate=False, activation_bits=None, avg_bits=4.0, fine_acc=0.9,
+        fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None,
         fp32_bytes=400, packed_bytes=60, gzip_bytes=55, xz_bytes=None, quantize_s=0.1, eval_s=0.2, metrics_s=0.01,
         size_s=0.02, levels=tuple(levels or [_level_result("k=2"), _level_result("k=3", k=3)]),
         spec_json={"scheme": "asymmetric", "bits": 4}, plan_json={}, prediction_share=(0.5, 0.5),
@@ -52,15 +53,19 @@ def test_the_schema_is_generated_from_the_records():
     assert dict(sql_columns(LevelResult))["drop"] == "REAL"
     assert dict(sql_columns(SpecResult))["tag"] == "TEXT"
     assert dict(sql_columns(SpecResult))["bn_reestimate"] == "INTEGER"
-    assert nullable_columns(SpecResult) == {"activation_bits", "xz_bytes"}
-    assert nullable_columns(LevelResult) == set()
+    assert nullable_columns(SpecResult) == {
+        "activation_bits", "xz_bytes", "fine_acc_lo", "fine_acc_hi", "fine_drop_lo", "fine_drop_hi"
+    }
+    assert nullable_columns(LevelResult) == {
+        "drop_lo", "drop_hi", "advantage_lo", "advantage_hi", "absorbed_share", "random_absorbed_share_mean"
+    }
 
 
 def test_the_schema_version_is_pinned_to_the_columns():
     # Bump SCHEMA_VERSION when this changes, then pin the new digest and version here together: a database
     # of the old columns is refused as another version, with the command that rebuilds it.
     digest = hashlib.sha256(str(result_columns()).encode()).hexdigest()
-    assert (SCHEMA_VERSION, digest) == (3, "929fdd14c593e6d9814ed52e8f43093c64b8ce000607e37f6dea9f4c90fa350d")
+    assert (SCHEMA_VERSION, digest) == (4, "17a64a67d4db6e9d0f573e5eaf393d107d32d70e99b3efe184e9b6dccdd3b4f9")
     assert detail_columns() == [
         ("spec_key", "TEXT"), ("spec_json", "TEXT"), ("plan_json", "TEXT"), ("prediction_share", "TEXT"), ("layers", "TEXT"),
     ]

@@ -38,6 +38,7 @@ IN_KEY: dict[str, Any] = {
     "eval.reduction": "mean_logit",
     "eval.random_seeds": 5,
     "eval.seed": 3,
+    "eval.bootstrap": 200,
 }
 # The grid's own axes: each spec's values of them are its spec, plan and method, all in its key.
 GRID_AXES = {

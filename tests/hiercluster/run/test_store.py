@@ -25,14 +25,14 @@ def _layer(**changes) -> dict:
 def _level(i: int) -> LevelResult:
     """Level ``k=i``: every metric 0.5 (the store does not interpret them)."""
     metrics = {f.name: 0.5 for f in dataclasses.fields(LevelResult) if f.name not in ("level", "grouping", "k")}
-    return LevelResult(level=f"k={i}", grouping="learned", k=i, **metrics)
+    return LevelResult(level=f"k={i}", grouping="learned", k=i, **{**metrics, "group_sizes": f"{i}"})
 
 
 def _spec(key: str, levels: int = 40, **changes) -> SpecResult:
     """One finished spec with enough level rows to fill several database pages."""
     result = SpecResult(
         spec_key=key, tag=key, scheme="asymmetric", bits=4, clipping="minmax", granularity="per_channel", plan="full",
-        method="rtn", bn_reestimate=False, activation_bits=8, avg_bits=4.0, fine_acc=0.5, fp32_bytes=4000,
+        method="rtn", bn_reestimate=False, activation_bits=8, avg_bits=4.0, fine_acc=0.5, fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, fp32_bytes=4000,
         packed_bytes=500, gzip_bytes=450, xz_bytes=400, quantize_s=0.1, eval_s=0.2, metrics_s=0.3, size_s=0.4,
         levels=tuple(_level(i) for i in range(levels)),
         spec_json={"scheme": "asymmetric", "bits": 4},
