@@ -101,6 +101,11 @@ def load_calibration(cfg: RunConfig, needed_by: str) -> list[torch.Tensor]:
     return calibration_batches(dataset, order, c.batch_size)
 
 
+def run_loader(cfg: RunConfig, dataset: Any) -> Any:
+    """Batches of ``dataset`` as a run reads them: ``data.batch_size``, ``runtime.workers``, in order."""
+    return make_loader(dataset, cfg.data.batch_size, num_workers=cfg.runtime.workers)
+
+
 @dataclass
 class Prepared:
     """What every spec of a run shares: the float model, data, float logits and levels."""
@@ -126,7 +131,7 @@ class Prepared:
 
     def loader(self) -> Any:
         """Batches of the evaluation set (scoring only: nothing is ever fitted on it)."""
-        return make_loader(self.eval_set, self.cfg.data.batch_size, num_workers=self.cfg.runtime.workers)
+        return run_loader(self.cfg, self.eval_set)
 
     def evaluate_float(self, progress: bool = True, write_cache: bool = False) -> None:
         """Set ``float_logits`` and ``labels``: from the run directory's cache when it matches, else computed.
@@ -140,7 +145,7 @@ class Prepared:
         found = read_logits_cache(cache, cache_id, len(self.eval_set), len(self.class_names))
         self.timings["float_logits_cached"] = found is not None
         if found is None:
-            loader = make_loader(self.eval_set, cfg.data.batch_size, num_workers=cfg.runtime.workers)
+            loader = self.loader()
             found = collect_logits(self.model, loader, progress=progress, desc="float model")
             if write_cache:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -408,7 +413,7 @@ def _build_hierarchy(cfg: RunConfig, model: nn.Module, class_names: list[str], r
     loader = None
     if h.embedding != "fc_weights":
         split_set = load_dataset(cfg.data.dataset, root, h.split, cfg.data.download, options=data_options(cfg))
-        loader = make_loader(split_set, cfg.data.batch_size, num_workers=cfg.runtime.workers)
+        loader = run_loader(cfg, split_set)
     try:
         return build_hierarchy(model, h.embedding, loader, class_names, linkage=h.linkage, metric=h.metric, names=h.names)
     except HierclusterError as exc:

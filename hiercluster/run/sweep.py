@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import quant
-from hiercluster.data.datasets import FolderOptions, make_loader
+from hiercluster.data.datasets import FolderOptions
 from hiercluster.errors import HierclusterError
 from hiercluster.evaluation.inference import accuracy, collect_logits
 from hiercluster.evaluation.metrics import (
@@ -24,7 +24,7 @@ from hiercluster.evaluation.metrics import (
 )
 from hiercluster.run.config import RunConfig
 from hiercluster.run.grid import GridPoint, calibration_settings
-from hiercluster.run.prepare import Prepared, data_identity
+from hiercluster.run.prepare import Prepared, data_identity, run_loader
 from hiercluster.run.records import (
     LEVEL_KINDS,
     RUN_WIDE_METRIC_KEYS,
@@ -66,7 +66,7 @@ class SweepContext:
 
     def loader(self) -> Any:
         """Batches of the evaluation set (scoring only: nothing is ever fitted on it)."""
-        return make_loader(self.eval_set, self.cfg.data.batch_size, num_workers=self.cfg.runtime.workers)
+        return run_loader(self.cfg, self.eval_set)
 
 
 def sweep_context(prep: Prepared, grid: Sequence[GridPoint] = (), keep_packed: bool = False) -> SweepContext:
