@@ -463,6 +463,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from hiercluster.evaluation.metrics import headline
+    from hiercluster.evaluation.selection import headline_rows
     from hiercluster.report.markdown import format_headline, load_run, write_report
     from hiercluster.run.rundir import RunLock, check_is_run
 
@@ -473,7 +474,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         info, rows, store = load_run(args.run_dir)
         store.close()
     names = {name: lv["names"] for name, lv in info["levels"].items()}
-    print(format_headline(headline(rows, info["tolerance"]), names, info["tolerance"], len(info["class_names"])))
+    table = headline(headline_rows(info, rows), info["tolerance"])
+    print(format_headline(table, names, info["tolerance"], len(info["class_names"])))
     _warn_at_chance("report", info["float_accuracy"], len(info["class_names"]))
     print(f"\nreport: {path}")
     return EXIT_OK
@@ -487,6 +489,7 @@ def cmd_hierarchy(args: argparse.Namespace) -> int:
         DENDROGRAM_FILE,
         HIERARCHY_FILE,
         LEVELS_DIR,
+        TREES_DIR,
         RunLock,
         check_run_dir,
         check_same_hierarchy,
@@ -500,15 +503,16 @@ def cmd_hierarchy(args: argparse.Namespace) -> int:
         check_same_hierarchy(prep, out)
         write_hierarchy_files(prep, out)
         plot_dendrogram(prep.hierarchy, out / DENDROGRAM_FILE)
-    h = prep.hierarchy
-    print(f"class hierarchy from {cfg.hierarchy.embedding} ({h.linkage} linkage, {h.metric} metric):")
-    for level in prep.levels.values():
-        if level.kind == "learned":
-            print(f"  k={level.k}: " + "; ".join(level.names))
-    if prep.reference_groups is not None:
-        cmp_ = prep.hierarchy.compare(prep.reference_groups)
-        print(f"  vs reference {cfg.hierarchy.reference}: ARI {cmp_['ari']:.3f}, NMI {cmp_['nmi']:.3f}")
-    print(f"wrote {out / HIERARCHY_FILE}, {out / LEVELS_DIR}/k*.yaml and {out / DENDROGRAM_FILE}")
+    for name, tree in prep.trees.items():
+        print(f"class hierarchy from {name} ({tree.linkage} linkage, {tree.metric} metric):")
+        for level in prep.levels.values():
+            if level.kind == "learned" and level.tree in ("", name):
+                print(f"  k={level.k}: " + "; ".join(level.names))
+        if prep.reference_groups is not None:
+            cmp_ = tree.compare(prep.reference_groups)
+            print(f"  vs reference {cfg.hierarchy.reference}: ARI {cmp_['ari']:.3f}, NMI {cmp_['nmi']:.3f}")
+    more = f", {out / TREES_DIR}/*.json" if len(prep.trees) > 1 else ""
+    print(f"wrote {out / HIERARCHY_FILE}{more}, {out / LEVELS_DIR}/k*.yaml and {out / DENDROGRAM_FILE}")
     return EXIT_OK
 
 

@@ -599,9 +599,32 @@ def build_hierarchy(
     >>> sorted(h.levels())
     [1, 2, 3, 4]
     """
-    from hiercluster.hierarchy.embeddings import class_embeddings, confusion_distance
+    from hiercluster.hierarchy.embeddings import class_embeddings
 
-    emb = class_embeddings(model, method, loader)
+    return hierarchy_from_embedding(class_embeddings(model, method, loader), method, class_names, linkage, metric, names)
+
+
+def hierarchy_from_embedding(
+    emb: np.ndarray,
+    method: str,
+    class_names: Sequence[str] | None = None,
+    linkage: str | None = None,
+    metric: str | None = None,
+    names: Mapping[str, Sequence[Any]] | None = None,
+) -> ClassHierarchy:
+    """Cluster class embeddings that :func:`~hiercluster.hierarchy.embeddings.class_embeddings` computed.
+
+    The second half of :func:`build_hierarchy`, for callers that keep the embedding (a run
+    caches the data-based ones); same defaults per ``method``.
+
+    Examples
+    --------
+    >>> emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    >>> hierarchy_from_embedding(emb, "fc_weights").cut(k=2).tolist()
+    [0, 0, 1]
+    """
+    from hiercluster.hierarchy.embeddings import confusion_distance
+
     if method == "confusion":
         if metric not in (None, "precomputed"):
             raise HierclusterError(
@@ -614,4 +637,4 @@ def build_hierarchy(
     return ClassHierarchy(linkage=linkage, metric=metric, names=names).fit(X, class_names)
 
 
-__all__ = ["LINKAGES", "METRICS", "ClassHierarchy", "build_hierarchy", "read_groups"]
+__all__ = ["LINKAGES", "METRICS", "ClassHierarchy", "build_hierarchy", "hierarchy_from_embedding", "read_groups"]

@@ -24,22 +24,36 @@ import numpy as np
 
 from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.evaluation.metrics import headline
+from hiercluster.evaluation.selection import headline_info, headline_rows
+from hiercluster.report.claims import (
+    SensitivityRun,
+    bits_label,
+    claims_section,
+    identical_note,
+    identical_to_lower,
+    latest_sensitivity,
+    layer_section,
+)
 from hiercluster.report.plots import MAX_LEVELS_SHOWN, spread_by_k
 from hiercluster.report.rows import (
     CHANCE_MARGIN_PP,
     DATA_LIMIT_SPEC,
     DIMS,
     MAX_GROUPS_CHARS,
+    bias_choice,
     dim_value,
     dim_values,
     dims_label,
     fewest_bits_cell,
     fmt_number,
+    interval_cell,
+    p_cell,
     rtn_rows,
     subset_note,
     uniform_rows,
     varying_dims,
 )
+from hiercluster.report.trees import trees_section
 from hiercluster.run.records import XZ_MAX_BYTES
 from hiercluster.run.store import ResultsStore
 from quant._files import write_text_atomic
@@ -88,31 +102,6 @@ def _check_report_info(info: dict[str, Any], path: Path) -> None:
             f"{path} is damaged: data_limit: {limit['limit']} of {limit['of']} images is not a subset; "
             "run `hiercluster run` again on this folder"
         )
-
-
-def interval_cell(value: float, lo: float | None, hi: float | None, digits: int = 2) -> str:
-    """``"+0.88 [+0.53, +1.20]"``: a figure in pp and its 95% interval, or the figure alone without one.
-
-    Examples
-    --------
-    >>> interval_cell(0.88, 0.53, 1.2), interval_cell(0.88, None, None)
-    ('+0.88 [+0.53, +1.20]', '+0.88')
-    """
-    head = fmt_number(value, digits, signed=True)
-    if lo is None or hi is None:
-        return head
-    return f"{head} [{fmt_number(lo, digits, signed=True)}, {fmt_number(hi, digits, signed=True)}]"
-
-
-def p_cell(p: float | None) -> str:
-    """The rank p with three decimals, ``-`` when absent.
-
-    Examples
-    --------
-    >>> p_cell(1 / 101), p_cell(None)
-    ('0.010', '-')
-    """
-    return "-" if p is None else f"{p:.3f}"
 
 
 def share_cell(share: float | None) -> str:
@@ -289,7 +278,9 @@ def seed_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     """The seed paper's table: fine accuracy and size of every uniform-precision spec, by full tag.
 
     One block per combination of the dimensions that vary (bits aside); a sentence names
-    the specs left out (mixed-precision plans).
+    the specs left out (mixed-precision plans). A width whose logits are bit-identical to
+    a narrower one's reads ``8 (= 4 bits)``, explained in a note under the table
+    (:func:`~hiercluster.report.claims.identical_to_lower`).
     """
     fine = [r for r in rows if r["level"] == _fine_level(info)]
     if not fine:
@@ -299,6 +290,7 @@ def seed_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     note = subset_note(shown, [r for r in fine if r["spec_key"] not in shown_keys], "mixed precision")
     fp32 = fine[0]["fp32_bytes"]
     acc0 = info["float_accuracy"]
+    identical = identical_to_lower(rows)
     out = ["Fine labels; specs with every weight at the nominal width." + (f" {note}" if note else "")
            + f" {xz_note(fine)}", ""]
     for label, block in _blocks(shown):
@@ -312,12 +304,15 @@ def seed_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         ]
         for r in _specs_by_bits(block):
             out.append(
-                f"| `{r['tag']}` | {r['bits']} | {100 * r['fine_acc']:.2f} | "
+                f"| `{r['tag']}` | {bits_label(r['bits'], identical.get(r['spec_key']))} | {100 * r['fine_acc']:.2f} | "
                 f"{fmt_number(100 * (acc0 - r['fine_acc']), signed=True)} | "
                 f"{_kb(r['packed_bytes'])} | {fmt_number(100 * (1 - r['packed_bytes'] / fp32), 1)} | "
                 f"{_kb(r['gzip_bytes'])} | {_kb(r['xz_bytes'], missing='not computed')} | {r['avg_bits']:.2f} |"
             )
         out.append("")
+    if identical:
+        winners = [t["winner"] for t in headline(rows, info["tolerance"])] if "tolerance" in info else []
+        out += [identical_note(rows, identical, winners), ""]
     return "\n".join(out)
 
 
@@ -334,14 +329,21 @@ def _level_cell(r: dict[str, Any] | None, one_per_class: bool) -> str:
     )
 
 
+def _spec_heading(spec: dict[str, Any], lower_bits: int | None) -> str:
+    """A spec's column heading: its tag, then ``(= 4 bits)`` when its logits equal the 4-bit spec's."""
+    return f"`{spec['tag']}`" + ("" if lower_bits is None else f" (= {lower_bits} bits)")
+
+
 def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     """Grouped accuracy per level and spec with the random baseline and the advantage.
 
     Every spec of the run appears, as a column headed by its full tag; one table per
-    combination of the dimensions that vary (bits aside).
+    combination of the dimensions that vary (bits aside). A spec whose logits are
+    bit-identical to a narrower one's is headed ``tag (= 4 bits)``.
     """
     if not rows:
         return "_No results._"
+    identical = identical_to_lower(rows)
     shown = shown_levels(info)
     fine = [level for level in shown if _one_per_class(info, level)]
     note = _levels_note(info, shown)
@@ -357,7 +359,8 @@ def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         if label:
             out += [f"**{label}**", ""]
         out += [
-            "| level | float acc % | " + " | ".join(f"`{s['tag']}`" for s in specs) + " |",
+            "| level | float acc % | "
+            + " | ".join(_spec_heading(s, identical.get(s["spec_key"])) for s in specs) + " |",
             "|---|---|" + "---|" * len(specs),
         ]
         cells = {(r["level"], r["spec_key"]): r for r in block}
@@ -372,6 +375,9 @@ def level_tables(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
                 + " | ".join(_level_cell(r, one) for r in level_rows) + " |"
             )
         out.append("")
+    if identical:
+        out += ["\"(= N bits)\": the spec's logits are bit-identical to those of the same spec at N bits (see the note "
+                "under the precision table).", ""]
     return "\n".join(out)
 
 
@@ -430,19 +436,6 @@ def comparison_table(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> st
     return "\n".join(out)
 
 
-def bias_choice(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The spec shown in the bias analysis: the lowest bit width, first scheme, uniform precision.
-
-    Round-to-nearest specs are preferred when the run has them (the bias of the
-    data-free quantizer is what the analysis is about); else any method.
-    """
-    candidates = uniform_rows(rtn_rows(rows))
-    if not candidates:
-        return None
-    low = min(r["bits"] for r in candidates)
-    return next(r for r in candidates if r["bits"] == low)
-
-
 def _details(store: ResultsStore, key: str, info: dict[str, Any]) -> dict[str, Any]:
     """The checked details of a spec that has result rows (missing details are damage)."""
     details = store.spec_details(key, n_classes=len(info["class_names"]))
@@ -468,6 +461,9 @@ def write_report(run_dir: str | Path) -> Path:
         details = {key: _details(store, key, info) for key in dict.fromkeys(r["spec_key"] for r in rows)}
     finally:
         store.close()
+    tree_lines = trees_section(info, rows) + _other_tree_levels(info)
+    # Below, the tables, plots and claims read the levels the headline reports: each k's chosen tree's.
+    rows, info = headline_rows(info, rows), headline_info(info)
     tree = ClassHierarchy.from_json(run_dir / HIERARCHY_FILE) if (run_dir / HIERARCHY_FILE).is_file() else None
     table = headline(rows, info["tolerance"])
     names = {name: lv["names"] for name, lv in info["levels"].items()}
@@ -490,7 +486,7 @@ def write_report(run_dir: str | Path) -> Path:
             info["float_prediction_share"], details[chosen["spec_key"]]["prediction_share"], info["class_names"],
             figure["prediction_share"], title=f"Prediction share: float vs {chosen['tag']}",
         )
-    md = _markdown(info, rows, table, names, fig, details)
+    md = _markdown(info, rows, table, names, fig, details, latest_sensitivity(run_dir), tree_lines)
     path = run_dir / REPORT_FILE
     write_text_atomic(path, md)
     return path
@@ -572,7 +568,7 @@ def _header(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
     lines += [
         f"- model: `{info['checkpoint']}` (sha256 {info['checkpoint_sha256'][:12]}), float accuracy "
         f"**{100 * info['float_accuracy']:.2f}%** {_evaluated_on(info)}",
-        f"- hierarchy: `{h['embedding']}` embeddings, `{h['linkage']}` linkage, `{h['metric']}` metric",
+        f"- hierarchy: {_trees_text(h)}",
         f"- merged-head reduction: `{info['reduction']}`; random baseline: {info['random_seeds']} random groupings "
         f"of the same sizes per level; tolerance {info['tolerance']:g} pp",
         *_grid_lines(info, rows),
@@ -589,6 +585,25 @@ def _header(info: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
     if info.get("timings"):
         lines.append(_timings_line(info["timings"]))
     return lines
+
+
+def _trees_text(h: Mapping[str, Any]) -> str:
+    """The header's hierarchy bullet: one tree's embedding, linkage and metric, or the trees and how one is chosen."""
+    trees = h["embedding"] if isinstance(h["embedding"], list) else [h["embedding"]]
+    if len(trees) == 1:
+        return f"`{trees[0]}` embeddings, `{h['linkage']}` linkage, `{h['metric']}` metric"
+    select = h.get("select", "auto")
+    how = "chosen per k on held-out training images" if select == "auto" else f"`{select}` answers every k"
+    return f"{len(trees)} trees ({', '.join(f'`{t}`' for t in trees)}); {how} (see \"Class trees\")"
+
+
+def _other_tree_levels(info: dict[str, Any]) -> list[str]:
+    """Markdown bullets of the tree levels no k chose (the chosen ones are under "Hierarchy levels")."""
+    shown = set(headline_info(info)["levels"])
+    others = [name for name, lv in info["levels"].items() if lv.get("tree") and name not in shown]
+    if not others:
+        return []
+    return ["### Levels of the trees not chosen", ""] + [level_line(n, info["levels"][n]) for n in others] + [""]
 
 
 def _bias_section(info: dict[str, Any], rows: Sequence[dict[str, Any]], details: dict[str, dict[str, Any]]) -> list[str]:
@@ -634,7 +649,8 @@ def bias_summary_row(rest: Sequence[tuple[str, float, float]]) -> str:
 
 def _markdown(
     info: dict[str, Any], rows: Sequence[dict[str, Any]], table: list[dict[str, Any]], names: dict[str, list[str]],
-    fig: dict[str, Path], details: dict[str, dict[str, Any]],
+    fig: dict[str, Path], details: dict[str, dict[str, Any]], sensitivity: SensitivityRun | None = None,
+    tree_lines: Sequence[str] = (),
 ) -> str:
     lines = _header(info, rows)
     n_classes = len(info["class_names"])
@@ -643,6 +659,7 @@ def _markdown(
     headline_md = format_headline([t for t in table if t["level"] in drawn], names, info["tolerance"], n_classes)
     note = _levels_note(info, shown)
     lines += ["", "## Fewest bits per hierarchy level", ""] + ([note, ""] if note else []) + [headline_md, ""]
+    lines += claims_section(info, rows, details, table, sensitivity)
     if "reference_comparison" in info:
         cmp_ = info["reference_comparison"]
         lines += [
@@ -655,10 +672,12 @@ def _markdown(
     lines += ["## Accuracy and size per precision (fine labels)", "", seed_table(info, rows), ""]
     lines += ["## Grouped accuracy per level and spec", "", level_tables(info, rows), ""]
     lines += ["## Learned vs random groupings, with uncertainty", "", comparison_table(info, rows), ""]
+    lines += list(tree_lines)
     lines += ["## Hierarchy levels", ""] + ([note, ""] if note else [])
     lines += [level_line(name, info["levels"][name]) for name in shown]
     lines.append("")
     lines += _bias_section(info, rows, details)
+    lines += layer_section(rows, details)
     if fig:
         lines += ["## Plots", ""]
         captions = {

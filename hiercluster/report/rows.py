@@ -1,7 +1,7 @@
 """Result rows as the report shows them: grid dimensions, spec labels, number formats.
 
-Shared by the tables (:mod:`hiercluster.report.markdown`) and the figures
-(:mod:`hiercluster.report.figures`).
+Shared by the tables (:mod:`hiercluster.report.markdown`), the figures
+(:mod:`hiercluster.report.figures`) and the claims (:mod:`hiercluster.report.claims`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,31 @@ def fewest_bits_cell(bits: int, lowest: int | None) -> str:
     ('4', '≤ 3 (lowest tested)')
     """
     return f"≤ {bits} (lowest tested)" if bits == lowest else str(bits)
+
+
+def interval_cell(value: float, lo: float | None, hi: float | None, digits: int = 2) -> str:
+    """``"+0.88 [+0.53, +1.20]"``: a figure in pp and its 95% interval, or the figure alone without one.
+
+    Examples
+    --------
+    >>> interval_cell(0.88, 0.53, 1.2), interval_cell(0.88, None, None)
+    ('+0.88 [+0.53, +1.20]', '+0.88')
+    """
+    head = fmt_number(value, digits, signed=True)
+    if lo is None or hi is None:
+        return head
+    return f"{head} [{fmt_number(lo, digits, signed=True)}, {fmt_number(hi, digits, signed=True)}]"
+
+
+def p_cell(p: float | None) -> str:
+    """The rank p with three decimals, ``-`` when absent.
+
+    Examples
+    --------
+    >>> p_cell(1 / 101), p_cell(None)
+    ('0.010', '-')
+    """
+    return "-" if p is None else f"{p:.3f}"
 
 
 def dim_value(row: dict[str, Any], column: str) -> str:
@@ -137,3 +162,16 @@ def rtn_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     plain = [r for r in rows if row_method(r) == "rtn"]
     return plain or list(rows)
+
+
+def bias_choice(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The spec shown in the bias analysis: the lowest bit width, first scheme, uniform precision.
+
+    Round-to-nearest specs are preferred when the run has them (the bias of the
+    data-free quantizer is what the analysis is about); else any method.
+    """
+    candidates = uniform_rows(rtn_rows(rows))
+    if not candidates:
+        return None
+    low = min(r["bits"] for r in candidates)
+    return next(r for r in candidates if r["bits"] == low)

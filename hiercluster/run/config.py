@@ -36,6 +36,9 @@ from quant.spec import CLIPPINGS, GRANULARITIES, MAX_BITS, MIN_BITS, SCHEMES
 # The most items in a list of the quant grid (bits, schemes, plans, methods, ...): every
 # item multiplies the number of specs, and no sweep needs more than a few dozen.
 MAX_GRID_ITEMS = 64
+# hierarchy.select's value that chooses a tree per k on held-out training images.
+SELECT_AUTO = "auto"
+
 # The most explicit hierarchy.levels: one per class of ImageNet-1k.
 MAX_LEVELS = 1000
 
@@ -140,15 +143,31 @@ class HierarchyConfig:
     ``{superclass: [class names]}`` evaluated beside the learned levels (``dataset:coarse``
     takes CIFAR-100's 20 coarse superclasses from the dataset files); ``names`` gives
     superclasses readable names (``{Footwear: [Sandal, Sneaker, Ankle boot]}``).
+
+    ``embedding`` lists the trees to build (one name alone is a list of one); every tree's
+    levels are evaluated, ``linkage``/``metric`` apply to each. ``select`` says which tree
+    answers each k: ``auto`` picks, per k, the tree whose fewest bits within tolerance (then
+    lowest drop) are best on ``holdout`` images of ``split`` (default: 5,000 or a fifth of
+    the split, whichever is fewer), held out from fitting the data-based trees and never
+    from the evaluation split
+    (:func:`hiercluster.evaluation.selection.choose_trees`); a tree's name uses that tree
+    for every k.
     """
 
-    embedding: str = "fc_weights"
+    embedding: tuple[str, ...] = ("fc_weights", "confusion")
     linkage: str | None = None
     metric: str | None = None
     split: str = "train"
     levels: tuple[int, ...] = ()
     reference: str | None = None
     names: dict[str, Any] | None = None
+    select: str = SELECT_AUTO
+    holdout: int | None = None
+
+    @property
+    def selects_on_holdout(self) -> bool:
+        """Whether the run chooses between trees on held-out images of ``split`` (``select: auto``, several trees)."""
+        return self.select == SELECT_AUTO and len(self.embedding) > 1
 
 
 @dataclass(frozen=True)
@@ -313,11 +332,22 @@ class RunConfig:
                 "not come from the evaluation split; use another split, or set calibration.allow_eval_split: true"
             )
         h = self.hierarchy
-        if h.embedding in DATA_EMBEDDINGS and h.split == self.data.eval_split:
+        if not h.embedding:
             raise HierclusterError(
-                f"config key hierarchy.split is {h.split!r}, the same as data.eval_split: the {h.embedding} hierarchy "
-                "is fitted on that split's images and must not see the images it is then scored on; "
-                "use another split (the training split), or hierarchy.embedding: fc_weights, which needs no data"
+                "config key hierarchy.embedding is empty; list at least one of fc_weights, centroids, confusion"
+            )
+        fitted = [e for e in h.embedding if e in DATA_EMBEDDINGS]
+        if (fitted or h.selects_on_holdout) and h.split == self.data.eval_split:
+            what = f"the {fitted[0]} hierarchy is fitted on" if fitted else "select: auto chooses between trees on"
+            raise HierclusterError(
+                f"config key hierarchy.split is {h.split!r}, the same as data.eval_split: {what} that split's "
+                "images and must not see the images it is then scored on; use another split (the training split), "
+                "or hierarchy.embedding: fc_weights alone, which needs no data"
+            )
+        if h.select != SELECT_AUTO and h.select not in h.embedding:
+            raise HierclusterError(
+                f"config key hierarchy.select is {h.select!r}, not one of the trees of hierarchy.embedding "
+                f"({', '.join(h.embedding)}); use auto or one of those"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -337,6 +367,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.eval_split": ("train", "test"),
     "train.schedule": ("onecycle", "cosine"),
     "hierarchy.embedding": ("fc_weights", "centroids", "confusion"),
+    "hierarchy.select": (SELECT_AUTO, "fc_weights", "centroids", "confusion"),
     "hierarchy.linkage": ("ward", "average", "complete", "single", "weighted"),
     "hierarchy.metric": ("cosine", "euclidean", "precomputed"),
     "hierarchy.split": ("train", "test"),
@@ -382,6 +413,7 @@ _POSITIVE: dict[str, float | None] = {
     "eval.random_seeds": 10_000,  # random groupings per level and spec (100 by default); 1e9 tried to allocate 74.5 GiB
     "quant.activation_calibration_batches": 10_000,  # more than any calibration set has batches
     "calibration.samples": 1_000_000,  # calibration takes about 1,000 images; ImageNet's train split has 1.28 M
+    "hierarchy.holdout": 1_000_000,  # held-out images of hierarchy.split for select: auto (null: 5,000 or a fifth)
 }
 # Keys that hold bit widths (alone or as list items), checked here so that the message names the key.
 _BITS_KEYS = {
@@ -395,6 +427,7 @@ _BITS_KEYS = {
 # Lists whose items must differ: a repeated value would run the same specs (or level) twice.
 _UNIQUE = {
     "hierarchy.levels",
+    "hierarchy.embedding",
     "quant.schemes",
     "quant.bits",
     "quant.clipping",

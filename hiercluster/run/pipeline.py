@@ -21,11 +21,13 @@ from typing import Any
 
 from hiercluster.evaluation.inference import accuracy
 from hiercluster.evaluation.metrics import headline, prediction_share
-from hiercluster.run.config import RunConfig, resolve_path, save_config
+from hiercluster.evaluation.selection import SELECTION_RULE, choose_trees, headline_rows
+from hiercluster.run.config import SELECT_AUTO, RunConfig, resolve_path, save_config
 from hiercluster.run.executors import Executor, SerialExecutor
 from hiercluster.run.grid import GridPoint, expand_grid
 from hiercluster.run.prepare import Prepared, prepare
-from hiercluster.run.records import SpecResult
+from hiercluster.errors import HierclusterError
+from hiercluster.run.records import Level, SpecResult
 from hiercluster.run.rundir import (
     CONFIG_FILE,
     CSV_FILE,
@@ -38,6 +40,7 @@ from hiercluster.run.rundir import (
     check_same_grid,
     level_yaml_path,
     packed_model_path,
+    tree_json_path,
     write_json,
 )
 from hiercluster.run.store import ResultsStore, check_database, file_digest
@@ -123,13 +126,61 @@ def _sweep(cfg: RunConfig, grid: list[GridPoint], out_dir: Path, progress: bool,
         sweep_s = time.perf_counter() - start
         rows = store.results(keys, complete=True)
         store.export_csv(out_dir / CSV_FILE, keys)
+        holdout = {key: (store.spec_details(key) or {}).get("holdout", {}) for key in dict.fromkeys(keys)}
+    n_holdout = len(prep.holdout_set) if prep.holdout_set is not None else 0
+    selection = tree_selection(cfg, prep.levels, rows, holdout, n_holdout)
+    if selection is not None:
+        run_info["tree_selection"] = selection
     run_info["timings"] = {**prep.timings, "sweep_s": sweep_s, "specs_run": len(todo), "specs_total": len(grid)}
     write_json(out_dir / RUN_FILE, run_info)
+    shown = headline_rows(run_info, rows)
     if cfg.output.export_models:
-        export_models(ctx, grid, keys, rows, out_dir)
+        export_models(ctx, grid, keys, shown, out_dir)
     run_info["timings"]["total_s"] = time.perf_counter() - start
     write_json(out_dir / RUN_FILE, run_info)
-    return {"run_dir": str(out_dir), "headline": headline(rows, cfg.eval.tolerance), **run_info}
+    return {"run_dir": str(out_dir), "headline": headline(shown, cfg.eval.tolerance), **run_info}
+
+
+def tree_selection(
+    cfg: RunConfig, levels: dict[str, Level], rows: list[dict[str, Any]], holdout: dict[str, dict[str, float]],
+    n_holdout: int,
+) -> dict[str, Any] | None:
+    """run.json's ``tree_selection``: the tree of each k, and why; None for a run of one tree.
+
+    ``select: auto`` decides from the specs' held-out drops (``holdout``: spec key ->
+    {level name: drop}) by :func:`~hiercluster.evaluation.selection.choose_trees`; a tree's
+    name takes that tree at every k. The evaluation split's rows give only each spec's bits
+    and tag, which are settings, not measurements.
+    """
+    tree_levels = {name: level for name, level in levels.items() if level.tree}
+    if not tree_levels:
+        return None
+    h = cfg.hierarchy
+    ks = sorted({level.k for level in tree_levels.values()}, reverse=True)
+    if h.select != SELECT_AUTO:
+        return {"rule": f"hierarchy.select: {h.select}", "by_k": {str(k): {"tree": h.select, "candidates": {}} for k in ks}}
+    specs = {r["spec_key"]: r for r in rows}
+    held = []
+    for key, spec in specs.items():
+        drops = holdout.get(key, {})
+        missing = [name for name in tree_levels if not isinstance(drops.get(name), (int, float))]
+        if missing:
+            raise HierclusterError(
+                f"spec {spec['tag']} has no held-out drop for level {missing[0]} in {DB_FILE}: the results predate "
+                "hierarchy.select: auto; run `hiercluster run` again with --force to recompute them"
+            )
+        held += [
+            {"k": level.k, "tree": level.tree, "bits": spec["bits"], "drop": drops[name], "tag": spec["tag"]}
+            for name, level in tree_levels.items()
+        ]
+    chosen = choose_trees(held, list(h.embedding), cfg.eval.tolerance)
+    return {
+        "rule": SELECTION_RULE,
+        "split": h.split,
+        "holdout": n_holdout,
+        "tolerance": cfg.eval.tolerance,
+        "by_k": {str(k): choice for k, choice in chosen.items()},
+    }
 
 
 def write_packed_cache(out_dir: Path, result: SpecResult) -> Path:
@@ -141,14 +192,19 @@ def write_packed_cache(out_dir: Path, result: SpecResult) -> Path:
 
 
 def write_hierarchy_files(prep: Prepared, out_dir: Path) -> None:
-    """hierarchy.json and one YAML per learned level (the report draws the dendrogram from them)."""
+    """hierarchy.json (the first tree), ``trees/NAME.json`` when there are several, one YAML per learned level."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prep.hierarchy.to_json(out_dir / HIERARCHY_FILE)
+    if len(prep.trees) > 1:
+        for name, tree in prep.trees.items():
+            tree_json_path(out_dir, name).parent.mkdir(exist_ok=True)
+            tree.to_json(tree_json_path(out_dir, name))
     level_dir = out_dir / LEVELS_DIR
     level_dir.mkdir(exist_ok=True)
     for level in prep.levels.values():
         if level.kind == "learned":
-            prep.hierarchy.to_yaml(level_yaml_path(out_dir, level.k), level.k)
+            tree = prep.trees.get(level.tree, prep.hierarchy)
+            tree.to_yaml(level_yaml_path(out_dir, level.k, level.tree), level.k)
 
 
 def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[str, Any]:
@@ -165,11 +221,13 @@ def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[st
         "device": prep.device.type,
         "reduction": cfg.eval.reduction,
         "random_seeds": cfg.eval.random_seeds,
+        "bootstrap": cfg.eval.bootstrap,
         "tolerance": cfg.eval.tolerance,
         "hierarchy": {
-            "embedding": cfg.hierarchy.embedding,
+            "embedding": list(cfg.hierarchy.embedding),
             "linkage": prep.hierarchy.linkage,
             "metric": prep.hierarchy.metric,
+            "select": cfg.hierarchy.select,
         },
         "levels": {name: level.to_json() for name, level in prep.levels.items()},
         "grid": [{"key": key, "tag": p.tag} for p, key in zip(grid, keys)],
@@ -185,5 +243,7 @@ def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[st
         info["data_limit"] = dict(prep.data_limit)
     if prep.reference_groups is not None:
         info["reference_comparison"] = prep.hierarchy.compare(prep.reference_groups)
+        if len(prep.trees) > 1:
+            info["reference_comparison_by_tree"] = {n: t.compare(prep.reference_groups) for n, t in prep.trees.items()}
         info["reference_file"] = cfg.hierarchy.reference
     return info

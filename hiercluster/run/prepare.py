@@ -24,8 +24,8 @@ from hiercluster.data.datasets import (
 )
 from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.evaluation.inference import collect_logits
-from hiercluster.hierarchy.clustering import ClassHierarchy, build_hierarchy
-from hiercluster.hierarchy.groupings import as_assignment, group_names
+from hiercluster.hierarchy.clustering import ClassHierarchy
+from hiercluster.hierarchy.groupings import as_assignment
 from hiercluster.models.device import resolve_device
 from hiercluster.models.zoo import (
     build_model,
@@ -38,10 +38,9 @@ from hiercluster.models.zoo import (
 from hiercluster.run.config import RunConfig, data_root, resolve_path
 from hiercluster.run.grid import GridPoint, check_plans_fit
 from hiercluster.run.records import Level
-from hiercluster.run.rundir import (
-    LOGITS_FILE,
-)
+from hiercluster.run.rundir import HOLDOUT_LOGITS_FILE, LOGITS_FILE
 from hiercluster.run.store import file_digest
+from hiercluster.run.trees import HOLDOUT_SEED, build_trees, split_for_trees, tree_levels
 from hiercluster.yamlio import read_yaml
 from quant._files import save_torch_atomic
 
@@ -118,7 +117,7 @@ class Prepared:
     eval_set: Any
     labels: torch.Tensor | None  # None until evaluate_float (``hiercluster hierarchy`` never needs them)
     float_logits: torch.Tensor | None
-    hierarchy: ClassHierarchy
+    hierarchy: ClassHierarchy  # the first tree of hierarchy.embedding (hierarchy.json, the dendrogram)
     levels: dict[str, Level] = field(default_factory=dict)
     reference_groups: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -128,6 +127,12 @@ class Prepared:
     # Where ``model`` (and every quantized copy of it) runs: runtime.device resolved. Batches stay
     # on the CPU until quant.device.to_device moves them; logits come back to the CPU.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    trees: dict[str, ClassHierarchy] = field(default_factory=dict)  # every tree of hierarchy.embedding, in order
+    # select: auto's held-out images of hierarchy.split (never of the evaluation split), their labels and the
+    # float model's logits on them (set by evaluate_float); None when the run does not choose a tree.
+    holdout_set: Any = None
+    holdout_labels: torch.Tensor | None = None
+    holdout_logits: torch.Tensor | None = None
 
     def loader(self) -> Any:
         """Batches of the evaluation set (scoring only: nothing is ever fitted on it)."""
@@ -151,7 +156,27 @@ class Prepared:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 save_torch_atomic(cache, {"id": cache_id, "logits": found[0], "labels": found[1]})
         self.float_logits, self.labels = found
+        if self.holdout_set is not None:
+            self.holdout_logits, self.holdout_labels = self._float_logits_of(
+                self.holdout_set, HOLDOUT_LOGITS_FILE, "held-out", progress, write_cache
+            )
         self.timings["float_eval_s"] = time.perf_counter() - t0
+
+    def _float_logits_of(
+        self, dataset: Any, file: str, what: str, progress: bool, write_cache: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float model's logits and labels on the held-out images: cached like the evaluation set's."""
+        cfg = self.cfg
+        h = cfg.hierarchy
+        ident = {"split": h.split, "seed": HOLDOUT_SEED, "of": what}  # the count is in _cache_id's n
+        cache_id = _cache_id(cfg, len(dataset), self.checkpoint_digest, self.data_options, self.device, ident)
+        found = read_logits_cache(self.out_dir / file, cache_id, len(dataset), len(self.class_names))
+        if found is None:
+            found = collect_logits(self.model, run_loader(cfg, dataset), progress=progress, desc=f"float model ({what})")
+            if write_cache:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                save_torch_atomic(self.out_dir / file, {"id": cache_id, "logits": found[0], "labels": found[1]})
+        return found
 
     def calibration_batches(self, needed_by: str) -> list[torch.Tensor]:
         """The run's calibration batches, loaded on first use and kept."""
@@ -219,18 +244,10 @@ def default_level_ks(n_classes: int) -> list[int]:
 
 
 def _levels(
-    cfg: RunConfig, hierarchy: ClassHierarchy, class_names: list[str], reference: dict[str, Any] | None
+    cfg: RunConfig, trees: dict[str, ClassHierarchy], class_names: list[str], reference: dict[str, Any] | None
 ) -> dict[str, Level]:
-    c = len(class_names)
-    ks = list(cfg.hierarchy.levels) or default_level_ks(c)  # checked against c by _check_level_ks
-    levels = {
-        f"k={k}": Level.of(f"k={k}", hierarchy.cut(k=k), hierarchy.superclass_names(k), "learned")
-        for k in sorted(set(ks), reverse=True)
-    }
-    if reference is not None:
-        ref = as_assignment(reference, class_names)
-        levels["reference"] = Level.of("reference", ref, group_names(reference, class_names), "reference")
-    return levels
+    ks = list(cfg.hierarchy.levels) or default_level_ks(len(class_names))  # checked by _check_level_ks
+    return tree_levels(ks, trees, class_names, reference)
 
 
 DATASET_COARSE = "dataset:coarse"
@@ -311,12 +328,17 @@ def prepare(
         timings["calibration_load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    hierarchy = _build_hierarchy(cfg, model, class_names, root)
-    levels = _levels(cfg, hierarchy, class_names, reference)
+    split = split_for_trees(cfg, root, options)
+    trees = build_trees(
+        cfg, model, class_names, split, lambda dataset: run_loader(cfg, dataset), out_dir, digest, options, device,
+        write_cache=write_cache,
+    )
+    levels = _levels(cfg, trees, class_names, reference)
     timings["hierarchy_s"] = time.perf_counter() - t0
     prep = Prepared(
-        cfg, out_dir, model, digest, class_names, eval_set, None, None, hierarchy, levels, reference, timings, calibration,
-        data_options=options, data_limit=data_limit, device=device,
+        cfg, out_dir, model, digest, class_names, eval_set, None, None, next(iter(trees.values())), levels, reference,
+        timings, calibration, data_options=options, data_limit=data_limit, device=device, trees=trees,
+        holdout_set=split.holdout if split is not None else None,
     )
     if float_logits:
         prep.evaluate_float(progress=progress, write_cache=write_cache)
@@ -342,15 +364,21 @@ def data_identity(cfg: RunConfig, n: int, options: FolderOptions | None) -> dict
     return {"dataset": cfg.data.dataset, "root": root, "split": cfg.data.eval_split, "n": n, **data_variant(cfg, options)}
 
 
-def _cache_id(cfg: RunConfig, n: int, digest: str, options: FolderOptions | None, device: torch.device) -> str:
+def _cache_id(
+    cfg: RunConfig, n: int, digest: str, options: FolderOptions | None, device: torch.device,
+    subset_of: dict[str, Any] | None = None,
+) -> str:
     """What the float logits depend on: the cache is used only when this matches.
 
     The device type and the code are part of it, as of every result's key: float logits of
     one device type or of other code are never compared with another's quantized logits.
+    ``subset_of``: which images they are when not the evaluation set (the held-out ones).
     """
     from hiercluster.run.versions import code_version
 
     ident = {**data_identity(cfg, n, options), "checkpoint": digest, "device": device.type, "code": code_version()}
+    if subset_of is not None:
+        ident["subset_of"] = subset_of
     return json.dumps(ident, sort_keys=True)
 
 
@@ -406,15 +434,3 @@ def read_logits_cache(path: Path, cache_id: str, n: int, n_classes: int) -> tupl
     if labels.dtype != torch.int64 or (n and not 0 <= int(labels.min()) <= int(labels.max()) < n_classes):
         return None
     return logits, labels
-
-
-def _build_hierarchy(cfg: RunConfig, model: nn.Module, class_names: list[str], root: Path | None) -> ClassHierarchy:
-    h = cfg.hierarchy
-    loader = None
-    if h.embedding != "fc_weights":
-        split_set = load_dataset(cfg.data.dataset, root, h.split, cfg.data.download, options=data_options(cfg))
-        loader = run_loader(cfg, split_set)
-    try:
-        return build_hierarchy(model, h.embedding, loader, class_names, linkage=h.linkage, metric=h.metric, names=h.names)
-    except HierclusterError as exc:
-        raise HierclusterError(f"config section hierarchy: {exc}") from None

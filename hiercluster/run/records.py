@@ -31,7 +31,7 @@ from hiercluster.errors import HierclusterError
 # Bumped whenever the meaning or layout of a stored result changes. It is stored in the
 # database (PRAGMA user_version) and is part of every resume key, so that results of older
 # code are never read as this code's.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 LEVEL_KINDS = ("learned", "reference")
 
@@ -47,7 +47,9 @@ class Level:
     """A reported level: ``k`` superclasses of the classes, their names, and where they came from.
 
     ``kind`` is ``"learned"`` (a cut of the class hierarchy) or ``"reference"`` (a
-    hand-made grouping). ``assignment[c]`` is the superclass id of class ``c``.
+    hand-made grouping). ``assignment[c]`` is the superclass id of class ``c``. ``tree``
+    names the embedding whose tree was cut when a run builds several (``""`` otherwise, and
+    for the cuts every tree shares: one class per group, and all in one).
     """
 
     name: str
@@ -55,6 +57,7 @@ class Level:
     assignment: tuple[int, ...]
     names: tuple[str, ...]
     kind: str
+    tree: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in LEVEL_KINDS:
@@ -66,9 +69,11 @@ class Level:
             )
 
     @classmethod
-    def of(cls, name: str, assignment: Sequence[int] | np.ndarray, names: Sequence[str], kind: str) -> Level:
+    def of(
+        cls, name: str, assignment: Sequence[int] | np.ndarray, names: Sequence[str], kind: str, tree: str = ""
+    ) -> Level:
         a = tuple(int(g) for g in np.asarray(assignment).tolist())
-        return cls(name, max(a) + 1 if a else 0, a, tuple(str(n) for n in names), kind)
+        return cls(name, max(a) + 1 if a else 0, a, tuple(str(n) for n in names), kind, tree)
 
     @property
     def array(self) -> np.ndarray:
@@ -76,8 +81,25 @@ class Level:
         return np.asarray(self.assignment, dtype=np.int64)
 
     def to_json(self) -> dict[str, Any]:
-        """The form ``run.json`` holds."""
-        return {"k": self.k, "kind": self.kind, "assignment": list(self.assignment), "names": list(self.names)}
+        """The form ``run.json`` holds (``tree`` only when set)."""
+        out = {"k": self.k, "kind": self.kind, "assignment": list(self.assignment), "names": list(self.names)}
+        return {**out, "tree": self.tree} if self.tree else out
+
+    @property
+    def group(self) -> str:
+        """The levels scored in one vectorized pass share this: kind and tree (their k differ)."""
+        return f"{self.kind}:{self.tree}"
+
+
+def level_name(k: int, tree: str = "") -> str:
+    """A learned level's name: ``"k=9"``, or ``"k=9 confusion"`` for one of several trees' cuts.
+
+    Examples
+    --------
+    >>> level_name(9), level_name(9, "confusion")
+    ('k=9', 'k=9 confusion')
+    """
+    return f"k={k} {tree}" if tree else f"k={k}"
 
 
 @dataclass(frozen=True)
@@ -130,7 +152,10 @@ class SpecResult:
 
     ``fine_acc_lo``/``fine_acc_hi`` (fractions) and ``fine_drop_lo``/``fine_drop_hi`` (pp):
     95% paired-bootstrap intervals of the fine accuracy and its drop (None when
-    ``eval.bootstrap`` is 0).
+    ``eval.bootstrap`` is 0). ``logits_digest``: a digest of the quantized model's logits
+    (equal digests: bit-identical outputs, e.g. pow2 above 4 bits). ``holdout``: the drop
+    (pp) of each level of several trees on the held-out training images that
+    ``hierarchy.select: auto`` chooses with (empty when the run does not choose).
     """
 
     spec_key: str
@@ -149,6 +174,7 @@ class SpecResult:
     fine_acc_hi: Optional[float]
     fine_drop_lo: Optional[float]
     fine_drop_hi: Optional[float]
+    logits_digest: str
     fp32_bytes: int
     packed_bytes: int
     gzip_bytes: int
@@ -163,6 +189,7 @@ class SpecResult:
     plan_json: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     prediction_share: tuple[float, ...] = ()
     layers: tuple[Mapping[str, Any], ...] = ()
+    holdout: Mapping[str, float] = dataclasses.field(default_factory=dict)
     # A calibrated model bit-packed (the .hcq bytes) when the run exports models; the driver keeps it.
     packed_model: Optional[bytes] = None
 
@@ -173,7 +200,7 @@ class SpecResult:
 
 
 # Fields of SpecResult kept as JSON text in the ``specs`` table (what only the report reads).
-DETAIL_FIELDS = frozenset({"spec_json", "plan_json", "prediction_share", "layers"})
+DETAIL_FIELDS = frozenset({"spec_json", "plan_json", "prediction_share", "layers", "holdout"})
 # Fields of SpecResult that are not columns of the ``results`` table: the details, the level
 # results (rows of their own) and the packed model (a file of the run directory, never stored).
 _NOT_COLUMNS = DETAIL_FIELDS | {"levels", "packed_model"}
@@ -270,7 +297,7 @@ def detail_columns(spec: type = SpecResult) -> list[tuple[str, str]]:
     Examples
     --------
     >>> [name for name, _ in detail_columns()]
-    ['spec_key', 'spec_json', 'plan_json', 'prediction_share', 'layers']
+    ['spec_key', 'spec_json', 'plan_json', 'prediction_share', 'layers', 'holdout']
     """
     return [("spec_key", "TEXT")] + [(f.name, "TEXT") for f in dataclasses.fields(spec) if f.name in DETAIL_FIELDS]
 
@@ -286,6 +313,7 @@ __all__ = [
     "XZ_MAX_BYTES",
     "build_record",
     "detail_columns",
+    "level_name",
     "nullable_columns",
     "plain_value",
     "result_columns",

@@ -33,6 +33,7 @@ from quant._validate import check_json
 RUN_FILE = "run.json"
 DB_FILE = "results.sqlite"
 LOGITS_FILE = "float_logits.pt"
+HOLDOUT_LOGITS_FILE = "holdout_logits.pt"  # the float model on the held-out images that choose a tree per k
 HIERARCHY_FILE = "hierarchy.json"
 CONFIG_FILE = "config.yaml"
 CSV_FILE = "results.csv"
@@ -44,6 +45,7 @@ LEVELS_DIR = "levels"  # one grouping YAML per reported level
 MODELS_DIR = "models"  # the exported headline winners and their manifest
 EVALUATIONS_DIR = "evaluations"  # tables of `hiercluster evaluate`
 SENSITIVITY_DIR = "sensitivity"  # tables and plots of `hiercluster sensitivity`
+TREES_DIR = "trees"  # every tree of a run with several (JSON), and the data-based trees' cached embeddings
 # The report's figures, by the name report.md captions them with.
 FIGURE_FILES = {
     "dendrogram": DENDROGRAM_FILE,
@@ -55,10 +57,10 @@ FIGURE_FILES = {
 MODEL_SUFFIX = ".hcq"  # a bit-packed model (quant.save_packed)
 GROUPS_SUFFIX = "_groups.yaml"  # an exported level's superclasses
 # Folders a run writes at its top level: never a file there.
-RUN_FOLDERS = (LEVELS_DIR, MODELS_DIR, PACKED_CACHE_DIR, EVALUATIONS_DIR, SENSITIVITY_DIR)
+RUN_FOLDERS = (LEVELS_DIR, MODELS_DIR, PACKED_CACHE_DIR, EVALUATIONS_DIR, SENSITIVITY_DIR, TREES_DIR)
 # Files a run writes at its top level: never a folder there, never the target of another command's --out.
 MARKER_FILES = (RUN_FILE, DB_FILE, LOGITS_FILE, HIERARCHY_FILE)
-RUN_FILES = (*MARKER_FILES, CONFIG_FILE, CSV_FILE, REPORT_FILE, LOCK_FILE)
+RUN_FILES = (*MARKER_FILES, HOLDOUT_LOGITS_FILE, CONFIG_FILE, CSV_FILE, REPORT_FILE, LOCK_FILE)
 # Any command writing a run directory leaves one of these: how a run directory is told from a user's folder.
 MARKERS = (*MARKER_FILES, EVALUATIONS_DIR, SENSITIVITY_DIR)
 
@@ -87,7 +89,7 @@ MANIFEST_ENTRY_SPEC: dict[str, Any] = {
     "model": str, "spec_key": str, "groups": str, "bits": int, "method": str, "tag": str, "drop_pp": float,
 }
 
-_LEVEL_SPEC = {"k": int, "kind": str, "assignment": [int], "names": [str]}
+_LEVEL_SPEC = {"k": int, "kind": str, "assignment": [int], "names": [str], "tree?": str}
 # What pipeline._run_info writes (keys ending in "?" are absent from some runs).
 RUN_INFO_SPEC: dict[str, Any] = {
     "dataset": str,
@@ -101,8 +103,10 @@ RUN_INFO_SPEC: dict[str, Any] = {
     "device?": str,
     "reduction": str,
     "random_seeds": int,
+    "bootstrap?": int,
     "tolerance": float,
-    "hierarchy": {"embedding": str, "linkage": (str, None), "metric": (str, None)},
+    "hierarchy": {"embedding": ([str], str), "linkage": (str, None), "metric": (str, None), "select?": str},
+    "tree_selection?": dict,
     "levels": dict,
     "grid": [{"key": str, "tag": str}],
     "calibration?": {
@@ -117,6 +121,7 @@ RUN_INFO_SPEC: dict[str, Any] = {
     "code_version?": dict,
     "timings?": dict,
     "reference_comparison?": {"k": int, "ari": float, "nmi": float},
+    "reference_comparison_by_tree?": dict,
     "reference_file?": str,
     "data_limit?": {"limit": int, "of": int},
 }
@@ -130,9 +135,19 @@ def packed_model_path(run_dir: str | Path, key: str) -> Path:
     return Path(run_dir) / PACKED_CACHE_DIR / f"{key}{MODEL_SUFFIX}"
 
 
-def level_yaml_path(run_dir: str | Path, k: int) -> Path:
-    """``levels/kK.yaml``: the grouping of a learned level of ``k`` superclasses."""
-    return Path(run_dir) / LEVELS_DIR / f"k{k}.yaml"
+def level_yaml_path(run_dir: str | Path, k: int, tree: str = "") -> Path:
+    """``levels/kK.yaml`` (``levels/kK-TREE.yaml`` for one of several trees): a learned level's grouping."""
+    return Path(run_dir) / LEVELS_DIR / (f"k{k}-{tree}.yaml" if tree else f"k{k}.yaml")
+
+
+def tree_json_path(run_dir: str | Path, tree: str) -> Path:
+    """``trees/TREE.json``: one of several trees (``hierarchy.json`` holds the first)."""
+    return Path(run_dir) / TREES_DIR / f"{tree}.json"
+
+
+def tree_cache_path(run_dir: str | Path, tree: str) -> Path:
+    """``trees/TREE.pt``: a data-based tree's class embedding, cached with the id of what it depends on."""
+    return Path(run_dir) / TREES_DIR / f"{tree}.pt"
 
 
 def exported_model_path(run_dir: str | Path, tag: str) -> Path:
@@ -592,7 +607,7 @@ def check_same_hierarchy(prep: Any, out_dir: Path) -> None:
     diffs = [
         f"{what} {old} -> {new}"
         for what, old, new in (
-            ("embedding", info["hierarchy"]["embedding"], prep.cfg.hierarchy.embedding),
+            ("embedding", _as_list(info["hierarchy"]["embedding"]), list(prep.cfg.hierarchy.embedding)),
             ("linkage", info["hierarchy"]["linkage"], h.linkage),
             ("metric", info["hierarchy"]["metric"], h.metric),
         )
@@ -611,6 +626,11 @@ def check_same_hierarchy(prep: Any, out_dir: Path) -> None:
             f"{out_dir} holds a run whose hierarchy differs from this one ({'; '.join(diffs[:MAX_LISTED_CHANGES])}); "
             "writing it there would make the run's files disagree with its report. Choose another --out."
         )
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A run.json value that older runs wrote as one item and newer ones as a list."""
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _tree_changes(path: Path, hierarchy: Any) -> list[str]:
@@ -644,6 +664,7 @@ __all__ = [
     "FIGURE_FILES",
     "GROUPS_SUFFIX",
     "HIERARCHY_FILE",
+    "HOLDOUT_LOGITS_FILE",
     "LEVELS_DIR",
     "LOCK_FILE",
     "LOGITS_FILE",
@@ -665,6 +686,7 @@ __all__ = [
     "RUN_FOLDERS",
     "RUN_INFO_SPEC",
     "SENSITIVITY_DIR",
+    "TREES_DIR",
     "RunLock",
     "check_is_run",
     "check_output_file",
@@ -684,5 +706,7 @@ __all__ = [
     "read_manifest",
     "read_run_info",
     "sensitivity_paths",
+    "tree_cache_path",
+    "tree_json_path",
     "write_json",
 ]

@@ -360,6 +360,7 @@ SPEC_DETAILS_SPEC: dict[str, Any] = {
     "plan": dict,
     "prediction_share": [float],
     "layers": [_LAYER_SPEC],
+    "holdout": dict,  # level name -> held-out drop (pp); values checked by the tree selection that reads them
 }
 # What sqlite3 returns for each declared type; an INTEGER column may hold a whole REAL after
 # SQLite's own conversions, and a REAL column an integer.

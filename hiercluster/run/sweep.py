@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -20,13 +21,13 @@ from hiercluster.evaluation.metrics import (
     evaluate_levels,
     fine_bootstrap,
     float_level_stats,
+    grouped_accuracies,
     prediction_share,
 )
 from hiercluster.run.config import RunConfig
 from hiercluster.run.grid import GridPoint, calibration_settings
 from hiercluster.run.prepare import Prepared, data_identity, run_loader
 from hiercluster.run.records import (
-    LEVEL_KINDS,
     RUN_WIDE_METRIC_KEYS,
     XZ_MAX_BYTES,
     Level,
@@ -35,6 +36,7 @@ from hiercluster.run.records import (
     build_record,
 )
 from hiercluster.run.store import spec_key
+from hiercluster.run.trees import HOLDOUT_SEED
 from hiercluster.run.versions import code_version
 
 
@@ -63,10 +65,20 @@ class SweepContext:
     data_options: FolderOptions | None
     device: torch.device
     keep_packed: bool = False  # return calibrated models bit-packed, for the run's export
+    # hierarchy.select: auto's held-out training images, their labels and the float model's logits
+    # on them; None when the run does not choose between trees.
+    holdout_set: Any = None
+    holdout_labels: torch.Tensor | None = None
+    holdout_logits: torch.Tensor | None = None
 
     def loader(self) -> Any:
         """Batches of the evaluation set (scoring only: nothing is ever fitted on it)."""
         return run_loader(self.cfg, self.eval_set)
+
+    @property
+    def tree_levels(self) -> dict[str, Level]:
+        """The levels that belong to one of several trees: those the held-out images score."""
+        return {name: level for name, level in self.levels.items() if level.tree}
 
 
 def sweep_context(prep: Prepared, grid: Sequence[GridPoint] = (), keep_packed: bool = False) -> SweepContext:
@@ -81,15 +93,16 @@ def sweep_context(prep: Prepared, grid: Sequence[GridPoint] = (), keep_packed: b
     calibrated = next((p for p in grid if p.needs_calibration), None)
     calibration = prep.calibration_batches(calibrated.calibration_user) if calibrated is not None else prep.calibration
     cfg = prep.cfg
-    float_stats = {}
-    for kind in LEVEL_KINDS:
-        names, levels = _kind_levels(prep.levels, kind)
-        if names:
-            float_stats[kind] = float_level_stats(
-                prep.float_logits, prep.labels, levels,
-                n_random=cfg.eval.random_seeds, seed=cfg.eval.seed, reduction=cfg.eval.reduction,
-                bootstrap=cfg.eval.bootstrap,
-            )
+    float_stats = {
+        group: float_level_stats(
+            prep.float_logits, prep.labels, levels,
+            n_random=cfg.eval.random_seeds, seed=cfg.eval.seed, reduction=cfg.eval.reduction,
+            bootstrap=cfg.eval.bootstrap,
+        )
+        for group, (_, levels) in _level_groups(prep.levels).items()
+    }
+    if cfg.hierarchy.selects_on_holdout and prep.holdout_logits is None:
+        raise HierclusterError("sweep_context needs the held-out float logits of select: auto: call prep.evaluate_float()")
     return SweepContext(
         cfg=cfg,
         model=prep.model,
@@ -104,6 +117,9 @@ def sweep_context(prep: Prepared, grid: Sequence[GridPoint] = (), keep_packed: b
         data_options=prep.data_options,
         device=prep.device,
         keep_packed=keep_packed,
+        holdout_set=prep.holdout_set if cfg.hierarchy.selects_on_holdout else None,
+        holdout_labels=prep.holdout_labels if cfg.hierarchy.selects_on_holdout else None,
+        holdout_logits=prep.holdout_logits if cfg.hierarchy.selects_on_holdout else None,
     )
 
 
@@ -119,6 +135,7 @@ def resume_key(point: GridPoint, ctx: SweepContext) -> str:
     tolerance, output) are left out: ``tests/hiercluster/run/test_resume_key.py`` lists each.
     """
     cfg = ctx.cfg
+    h = cfg.hierarchy
     return spec_key(
         {
             "spec": point.spec.to_dict(),
@@ -132,6 +149,8 @@ def resume_key(point: GridPoint, ctx: SweepContext) -> str:
             "data": _data_key(ctx),
             "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed, cfg.eval.bootstrap],
             "levels": {name: list(level.assignment) for name, level in ctx.levels.items()},
+            # The held-out drops a spec stores (select: auto) depend on which images are held out.
+            "holdout": [h.split, len(ctx.holdout_set), HOLDOUT_SEED] if ctx.holdout_set is not None else None,
             "device": ctx.device.type,
             "version": code_version(),
         }
@@ -170,25 +189,27 @@ def quantize_point(model: nn.Module, point: GridPoint, ctx: SweepContext) -> tup
         raise HierclusterError(f"quantizing with {point.tag}: {exc}") from None
 
 
-def _kind_levels(levels: Mapping[str, Level], kind: str) -> tuple[list[str], dict[int, Any]]:
-    """The names of the ``kind`` levels and their ``{k: assignment}``, in the run's level order."""
-    names = [name for name, level in levels.items() if level.kind == kind]
-    return names, {levels[name].k: levels[name].array for name in names}
+def _level_groups(levels: Mapping[str, Level]) -> dict[str, tuple[list[str], dict[int, Any]]]:
+    """The levels by :attr:`Level.group` (kind and tree, whose k differ): their names and ``{k: assignment}``."""
+    groups: dict[str, tuple[list[str], dict[int, Any]]] = {}
+    for name, level in levels.items():
+        names, by_k = groups.setdefault(level.group, ([], {}))
+        names.append(name)
+        by_k[level.k] = level.array
+    return groups
 
 
 def level_metrics(ctx: SweepContext, quant_logits: torch.Tensor) -> list[LevelResult]:
     """Every level's metrics for one quantized model, from kept logits.
 
-    The learned levels (distinct k) go through one vectorized :func:`evaluate_levels`
-    call; the reference grouping, whose k may equal a learned level's, through another.
-    The float side of both was computed once, in :func:`sweep_context`.
+    Each tree's learned levels (distinct k) go through one vectorized
+    :func:`evaluate_levels` call; the reference grouping, whose k may equal a learned
+    level's, through another. The float side of each was computed once, in :func:`sweep_context`.
     """
     cfg = ctx.cfg
     rows: dict[str, LevelResult] = {}
-    for kind in LEVEL_KINDS:
-        names, levels = _kind_levels(ctx.levels, kind)
-        if not names:
-            continue
+    for group, (names, levels) in _level_groups(ctx.levels).items():
+        kind = ctx.levels[names[0]].kind
         results = evaluate_levels(
             ctx.float_logits,
             quant_logits,
@@ -197,7 +218,7 @@ def level_metrics(ctx: SweepContext, quant_logits: torch.Tensor) -> list[LevelRe
             n_random=cfg.eval.random_seeds,
             seed=cfg.eval.seed,
             reduction=cfg.eval.reduction,
-            float_stats=ctx.float_stats[kind],
+            float_stats=ctx.float_stats[group],
             bootstrap=cfg.eval.bootstrap,
         )
         for name, row in zip(names, results):
@@ -205,6 +226,31 @@ def level_metrics(ctx: SweepContext, quant_logits: torch.Tensor) -> list[LevelRe
                 LevelResult, {**row, "level": name, "grouping": kind}, f"level {name}", ignore=RUN_WIDE_METRIC_KEYS
             )
     return [rows[name] for name in ctx.levels]
+
+
+def holdout_drops(ctx: SweepContext, model: nn.Module) -> dict[str, float]:
+    """Each tree level's drop (pp) on the held-out training images, and the fine drop (``"fine"``).
+
+    What ``hierarchy.select: auto`` chooses with; empty when the run does not choose. One
+    forward pass of the quantized model over the held-out images (the float side is cached).
+    """
+    if ctx.holdout_set is None or ctx.holdout_logits is None or ctx.holdout_labels is None:
+        return {}
+    qlogits, _ = collect_logits(model, run_loader(ctx.cfg, ctx.holdout_set))
+    levels = ctx.tree_levels
+    c = len(ctx.class_names)
+    stack = np.stack([np.arange(c)] + [level.array for level in levels.values()])
+    reduction = ctx.cfg.eval.reduction
+    acc_float = grouped_accuracies(ctx.holdout_logits, ctx.holdout_labels, stack, reduction)
+    acc_quant = grouped_accuracies(qlogits, ctx.holdout_labels, stack, reduction)
+    drops = 100.0 * (acc_float - acc_quant)
+    return {name: float(d) for name, d in zip(["fine", *levels], drops)}
+
+
+def logits_digest(logits: torch.Tensor) -> str:
+    """A short digest of a model's logits (float32, little-endian): equal digests, bit-identical outputs."""
+    data = logits.detach().to(torch.float32).cpu().contiguous().numpy().astype("<f4").tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
@@ -222,6 +268,7 @@ def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
         packed = quant.packed_file_bytes(qmodel, qreport)
     t1 = time.perf_counter()
     qlogits, _ = collect_logits(qmodel, ctx.loader())
+    holdout = holdout_drops(ctx, qmodel)
     t2 = time.perf_counter()
     level_rows = level_metrics(ctx, qlogits)
     fine = fine_bootstrap(ctx.float_logits, qlogits, ctx.labels, ctx.cfg.eval.bootstrap, ctx.cfg.eval.seed)
@@ -245,6 +292,7 @@ def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
             "avg_bits": qreport.avg_bits,
             "fine_acc": accuracy(qlogits, ctx.labels),
             **fine,
+            "logits_digest": logits_digest(qlogits),
             **{k: sizes[k] for k in ("fp32_bytes", "packed_bytes", "gzip_bytes", "xz_bytes")},
             "quantize_s": t1 - t0,
             "eval_s": t2 - t1,
@@ -255,6 +303,7 @@ def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
             "plan_json": point.plan.to_dict(),
             "prediction_share": tuple(share.tolist()),
             "layers": tuple(qreport.rows()),
+            "holdout": holdout,
             "packed_model": packed,
         },
         f"spec {point.tag}",

@@ -260,3 +260,54 @@ def test_data_limit_of_an_older_run_is_optional():
     assert report._evaluated_on(with_limit).startswith("on 500 of 10,000 test images")
     with pytest.raises(HierclusterError, match="data_limit: 600 of 500 images is not a subset"):
         report._check_report_info({"data_limit": {"limit": 600, "of": 500}}, Path("run.json"))
+
+
+# --- seed claims, per-layer effect ------------------------------------------------------------
+
+
+def _claim_rows(text: str) -> dict[str, list[str]]:
+    """The claims table of report.md: claim -> its cells (verdict, evidence, rule)."""
+    body = _section(text, "Seed claims, checked")
+    cells = [[c.strip() for c in line.split(" | ")] for line in body.splitlines()
+             if line.startswith("| ") and not line.startswith("| claim |")]
+    return {c[0].lstrip("| "): c[1:] for c in cells}
+
+
+def test_claims_follow_the_headline_with_a_verdict_per_claim(run_dir):
+    text = (run_dir / "report.md").read_text()
+    assert text.index("## Fewest bits per hierarchy level") < text.index("## Seed claims, checked") < text.index(
+        "## Accuracy and size per precision")
+    rows = _claim_rows(text)
+    assert len(rows) == 5 and all(v[0].strip("*") in ("holds", "holds partly", "does not hold", "not decided")
+                                  for v in rows.values())
+    # The grid quantizes activations in every spec and tries 4 and 3 bits: no data-free weight-only claim to check.
+    assert rows["8-bit weights are as good as float"][0] == "**not decided**"
+    assert rows["data-free 3-bit weights lose nothing"][0] == "**not decided**"
+    # 3 random groupings: rank p cannot reach 0.05.
+    assert rows["grouping similar classes pushes the bit limit lower"][1].startswith("with 3 random groupings")
+    assert "run `hiercluster sensitivity CONFIG --bits 2`" in rows["the initial layers matter most"][1]
+
+
+def test_per_layer_table_of_the_bias_spec(run_dir):
+    text = (run_dir / "report.md").read_text()
+    bias_tag = text.split("## Biased inference at ", 1)[1].split("`")[1]
+    body = _section(text, f"Per-layer effect of quantization (`{bias_tag}`)")
+    layers = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
+    assert layers and layers[0].startswith("| conv1 | 3 | ") and " → " in layers[0]
+
+
+def test_a_sensitivity_csv_in_the_run_decides_the_early_layers_claim(run_dir, tmp_path, no_plots):
+    copy = _copy(run_dir, tmp_path)
+    folder = copy / "sensitivity"
+    folder.mkdir()
+    header = "layer,params,drop_fine,se_drop_fine,drop_k,se_drop_k,gain_fine,se_gain_fine,gain_k,se_gain_k\n"
+    (folder / "spec-2b-k5.csv").write_text(header + "conv1,10,9,0.5,1,0.1,1,0.1,1,0.1\n"
+                                           + "".join(f"l{i},10,1,0.5,1,0.1,1,0.1,1,0.1\n" for i in range(7)))
+    assert main(["report", str(copy)]) == 0
+    claim = _claim_rows((copy / "report.md").read_text())["the initial layers matter most"]
+    assert claim[0] == "**holds**" and claim[1].startswith("sensitivity/spec-2b-k5.csv: mean single-layer fine drop "
+                                                           "of the first 2 of 8 layers +5.00 pp vs +1.00 pp")
+    (folder / "spec-2b-k5.csv").write_text("not,a,table\n")
+    assert main(["report", str(copy)]) == 0  # a damaged sensitivity file leaves the claim undecided
+    claim = _claim_rows((copy / "report.md").read_text())["the initial layers matter most"]
+    assert claim[0] == "**not decided**" and claim[1].startswith("sensitivity/spec-2b-k5.csv unreadable (no column")

@@ -56,7 +56,7 @@ def _spec_result(bits: int, share: np.ndarray, levels: dict, xz: int | None, rng
     return SpecResult(
         spec_key=f"key{bits}", tag=spec.tag + "+full", scheme=spec.scheme, bits=bits, clipping=spec.clipping,
         granularity=spec.granularity, plan="full", method="rtn", bn_reestimate=False, activation_bits=None,
-        avg_bits=float(bits), fine_acc=0.7 - bits / 1000, fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, fp32_bytes=4_000_000, packed_bytes=bits * 60_000,
+        avg_bits=float(bits), fine_acc=0.7 - bits / 1000, fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, logits_digest="0123abcd", fp32_bytes=4_000_000, packed_bytes=bits * 60_000,
         gzip_bytes=bits * 55_000, xz_bytes=xz, quantize_s=1.0, eval_s=1.0, metrics_s=1.0, size_s=0.1,
         levels=tuple(_level_result(name, lv["k"], lv["kind"], bits, rng) for name, lv in levels.items()),
         spec_json=spec.to_dict(), plan_json=quant.QuantPlan(name="full").to_dict(),

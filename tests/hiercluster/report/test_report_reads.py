@@ -40,7 +40,7 @@ def _finished_run(run: Path, device: str | None) -> Path:
     result = SpecResult(
         spec_key="key2", tag="asymmetric-2b+full", scheme="asymmetric", bits=2, clipping="minmax",
         granularity="per_channel", plan="full", method="rtn", bn_reestimate=False, activation_bits=None, avg_bits=2.0,
-        fine_acc=0.4, fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, fp32_bytes=4096, packed_bytes=300, gzip_bytes=280, xz_bytes=None, quantize_s=0.1, eval_s=0.1,
+        fine_acc=0.4, fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, logits_digest="0123abcd", fp32_bytes=4096, packed_bytes=300, gzip_bytes=280, xz_bytes=None, quantize_s=0.1, eval_s=0.1,
         metrics_s=0.1, size_s=0.1, levels=tuple(_level(name, lv["k"]) for name, lv in LEVELS.items()),
         spec_json={"scheme": "asymmetric", "bits": 2}, plan_json={"name": "full"},
         prediction_share=(0.4, 0.1, 0.3, 0.2), layers=(_layer(),),

@@ -347,7 +347,7 @@ def test_unknown_method_on_the_command_line(config_file, tmp_path, capsys):
 def test_run_config_validates_itself():
     with pytest.raises(HierclusterError, match="calibration.allow_eval_split: true"):
         load_config(None, ["data.eval_split=train"])
-    cfg = load_config(None, ["data.eval_split=train", "calibration.split=test"])
+    cfg = load_config(None, ["data.eval_split=train", "calibration.split=test", "hierarchy.split=test"])
     assert cfg.calibration.split == "test"
 
 

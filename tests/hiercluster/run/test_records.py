@@ -35,7 +35,7 @@ def _spec_result(key: str = "abc", levels=None, **changes) -> SpecResult:
     values = dict(
         spec_key=key, tag="asymmetric-4b", scheme="asymmetric", bits=4, clipping="minmax", granularity="per_channel",
         plan="full", method="rtn", bn_reestimate=False, activation_bits=None, avg_bits=4.0, fine_acc=0.9,
-        fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None,
+        fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, logits_digest="0123abcd",
         fp32_bytes=400, packed_bytes=60, gzip_bytes=55, xz_bytes=None, quantize_s=0.1, eval_s=0.2, metrics_s=0.01,
         size_s=0.02, levels=tuple(levels or [_level_result("k=2"), _level_result("k=3", k=3)]),
         spec_json={"scheme": "asymmetric", "bits": 4}, plan_json={}, prediction_share=(0.5, 0.5),
@@ -47,7 +47,7 @@ def _spec_result(key: str = "abc", levels=None, **changes) -> SpecResult:
 
 def test_the_schema_is_generated_from_the_records():
     names = [f.name for f in dataclasses.fields(SpecResult)] + [f.name for f in dataclasses.fields(LevelResult)]
-    not_columns = {"levels", "spec_json", "plan_json", "prediction_share", "layers", "packed_model"}
+    not_columns = {"levels", "spec_json", "plan_json", "prediction_share", "layers", "holdout", "packed_model"}
     assert RESULT_COLUMNS == [n for n in names if n not in not_columns]
     assert dict(sql_columns(LevelResult))["k"] == "INTEGER"
     assert dict(sql_columns(LevelResult))["drop"] == "REAL"
@@ -65,9 +65,10 @@ def test_the_schema_version_is_pinned_to_the_columns():
     # Bump SCHEMA_VERSION when this changes, then pin the new digest and version here together: a database
     # of the old columns is refused as another version, with the command that rebuilds it.
     digest = hashlib.sha256(str(result_columns()).encode()).hexdigest()
-    assert (SCHEMA_VERSION, digest) == (4, "17a64a67d4db6e9d0f573e5eaf393d107d32d70e99b3efe184e9b6dccdd3b4f9")
+    assert (SCHEMA_VERSION, digest) == (5, "965b0d00754315b5fe60893eb22f948634f2f99b9123f9b6cd53ff33fd5adea0")
     assert detail_columns() == [
         ("spec_key", "TEXT"), ("spec_json", "TEXT"), ("plan_json", "TEXT"), ("prediction_share", "TEXT"), ("layers", "TEXT"),
+        ("holdout", "TEXT"),
     ]
 
 

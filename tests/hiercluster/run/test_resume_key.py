@@ -51,6 +51,8 @@ COVERED = {
     "hierarchy.embedding": "levels", "hierarchy.linkage": "levels", "hierarchy.metric": "levels",
     "hierarchy.split": "levels", "hierarchy.levels": "levels", "hierarchy.reference": "levels",
     "hierarchy.names": "levels",
+    # select: auto with several trees holds out images of hierarchy.split, whose drops each spec stores
+    "hierarchy.select": "holdout", "hierarchy.holdout": "holdout",
     "data.image_size": "data options", "data.channels": "data options", "data.mean": "data options",
     "data.std": "data options", "data.resize": "data options",
     "runtime.device": "device",
@@ -82,7 +84,8 @@ def _prep(cfg: RunConfig, **changes: Any) -> SimpleNamespace:
         "k=2": Level.of("k=2", [0, 0, 1], ["ab", "c"], "learned"),
     }
     base = dict(
-        cfg=cfg, checkpoint_digest="d" * 64, labels=labels, levels=levels, data_options=None, device=torch.device("cpu")
+        cfg=cfg, checkpoint_digest="d" * 64, labels=labels, levels=levels, data_options=None, device=torch.device("cpu"),
+        holdout_set=None,
     )
     return SimpleNamespace(**{**base, **changes})
 
@@ -109,6 +112,8 @@ def test_a_setting_in_the_key_reruns_the_spec(dotted: str) -> None:
     method = "gptq" if section == "calibration" else "rtn"
     # Either split may then be either value: the evaluation split's check is not what this tests.
     base = _config(calibration={"allow_eval_split": True})
+    if key == "eval_split":  # one tree from the fc weights: no tree is fitted on (or chosen with) the train split
+        base = _config(calibration={"allow_eval_split": True}, hierarchy={"embedding": ("fc_weights",)})
     if key == "activation_calibration_batches":
         base = _config(quant={"activation_bits": 8})
     if key in ("percentile", "pow2_scale"):  # only specs that use them carry them: pick such a spec
@@ -125,7 +130,7 @@ def test_calibration_settings_do_not_rerun_round_to_nearest() -> None:
     assert _key(_config(calibration={"seed": 9})) == _key(_config())
 
 
-@pytest.mark.parametrize("what", ["checkpoint", "levels", "data options", "device", "labels"])
+@pytest.mark.parametrize("what", ["checkpoint", "levels", "data options", "device", "labels", "holdout", "no holdout"])
 def test_what_covers_the_other_settings_reruns_the_spec(what: str) -> None:
     cfg = _config()
     changes = {
@@ -134,12 +139,16 @@ def test_what_covers_the_other_settings_reruns_the_spec(what: str) -> None:
         "data options": {"data_options": SimpleNamespace(to_dict=lambda: {"image_size": [32, 32]})},
         "device": {"device": torch.device("cuda")},  # a device object needs no GPU
         "labels": {"labels": torch.arange(30) % 2},
+        "holdout": {"holdout_set": list(range(12))},
+        "no holdout": {"holdout_set": list(range(10))},
     }[what]
+    if what == "holdout":  # another number of held-out images than 10
+        assert _key(cfg, **changes) != _key(cfg, holdout_set=list(range(10)))
     assert _key(cfg, **changes) != _key(cfg)
 
 
 def test_covered_settings_name_something_tested() -> None:
-    assert set(COVERED.values()) <= {"checkpoint", "levels", "data options", "device"}
+    assert set(COVERED.values()) <= {"checkpoint", "levels", "data options", "device", "holdout"}
 
 
 @pytest.mark.parametrize(

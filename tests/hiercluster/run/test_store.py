@@ -32,7 +32,7 @@ def _spec(key: str, levels: int = 40, **changes) -> SpecResult:
     """One finished spec with enough level rows to fill several database pages."""
     result = SpecResult(
         spec_key=key, tag=key, scheme="asymmetric", bits=4, clipping="minmax", granularity="per_channel", plan="full",
-        method="rtn", bn_reestimate=False, activation_bits=8, avg_bits=4.0, fine_acc=0.5, fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, fp32_bytes=4000,
+        method="rtn", bn_reestimate=False, activation_bits=8, avg_bits=4.0, fine_acc=0.5, fine_acc_lo=None, fine_acc_hi=None, fine_drop_lo=None, fine_drop_hi=None, logits_digest="0123abcd", fp32_bytes=4000,
         packed_bytes=500, gzip_bytes=450, xz_bytes=400, quantize_s=0.1, eval_s=0.2, metrics_s=0.3, size_s=0.4,
         levels=tuple(_level(i) for i in range(levels)),
         spec_json={"scheme": "asymmetric", "bits": 4},
@@ -149,9 +149,10 @@ def test_values_of_the_wrong_type_are_damage(db):
 
 def test_details_read_back_as_written(tmp_path):
     with ResultsStore(tmp_path / "results.sqlite") as store:
-        store.add_spec(_spec("s"))
+        store.add_spec(_spec("s", holdout={"fine": 1.5, "k=2 confusion": 0.25}))
         details = store.spec_details("s", n_classes=2)
         assert details["prediction_share"] == [0.5, 0.5] and details["layers"] == [_layer()]
+        assert details["holdout"] == {"fine": 1.5, "k=2 confusion": 0.25}
         assert store.spec_details("missing") is None
 
 
@@ -390,7 +391,7 @@ def test_the_tables_hold_the_columns_of_the_records(tmp_path):
     # The specs table by hand from the brief: SpecResult's fields that are neither columns of results, nor
     # the level rows, nor the packed model (never stored).
     others = [f.name for f in dataclasses.fields(SpecResult) if f.name not in RESULT_COLUMNS]
-    assert others == ["levels", "spec_json", "plan_json", "prediction_share", "layers", "packed_model"]
+    assert others == ["levels", "spec_json", "plan_json", "prediction_share", "layers", "holdout", "packed_model"]
     assert tables["specs"] == [("spec_key", "TEXT")] + [(name, "TEXT") for name in others[1:-1]]
     assert tables["results"] == result_columns()
     assert b"PACKED-MODEL-BYTES" not in db.read_bytes()
@@ -410,7 +411,7 @@ def test_details_of_numpy_values_and_read_only_mappings_read_back_as_plain_json(
         details = store.spec_details("s", n_classes=2)
     assert details == {
         "spec_key": "s", "spec": {"scheme": "asymmetric", "bits": 4}, "plan": {"name": "full"},
-        "prediction_share": [0.25, 0.75], "layers": [_layer(after_max=0.5)],
+        "prediction_share": [0.25, 0.75], "layers": [_layer(after_max=0.5)], "holdout": {},
     }
 
 
