@@ -1148,6 +1148,14 @@ def subset(dataset: Dataset, indices: Any) -> Dataset:
     raise TypeError(f"cannot take a subset of a {type(dataset).__name__}")
 
 
+def has_split(dataset: str, root: str | Path | None, split: str) -> bool:
+    """Whether ``split`` exists as its own data (an image folder without ``train/`` has no training split)."""
+    if dataset != "imagefolder" or root is None:
+        return True  # the other datasets always come in both splits (a missing file is load_dataset's error)
+    subdirs = ["train"] if split == "train" else ["val", "test"]
+    return any((Path(root) / s).is_dir() for s in subdirs)
+
+
 def limit_dataset(dataset: Dataset, limit: int, where: str) -> Dataset:
     """A fixed, stratified subset of ``limit`` images of ``dataset`` (config key ``data.limit``).
 
@@ -1192,6 +1200,7 @@ def dataset_info(dataset: Dataset) -> dict[str, Any]:
 
 
 __all__ = [
+    "has_split",
     "DATASETS",
     "FolderDataset",
     "FolderOptions",

@@ -7,19 +7,21 @@ compare, and played no part in it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hiercluster.evaluation.metrics import headline
-from hiercluster.report.rows import fmt_number
+from hiercluster.report.rows import fewest_bits_cell, fmt_number
 
 
-def _held_cell(candidate: Mapping[str, Any] | None, tolerance: float) -> str:
+def _held_cell(candidate: Mapping[str, Any] | None) -> str:
     """``"2 / +0.41"``: a tree's held-out fewest bits within tolerance and its drop there (``none`` when out of it)."""
     if not candidate:
         return "-"
     bits = "none" if candidate["bits"] is None else str(candidate["bits"])
-    return f"{bits} / {fmt_number(candidate['drop'], signed=True)}"
+    drop = float(candidate["drop"])
+    return f"{bits} / {'-' if math.isnan(drop) else fmt_number(drop, signed=True)}"
 
 
 def _test_cell(entry: Mapping[str, Any] | None) -> str:
@@ -29,7 +31,8 @@ def _test_cell(entry: Mapping[str, Any] | None) -> str:
     w = entry["winner"]
     if w is None:
         return "none in grid"
-    fewest = f"{w['bits']}" + (f" ({entry['confidence']})" if entry.get("confidence") else "")
+    fewest = fewest_bits_cell(w["bits"], entry.get("lowest_bits"))
+    fewest += f" ({entry['confidence']})" if entry.get("confidence") else ""
     drop = fmt_number(w["drop"], signed=True)
     if w.get("drop_lo") is not None and w.get("drop_hi") is not None:
         drop += f" [{fmt_number(w['drop_lo'], signed=True)}, {fmt_number(w['drop_hi'], signed=True)}]"
@@ -46,9 +49,9 @@ def trees_section(info: Mapping[str, Any], rows: Sequence[dict[str, Any]]) -> li
     if not selection or len(trees) < 2:
         return []
     tolerance = float(info["tolerance"])
+    auto = "holdout" in selection  # a fixed select (a tree's name) held nothing out
     level_of = {(lv["k"], lv.get("tree")): name for name, lv in info["levels"].items() if lv.get("tree")}
     test = {t["level"]: t for t in headline([r for r in rows if r["level"] in level_of.values()], tolerance)}
-    auto = selection.get("rule", "").startswith("per k")
     lines = ["## Class trees: which one answers each level", ""]
     if auto:
         lines += [
@@ -68,7 +71,7 @@ def trees_section(info: Mapping[str, Any], rows: Sequence[dict[str, Any]]) -> li
     ]
     for k_text, choice in selection["by_k"].items():
         k = int(k_text)
-        held = "".join(f" {_held_cell(choice['candidates'].get(t), tolerance)} |" for t in trees) if auto else ""
+        held = "".join(f" {_held_cell(choice['candidates'].get(t))} |" for t in trees) if auto else ""
         tests = "".join(f" {_test_cell(test.get(level_of.get((k, t), '')))} |" for t in trees)
         lines.append(f"| {k} | `{choice['tree']}` |{held}{tests}")
     lines.append("")

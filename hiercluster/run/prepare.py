@@ -17,6 +17,7 @@ from hiercluster.data.datasets import (
     FolderOptions,
     cifar100_coarse_groups,
     dataset_info,
+    has_split,
     limit_dataset,
     load_dataset,
     make_loader,
@@ -43,14 +44,6 @@ from hiercluster.run.store import file_digest
 from hiercluster.run.trees import HOLDOUT_SEED, build_trees, split_for_trees, tree_levels
 from hiercluster.yamlio import read_yaml
 from quant._files import save_torch_atomic
-
-
-def _has_split(dataset: str, root: Path | None, split: str) -> bool:
-    """Whether ``split`` exists as its own data (an image folder without ``train/`` has no training split)."""
-    if dataset != "imagefolder" or root is None:
-        return True  # the other datasets always come in both splits (a missing file is load_dataset's error)
-    subdirs = ["train"] if split == "train" else ["val", "test"]
-    return any((Path(root) / s).is_dir() for s in subdirs)
 
 
 def calibration_batches(dataset: Any, indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -80,7 +73,7 @@ def load_calibration(cfg: RunConfig, needed_by: str) -> list[torch.Tensor]:
     c = cfg.calibration
     root = data_root(cfg)
     where = f"config key calibration.split is {short_repr(c.split)}"
-    if not _has_split(cfg.data.dataset, root, c.split):
+    if not has_split(cfg.data.dataset, root, c.split):
         raise HierclusterError(
             f"{needed_by} needs calibration data, but dataset {cfg.data.dataset} at {root} has no {short_repr(c.split)} split "
             f"({where}; an image folder needs {'train/' if c.split == 'train' else 'val/ or test/'})"

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from hiercluster.data.datasets import FolderOptions, load_dataset, stratified_indices, subset
-from hiercluster.errors import HierclusterError
+from hiercluster.data.datasets import FolderOptions, has_split, load_dataset, stratified_indices, subset
+from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.hierarchy.clustering import ClassHierarchy, hierarchy_from_embedding
 from hiercluster.hierarchy.embeddings import class_embeddings
 from hiercluster.hierarchy.groupings import as_assignment, group_names
@@ -53,6 +53,13 @@ def split_for_trees(cfg: RunConfig, root: Path | None, options: FolderOptions | 
     h = cfg.hierarchy
     if not h.selects_on_holdout and not any(e in DATA_EMBEDDINGS for e in h.embedding):
         return None
+    if not has_split(cfg.data.dataset, root, h.split):
+        needs = next((e for e in h.embedding if e in DATA_EMBEDDINGS), "select: auto")
+        raise HierclusterError(
+            f"config key hierarchy.embedding lists {needs}, which is fitted on the {short_repr(h.split)} split "
+            f"(hierarchy.split), but the image folder {root} has no {'train/' if h.split == 'train' else 'val/ or test/'} "
+            "folder; add one, or set hierarchy.embedding: fc_weights (no data needed)"
+        )
     split_set = load_dataset(cfg.data.dataset, root, h.split, cfg.data.download, options=options)
     n = len(split_set)
     if not h.selects_on_holdout:

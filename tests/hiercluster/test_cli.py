@@ -402,7 +402,9 @@ def test_evaluate_saves_its_table_in_the_run_directory(digits_model, tmp_path, c
     assert f"saved {record_file}" in printed and "on 100 of 450 test images, a stratified subset" in printed
     record = json.loads(record_file.read_text())
     assert record["packed"] == str(packed) and record["data_limit"] == {"limit": 100, "of": 450}
-    assert record["n_eval"] == 100 and [row["level"] for row in record["levels"]] == [f"k={k}" for k in range(10, 1, -1)]
+    # the default two trees: k=10 is both trees' cut; every other k once per tree
+    trees = [f"k={k} {tree}" for k in range(9, 1, -1) for tree in ("fc_weights", "confusion")]
+    assert record["n_eval"] == 100 and [row["level"] for row in record["levels"]] == ["k=10", *trees]
     for row in record["levels"]:  # the printed table, row by row
         assert f"{row['level']:<10} {row['k']:>3} {100 * row['acc_float']:>8.2f} {100 * row['acc_quant']:>8.2f}" in printed
     assert not (run / "float_logits.pt").exists()

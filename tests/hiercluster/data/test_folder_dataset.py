@@ -105,7 +105,7 @@ def test_run_on_the_png_folder_with_a_limit(fashion_pngs, tmp_path):
     cfg = {
         "data": {"dataset": "imagefolder", "root": str(root), "channels": 1, "image_size": 28, "resize": "none"},
         "model": {"checkpoint": str(CHECKPOINT)},
-        "hierarchy": {"levels": [5, 2]},
+        "hierarchy": {"levels": [5, 2], "embedding": "fc_weights"},  # the folder has no train/ to fit others on
         "quant": {"schemes": ["asymmetric"], "bits": [8], "clipping": ["minmax"]},
         "eval": {"random_seeds": 2},
     }
@@ -326,6 +326,20 @@ def test_limit_dataset_keeps_the_kind_and_refuses_more_than_the_split():
     assert "data.limit (--limit) is 10,000, more than the 450 images of the test split of digits" in str(err.value)
 
 
+def test_the_default_trees_on_a_folder_without_train_is_one_clear_error(fashion_pngs, tmp_path, capsys):
+    root, _ = fashion_pngs
+    path = tmp_path / "folder.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"dataset": "imagefolder", "root": str(root), "channels": 1, "image_size": 28, "resize": "none"},
+        "model": {"checkpoint": str(CHECKPOINT)},
+    }))
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "hierarchy.embedding lists confusion" in err and "no train/ folder" in err
+    assert "hierarchy.embedding: fc_weights" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "float_logits.pt").exists()
+
+
 def test_a_limited_run_never_shares_a_full_runs_cache_or_keys():
     full = load_config(None, ["data.dataset=digits"])
     limited = load_config(None, ["data.dataset=digits", "data.limit=450"])  # all 450 test images: same n
@@ -333,7 +347,8 @@ def test_a_limited_run_never_shares_a_full_runs_cache_or_keys():
     assert _cache_id(full, 450, "d", None, cpu) != _cache_id(limited, 450, "d", None, cpu)
     point = expand_grid(full)[0]
     prep = SimpleNamespace(
-        cfg=full, checkpoint_digest="d", labels=torch.zeros(450), levels={}, data_options=None, device=torch.device("cpu")
+        cfg=full, checkpoint_digest="d", labels=torch.zeros(450), levels={}, data_options=None, device=torch.device("cpu"),
+        holdout_set=None,
     )
     key = resume_key(point, prep)
     assert resume_key(point, SimpleNamespace(**{**vars(prep), "cfg": limited})) != key

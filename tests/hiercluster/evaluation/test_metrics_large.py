@@ -219,7 +219,8 @@ def test_the_sweep_context_computes_the_float_side_once_per_run(monkeypatch):
         for k, a in _levels_for(30, [30, 5, 2]).items()
     }
     levels["reference"] = Level.of("reference", np.arange(30) % 5, names, "reference")
-    cfg = SimpleNamespace(eval=SimpleNamespace(random_seeds=5, seed=4, reduction="prob_sum", bootstrap=50))
+    cfg = SimpleNamespace(eval=SimpleNamespace(random_seeds=5, seed=4, reduction="prob_sum", bootstrap=50),
+                          hierarchy=SimpleNamespace(selects_on_holdout=False))
     prep = SimpleNamespace(
         cfg=cfg, levels=levels, float_logits=zf, labels=y, calibration=None, model=None, class_names=names,
         eval_set=None, checkpoint_digest="d", data_options=None, device=torch.device("cpu"),
@@ -228,7 +229,7 @@ def test_the_sweep_context_computes_the_float_side_once_per_run(monkeypatch):
     real = sweep.float_level_stats
     monkeypatch.setattr(sweep, "float_level_stats", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ctx = sweep.sweep_context(prep)
-    assert len(calls) == 2 and set(ctx.float_stats) == {"learned", "reference"}  # one per level kind
+    assert len(calls) == 2 and set(ctx.float_stats) == {"learned:", "reference:"}  # one per level kind (one tree)
     first = sweep.level_metrics(ctx, zq)
     second = sweep.level_metrics(ctx, zq)
     assert len(calls) == 2  # no spec computes the float side again
@@ -302,7 +303,7 @@ def test_empty_levels_config_uses_the_default():
 
     for c, expected in ((1000, default_level_ks(1000)), (10, list(range(10, 1, -1)))):
         cfg = SimpleNamespace(hierarchy=SimpleNamespace(levels=()))
-        levels = _levels(cfg, hierarchy_of(c), [str(i) for i in range(c)], None)
+        levels = _levels(cfg, {"fc_weights": hierarchy_of(c)}, [str(i) for i in range(c)], None)
         assert [lv.k for lv in levels.values()] == expected
     cfg = SimpleNamespace(hierarchy=SimpleNamespace(levels=(3, 7)))
-    assert list(_levels(cfg, hierarchy_of(1000), [str(i) for i in range(1000)], None)) == ["k=7", "k=3"]
+    assert list(_levels(cfg, {"fc_weights": hierarchy_of(1000)}, [str(i) for i in range(1000)], None)) == ["k=7", "k=3"]
