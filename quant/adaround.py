@@ -27,6 +27,10 @@ regularizer makes both terms dimensionless, so one ``lambda`` serves every layer
 The method is generic over schemes: "below" and "above" come from each channel's
 ascending level table (:meth:`quant.QParams.levels`), so the non-uniform ``pow2`` grid
 works like the affine ones. The code of the ``i``-th ascending level is ``qmin + i``.
+On the ``binary`` grid ``{-a, +a}`` the two levels bracket every weight inside
+``(-a, a)``: AdaRound learns a sign for each of those (a sign flip is worth learning
+near 0, where the two levels are about equally far), and the weights beyond ``+-a``
+keep their own sign.
 
 Pure pieces (:func:`rectified_sigmoid`, :func:`initial_logits`, :func:`bracket`,
 :func:`rounding_regularizer`, :func:`beta_at`) are separate from the optimization loop

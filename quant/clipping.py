@@ -9,6 +9,8 @@ and the winner is re-checked against it with the real quantizer, so ``mse`` neve
 a larger error than ``minmax``. ``coherent`` (:mod:`quant.coherent_grid`) searches the scale and
 the integer zero point for the grid whose rounding error is least coherent.
 
+``binary`` has no range: :func:`binary_scale` gives its ``a`` in closed form.
+
 The choice is deterministic and, for the sign-symmetric grids (``pow2`` and narrow-range
 ``symmetric``, where ``Q(-x) = -Q(x)``), exactly sign-invariant: there the error depends
 only on ``|x|``, so the search runs on ``|x|`` and ``x`` and ``-x`` get the same range
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from quant.errors import QuantError
-from quant.schemes import Grid
+from quant.schemes import EPS, Grid
 
 COARSE_RATIOS = torch.linspace(1.0, 0.2, 17)  # descending: ties keep the wider range
 FINE_OFFSETS = torch.linspace(-0.05, 0.05, 21)
@@ -55,6 +57,33 @@ def minmax_range(rows: Tensor, *, symmetric: bool) -> tuple[Tensor, Tensor]:
         hi = torch.maximum(-lo, hi)
         lo = -hi
     return lo, hi
+
+
+def binary_scale(rows: Tensor) -> Tensor:
+    """``a = mean|x|`` per row (``(C,)`` float32, at least float32 tiny): the binary grid's level.
+
+    For any ``a > 0`` the nearest of ``{-a, +a}`` to ``x`` is ``sign(x) * a``, so the
+    squared error is ``sum (|x| - a)^2``, least at ``a = mean|x|``: this is both the
+    ``minmax`` and the ``mse`` choice for binary. The mean is taken in float64 (float32
+    on MPS) and rounded once; a row of zeros gets the smallest positive ``a`` (a scale
+    is always positive, as for the other schemes).
+
+    Raises
+    ------
+    QuantError
+        If ``rows`` holds a NaN or an Inf.
+
+    Examples
+    --------
+    >>> binary_scale(torch.tensor([[-1.0, 3.0], [0.0, 0.0]]))
+    tensor([2.0000e+00, 1.1755e-38])
+    """
+    dtype = torch.float32 if rows.device.type == "mps" else torch.float64
+    # The 1-norm of float32 values in float64 cannot overflow, so a non-finite mean means a NaN or Inf.
+    mean_abs = torch.linalg.vector_norm(rows, ord=1, dim=-1, dtype=dtype) / rows.shape[-1]
+    if not torch.isfinite(mean_abs).all():
+        minmax_range(rows, symmetric=True)  # raises, counting the NaN and Inf values
+    return mean_abs.to(torch.float32).clamp_(min=EPS)
 
 
 def sort_rows(rows: Tensor) -> Tensor:

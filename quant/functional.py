@@ -8,9 +8,10 @@ bit for bit given the same scale and zero point.
 
 Idempotence: ``quantize(dequantize(codes, params), params)`` gives back the same values
 exactly (reusing the parameters). Re-choosing parameters from ``Q(x)`` gives ``Q(x)``
-again exactly for ``pow2`` (``a`` is itself a level); for the affine schemes the fresh
-scale is computed from float32-rounded extremes and can differ in its last bit, so
-``Q(Q(x))`` then matches ``Q(x)`` to a few float32 steps of the scale.
+again exactly for ``pow2`` (``a`` is itself a level) and ``binary`` (the float64 mean of
+``n`` copies of ``a`` is ``a``; on MPS, which has no float64, to a float32 step); for the
+affine schemes the fresh scale is computed from float32-rounded extremes and can differ
+in its last bit, so ``Q(Q(x))`` then matches ``Q(x)`` to a few float32 steps of the scale.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quant.clipping import binary_scale
 from quant.errors import QuantError
 from quant.ranges import clip_range
 from quant.schemes import Grid
@@ -36,17 +38,18 @@ class QParams:
     Attributes
     ----------
     scheme : str
-        ``"asymmetric"``, ``"symmetric"`` or ``"pow2"``.
+        ``"asymmetric"``, ``"symmetric"``, ``"pow2"`` or ``"binary"``.
     bits : int
         Code width; every code lies in ``[qmin, qmax]``, at most ``2**bits`` values.
     scale : Tensor
         float32, shape ``(C,)`` per channel or ``()`` per tensor. For ``pow2`` it is
-        ``a``, the largest level magnitude.
+        ``a``, the largest level magnitude; for ``binary`` the level ``a`` of ``{-a, +a}``.
     zero_point : Tensor
-        int32, same shape as ``scale`` (always 0 for ``symmetric`` and ``pow2``).
+        int32, same shape as ``scale`` (always 0 for ``symmetric``, ``pow2`` and ``binary``).
     qmin, qmax : int
         Code range. For ``pow2`` it is ``[-L, L]``, ``L = 2^(bits-1)-1``: code 0 is
-        zero, code ``+-i`` the level ``+-a * 2^-(L-i)``.
+        zero, code ``+-i`` the level ``+-a * 2^-(L-i)``. For ``binary`` it is ``[0, 1]``:
+        code 0 is ``-a``, code 1 is ``+a``.
     axis : int or None
         0 for per-channel parameters, None for per-tensor.
 
@@ -134,8 +137,13 @@ def choose_qparams(x: Tensor, spec: QuantSpec) -> QParams:
     per_channel = spec.granularity == "per_channel" and x.dim() > 0
     rows = _rows(x, per_channel)
     grid = Grid.make(spec.scheme, spec.bits, spec.narrow_range)
-    lo, hi = clip_range(rows, spec, grid)
-    scale, zero_point = grid.params(lo, hi, spec.pow2_scale)
+    if grid.scheme == "binary":
+        # No range to set: a = mean|x|, the least-squares level (minmax and mse alike).
+        scale = binary_scale(rows)
+        zero_point = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+    else:
+        lo, hi = clip_range(rows, spec, grid)
+        scale, zero_point = grid.params(lo, hi, spec.pow2_scale)
     if not torch.isfinite(scale).all():
         raise QuantError("the tensor's range overflows float32 (max - min is above 3.4e38); rescale it first")
     if not per_channel:
@@ -157,8 +165,8 @@ def quantize(x: Tensor, spec: QuantSpec | QParams) -> Quantized:
     -------
     codes : Tensor
         Same shape as ``x``, in ``[params.qmin, params.qmax]``, in the smallest integer
-        dtype holding that range: uint8 (asymmetric <= 8 bits), int8 (symmetric, pow2
-        <= 8 bits), int16, or int32 (asymmetric 16 bits).
+        dtype holding that range: uint8 (asymmetric <= 8 bits, binary), int8 (symmetric,
+        pow2 <= 8 bits), int16, or int32 (asymmetric 16 bits).
     params : QParams
 
     Examples
@@ -213,7 +221,9 @@ def quantize_residual(x: Tensor, spec: QuantSpec, terms: int = 2) -> tuple[Quant
     """Multi-tensor quantization: ``x ~= Q1(x) + Q2(x - Q1(x)) + ...``, each term at ``spec``.
 
     Each term quantizes what the previous ones left over, so the error never grows
-    (0 is always a level, and each element goes to its nearest level).
+    (0 is always a level, and each element goes to its nearest level; for ``binary``,
+    ``a = mean|r|`` lowers ``||r||^2`` by ``n a^2`` per channel, to within the float32
+    rounding of ``a``).
 
     Examples
     --------

@@ -434,6 +434,8 @@ def _column_rounder(grid: Grid, scale: Tensor, zero_point: Tensor) -> Callable[[
     """
     if grid.scheme == "pow2":
         return _pow2_rounder(grid, scale)
+    if grid.scheme == "binary":
+        return _binary_rounder(scale)
     inverse = torch.reciprocal(scale)
     low = (grid.qmin - zero_point).to(torch.float32)
     high = (grid.qmax - zero_point).to(torch.float32)
@@ -443,6 +445,21 @@ def _column_rounder(grid: Grid, scale: Tensor, zero_point: Tensor) -> Callable[[
         return steps * scale, steps
 
     return round_affine
+
+
+def _binary_rounder(scale: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """Nearest of ``{-a, +a}``: ``+a`` (code 1) where the value is ``>= 0``, as ``grid.quantize`` decides.
+
+    The grid stays fixed (``a`` from the float weight), so the error feedback decides
+    only each weight's sign.
+    """
+    negative = -scale
+
+    def round_binary(column: Tensor) -> tuple[Tensor, Tensor]:
+        up = column >= 0
+        return torch.where(up, scale, negative), up.to(torch.float32)
+
+    return round_binary
 
 
 def _pow2_rounder(grid: Grid, scale: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:

@@ -28,9 +28,9 @@ from quant.fold import find_conv_bn_pairs, fold_pairs
 from quant.functional import Quantized, dequantize_sum, quantize, quantize_residual
 from quant.layerops import LAYER_TYPES, WeightSlot, unquantized_weights, weight_slots
 from quant.metrics import sqnr_db
-from quant.plan import QuantPlan
+from quant.plan import QuantPlan, allowed_widths
 from quant.report import LayerReport, QuantReport
-from quant.spec import QuantSpec, bits_range
+from quant.spec import QuantSpec, spec_for_width, width_allowed
 
 QUANTIZABLE = LAYER_TYPES
 # How many float weights the warning of quantize_model names before "and N more".
@@ -82,7 +82,9 @@ def quantize_model(
 
     Steps: deep-copy ``model``; fold BatchNorm (:func:`quant.fold_batchnorm`); for each
     weight pick its bits from ``plan`` and its grid (scale, zero point) from
-    ``spec``'s clipping; round every weight onto that grid with ``method``, once; give
+    ``spec``'s clipping (a weight the plan gives 1 bit gets the binary grid
+    ``{-a, +a}``, ``a = mean|w|``, at ``spec``'s granularity, whatever ``spec``'s
+    scheme); round every weight onto that grid with ``method``, once; give
     the worst layers a residual term if ``plan`` asks; optionally match output
     statistics (BN re-estimation or bias correction) and calibrate input quantizers on
     ``calibration``. Biases stay float32.
@@ -92,7 +94,8 @@ def quantize_model(
     - ``"rtn"``: round to nearest, no data (the default);
     - ``"gptq"``: GPTQ/OPTQ, column by column with error feedback through the inverse
       input Hessian (:mod:`quant.gptq`);
-    - ``"adaround"``: learned up/down rounding per weight (:mod:`quant.adaround`).
+    - ``"adaround"``: learned up/down rounding per weight (:mod:`quant.adaround`); on
+      a binary grid, a learned sign for the weights inside ``(-a, a)``.
 
     The calibrated methods go through the layers in the order the model calls them;
     each layer's target is the float weight's output on the inputs the layer receives
@@ -115,7 +118,7 @@ def quantize_model(
     spec : QuantSpec
         Weight quantizer (its ``bits`` is the default width).
     plan : QuantPlan, optional
-        Per-layer widths, float layers, residual layers.
+        Per-layer widths (1 = binary, under any scheme), float layers, residual layers.
     method : {"rtn", "gptq", "adaround"}, default "rtn"
         How weights are rounded onto their grid.
     calibration : iterable, optional
@@ -206,7 +209,6 @@ def quantize_model(
     if unmatched:
         warnings.warn(f"plan {plan.name!r}: pattern(s) {unmatched} match no layer of {type(model).__name__}", stacklevel=2)
 
-    lowest, highest = bits_range(spec.scheme)
     widths: dict[str, int | None] = {}
     not_allowed = []
     for i, slot in enumerate(slots):
@@ -215,15 +217,16 @@ def quantize_model(
             raise QuantError(f"layer {name!r} weight is {slot.weight.dtype}; convert the model with .float() first")
         bits, rule = plan.rule_for(name, spec.bits, first=i == 0, last=i == len(slots) - 1)
         widths[name] = bits
-        if bits is not None and not lowest <= bits <= highest:
+        if bits is not None and not width_allowed(spec.scheme, bits):
             not_allowed.append(f"layer {name!r} would get {bits} bits ({rule})")
     if all(bits is None for bits in widths.values()):
         raise QuantError(f"plan {plan.name!r} leaves every layer of {type(model).__name__} float (skip patterns {list(plan.skip)}): nothing to quantize")
     if not_allowed:
         # Checked before any weight is quantized; QuantPlan.check validates a plan without a model.
-        raise QuantError(f"plan {plan.name!r}: {'; '.join(not_allowed)}, but scheme {spec.scheme!r} allows {lowest}..{highest} bits")
+        raise QuantError(f"plan {plan.name!r}: {'; '.join(not_allowed)}, but {allowed_widths(spec.scheme)}")
+    # Width 1 is the binary grid whatever spec's scheme (same granularity, a = mean|w|).
     specs: dict[str, QuantSpec | None] = {
-        name: None if bits is None else (spec if bits == spec.bits else spec.replace(bits=bits)) for name, bits in widths.items()
+        name: None if bits is None else spec_for_width(spec, bits) for name, bits in widths.items()
     }
 
     weights = {slot.name: slot.weight.detach().clone() for slot in slots}

@@ -15,7 +15,8 @@ quantized weight is stored as one or two terms (two for a residual layer), each 
 its codes bit-packed at ``bits`` bits (offset by ``qmin`` so they are unsigned), its
 per-channel (or per-tensor) scale as float32 and, for ``asymmetric`` only, its zero
 point as uint8 (bits <= 8) or uint16; the symmetric schemes have no zero point to
-store. Every other entry (biases, leftover buffers) is stored raw in its own dtype.
+store. A ``binary`` term takes 1 bit per weight (code 0 is ``-a``, code 1 is ``+a``)
+plus its ``a`` per channel as the scale. Every other entry (biases, leftover buffers) is stored raw in its own dtype.
 Activation quantizers (one scale and zero point per layer) live in the header.
 
 Reading is bounded and refuses any damage with one :class:`QuantError` line naming the

@@ -10,7 +10,7 @@ from typing import Any
 
 from quant import _validate as check
 from quant.errors import QuantError
-from quant.spec import MAX_BITS, MIN_BITS, QuantSpec, bits_range
+from quant.spec import BINARY_BITS, MAX_BITS, QuantSpec, bits_range, width_allowed
 
 FLOAT_BITS = 32
 
@@ -28,6 +28,10 @@ class QuantPlan:
        the usual models; the seeds' "partial quantization" keeps them wider).
     4. otherwise the spec's ``bits``.
 
+    Width 1 means the binary grid ``{-a, +a}`` for that layer whatever the spec's
+    scheme (at the spec's granularity, ``a = mean|w|``; :func:`quant.spec.spec_for_width`),
+    so that mixed precision can mix 1-bit layers with wider ones.
+
     Residual quantization ``W ~= Q1(W) + Q2(W - Q1(W))`` is applied to the layers whose
     single-pass SQNR is below ``residual_sqnr_db`` and/or to the worst
     ``ceil(residual_fraction * n)`` of the ``n`` quantized layers by SQNR (the union if
@@ -38,8 +42,9 @@ class QuantPlan:
     name : str, default "default"
         Label used in reports.
     first_layer_bits, last_layer_bits : int or None
-        Bit width (2..16) of the first / last quantizable layer; None keeps the spec's.
-        Every width must also suit the spec's scheme (2..8 for ``pow2``): see :meth:`check`.
+        Bit width (1..16; 1 is binary) of the first / last quantizable layer; None keeps
+        the spec's. Every width must also suit the spec's scheme (1 or 2..8 for ``pow2``,
+        only 1 for ``binary``): see :meth:`check`.
     skip : sequence of str
         fnmatch patterns of layer names left float (e.g. ``"fc"``, ``"layer1.*"``).
     layer_bits : mapping of str to int
@@ -75,7 +80,7 @@ class QuantPlan:
         for key in ("first_layer_bits", "last_layer_bits"):
             value = getattr(self, key)
             if value is not None:
-                check.int_in(owner, key, value, MIN_BITS, MAX_BITS)
+                check.int_in(owner, key, value, BINARY_BITS, MAX_BITS)
         if isinstance(self.skip, str) or not isinstance(self.skip, Sequence) or not all(isinstance(p, str) for p in self.skip):
             raise ValueError(f"{owner}.skip={self.skip!r} is invalid; allowed: a list of fnmatch patterns (strings)")
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -90,7 +95,7 @@ class QuantPlan:
         for pattern, bits in pairs:
             if not isinstance(pattern, str):
                 raise ValueError(f"{owner}.layer_bits key {pattern!r} is invalid; allowed: a string pattern")
-            check.int_in(owner, f"layer_bits[{pattern!r}]", bits, MIN_BITS, MAX_BITS)
+            check.int_in(owner, f"layer_bits[{pattern!r}]", bits, BINARY_BITS, MAX_BITS)
         object.__setattr__(self, "layer_bits", pairs)
         if self.residual_sqnr_db is not None:
             value = check.number_in(owner, "residual_sqnr_db", self.residual_sqnr_db, -math.inf, math.inf, lo_open=True, hi_open=True)
@@ -136,6 +141,8 @@ class QuantPlan:
     def check(self, spec: QuantSpec) -> None:
         """Raise :class:`quant.QuantError` if a width of this plan does not suit ``spec``'s scheme.
 
+        Width 1 (binary) suits every scheme; the others must lie in the scheme's
+        :func:`quant.spec.bits_range` (so a ``binary`` spec takes no wider layer).
         Every width the plan sets is checked (``first_layer_bits``, ``last_layer_bits`` and
         each ``layer_bits`` entry, whether or not it will match a layer), so a grid of
         plans and specs can be validated before any model is touched.
@@ -151,10 +158,9 @@ class QuantPlan:
         """
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-        lowest, highest = bits_range(spec.scheme)
-        bad = [f"{key}={bits}" for key, bits in self.bit_widths() if not lowest <= bits <= highest]
+        bad = [f"{key}={bits}" for key, bits in self.bit_widths() if not width_allowed(spec.scheme, bits)]
         if bad:
-            raise QuantError(f"plan {self.name!r}: {', '.join(bad)}, but scheme {spec.scheme!r} allows {lowest}..{highest} bits")
+            raise QuantError(f"plan {self.name!r}: {', '.join(bad)}, but {allowed_widths(spec.scheme)}")
 
     def unmatched_patterns(self, layers: Sequence[str]) -> list[str]:
         """Patterns of ``skip`` and ``layer_bits`` that match none of ``layers`` (likely typos)."""
@@ -192,3 +198,19 @@ class QuantPlan:
         """Build from a dict such as :meth:`to_dict` returns; unknown keys raise ValueError."""
         check.known_keys("QuantPlan", data, [f.name for f in fields(cls)])
         return cls(**dict(data))
+
+
+def allowed_widths(scheme: str) -> str:
+    """The end of a message about a plan width ``scheme`` does not allow: which ones it does.
+
+    Examples
+    --------
+    >>> allowed_widths("pow2")
+    "scheme 'pow2' allows 2..8 bits"
+    >>> allowed_widths("binary")
+    "scheme 'binary' allows 1 bit only (give the wider layers a spec of another scheme and the binary ones width 1)"
+    """
+    lowest, highest = bits_range(scheme)
+    if scheme == "binary":
+        return f"scheme {scheme!r} allows 1 bit only (give the wider layers a spec of another scheme and the binary ones width 1)"
+    return f"scheme {scheme!r} allows {lowest}..{highest} bits"

@@ -1,4 +1,4 @@
-"""The integer grids of the three schemes: range -> parameters, values -> codes -> values.
+"""The integer grids of the schemes: range -> parameters, values -> codes -> values.
 
 Everything here is a pure tensor function on "rows": a tensor whose last dimension runs
 over the elements of one channel, with per-row parameters shaped to broadcast against it
@@ -24,6 +24,9 @@ class Grid:
     ``symmetric`` ``[-(2^(b-1)-1), 2^(b-1)-1]`` (or ``-2^(b-1)`` at the bottom when not
     narrow), ``pow2`` ``[-L, L]`` with ``L = 2^(b-1)-1``: code 0 is zero and code ``+-i``
     is the level ``+-a*2^-(L-i)``, so codes grow with the value like the affine ones.
+    ``binary`` (1 bit) ``[0, 1]``: code 0 is ``-a`` and code 1 is ``+a`` (the "scale" is
+    ``a``, the zero point 0), so the codes pack at one bit with no offset; a value goes
+    to ``+a`` when it is ``>= 0`` (``sign(0) := +1``, ``-0.0`` included), else to ``-a``.
     Codes are stored in the smallest integer dtype holding ``[qmin, qmax]``.
     """
 
@@ -41,6 +44,10 @@ class Grid:
             return cls(scheme, bits, -(half - 1) if narrow_range else -half, half - 1)
         if scheme == "pow2":
             return cls(scheme, bits, -(half - 1), half - 1)
+        if scheme == "binary":
+            if bits != 1:
+                raise ValueError(f"scheme 'binary' has 1-bit codes, got bits={bits}")
+            return cls(scheme, 1, 0, 1)
         raise ValueError(f"unknown scheme {scheme!r}")
 
     @property
@@ -54,8 +61,11 @@ class Grid:
     def params(self, lo: Tensor, hi: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
         """Scale (float32) and zero point (int32) for the clip range ``[lo, hi]`` with ``lo <= 0 <= hi``.
 
-        For ``pow2`` the "scale" is ``a``, the largest level.
+        For ``pow2`` the "scale" is ``a``, the largest level. ``binary`` has no range to
+        map: its ``a`` comes from the values (:func:`quant.clipping.binary_scale`).
         """
+        if self.scheme == "binary":
+            raise ValueError("the binary scale a is chosen from the values (quant.clipping.binary_scale), not from a range")
         if self.scheme == "asymmetric":
             # Same expressions, in the same order, as torch.ao's MinMaxObserver, so the
             # parameters agree with it bit for bit.
@@ -75,6 +85,11 @@ class Grid:
         """Integer codes of ``x`` (float32) for per-row ``scale`` / ``zero_point`` shaped ``(..., 1)``."""
         if self.scheme == "pow2":
             return _pow2_codes(x, scale, self.qmax).to(self.code_dtype)
+        if self.scheme == "binary":
+            # a > 0, so the nearest of {-a, +a} is the sign; codes broadcast against the parameters as the others do.
+            codes = torch.ge(x, 0.0).to(self.code_dtype)
+            shape = torch.broadcast_shapes(x.shape, scale.shape)
+            return codes if codes.shape == shape else codes.expand(shape).clone()
         # round(x * (1/s)) with the reciprocal in float32, then clamp, exactly as
         # torch.fake_quantize_per_*_affine do; clamping the step before adding z is the
         # same integer arithmetic.
@@ -89,6 +104,9 @@ class Grid:
             table = _pow2_table(scale, self.qmax)
             index = codes.to(torch.int64).add_(self.qmax)
             return torch.gather(table.expand(*index.shape[:-1], table.shape[-1]), -1, index)
+        if self.scheme == "binary":
+            # 2q - 1 is exactly -1 or +1, so the values are exactly -a and +a.
+            return codes.to(torch.float32).mul(2.0).sub_(1.0) * scale
         values = codes.to(torch.float32)
         if torch.broadcast_shapes(values.shape, scale.shape) != values.shape:
             return (values - zero_point) * scale

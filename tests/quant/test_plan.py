@@ -34,11 +34,11 @@ def test_layer_bits_first_matching_pattern_wins():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"first_layer_bits": 1}, "first_layer_bits"),
+        ({"first_layer_bits": 0}, "first_layer_bits"),
         ({"last_layer_bits": 20}, "last_layer_bits"),
         ({"skip": "fc"}, "skip"),
         ({"skip": [3]}, "skip"),
-        ({"layer_bits": {"fc": 1}}, "layer_bits"),
+        ({"layer_bits": {"fc": 0}}, "layer_bits"),
         ({"layer_bits": 5}, "layer_bits"),
         ({"residual_fraction": 1.5}, "residual_fraction"),
         ({"residual_sqnr_db": math.nan}, "residual_sqnr_db"),
