@@ -39,7 +39,7 @@ from hiercluster.models.zoo import (
 from hiercluster.run.config import RunConfig, data_root, resolve_path
 from hiercluster.run.grid import GridPoint, check_plans_fit
 from hiercluster.run.records import Level
-from hiercluster.run.rundir import HOLDOUT_LOGITS_FILE, LOGITS_FILE
+from hiercluster.run.rundir import HOLDOUT_LOGITS_FILE, LOGITS_FILE, read_cache
 from hiercluster.run.store import file_digest
 from hiercluster.run.trees import HOLDOUT_SEED, build_trees, split_for_trees, tree_levels
 from hiercluster.yamlio import read_yaml
@@ -324,7 +324,7 @@ def prepare(
     split = split_for_trees(cfg, root, options)
     trees = build_trees(
         cfg, model, class_names, split, lambda dataset: run_loader(cfg, dataset), out_dir, digest, options, device,
-        write_cache=write_cache,
+        write_cache=write_cache, progress=progress,
     )
     levels = _levels(cfg, trees, class_names, reference)
     timings["hierarchy_s"] = time.perf_counter() - t0
@@ -411,13 +411,8 @@ def read_logits_cache(path: Path, cache_id: str, n: int, n_classes: int) -> tupl
 
     A stale, damaged or hand-made cache is recomputed, never trusted.
     """
-    if not path.is_file():
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # any unreadable file: torch raises many kinds
-        return None
-    if not isinstance(saved, dict) or saved.get("id") != cache_id:
+    saved = read_cache(path, cache_id)
+    if saved is None:
         return None
     logits, labels = saved.get("logits"), saved.get("labels")
     if not (isinstance(logits, torch.Tensor) and isinstance(labels, torch.Tensor)):

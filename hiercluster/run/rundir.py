@@ -449,6 +449,23 @@ def read_json_record(path: Path, what: str, spec: Any, remedy: str, max_bytes: i
     return data
 
 
+def read_cache(path: Path, cache_id: str) -> dict[str, Any] | None:
+    """A run directory's cache file (float logits, a tree's embedding) when its ``id`` is ``cache_id``; else None.
+
+    Loaded with ``weights_only=True``; a missing, stale, damaged or hand-made file is None:
+    recomputed, never trusted. The caller checks the shapes of what it holds.
+    """
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any unreadable file: torch raises many kinds
+        return None
+    return saved if isinstance(saved, dict) and saved.get("id") == cache_id else None
+
+
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     """``run.json`` of a run directory, validated: its shape and that its levels fit its classes."""
     path = Path(run_dir) / RUN_FILE
@@ -702,6 +719,7 @@ __all__ = [
     "level_groups_path",
     "level_yaml_path",
     "packed_model_path",
+    "read_cache",
     "read_json_record",
     "read_manifest",
     "read_run_info",

@@ -28,7 +28,7 @@ from hiercluster.hierarchy.embeddings import class_embeddings
 from hiercluster.hierarchy.groupings import as_assignment, group_names
 from hiercluster.run.config import DATA_EMBEDDINGS, RunConfig
 from hiercluster.run.records import Level, level_name
-from hiercluster.run.rundir import tree_cache_path
+from hiercluster.run.rundir import read_cache, tree_cache_path
 from quant._files import save_torch_atomic
 
 # hierarchy.holdout: null holds out this many images, or a fifth of the split when that is fewer.
@@ -102,13 +102,8 @@ def _cache_id(cfg: RunConfig, embedding: str, split: TreeSplit, digest: str, opt
 
 def _read_embedding(path: Path, cache_id: str, n_classes: int) -> np.ndarray | None:
     """A cached embedding when its id matches and its shape fits; else None (recomputed, never trusted)."""
-    if not path.is_file():
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # any unreadable file: torch raises many kinds
-        return None
-    emb = saved.get("embedding") if isinstance(saved, dict) and saved.get("id") == cache_id else None
+    saved = read_cache(path, cache_id)
+    emb = saved.get("embedding") if saved is not None else None
     if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != n_classes or not emb.is_floating_point():
         return None
     return emb.double().numpy()
@@ -133,8 +128,13 @@ def data_embedding(
 def build_trees(
     cfg: RunConfig, model: nn.Module, class_names: list[str], split: TreeSplit | None, make_loader: Any,
     out_dir: Path, digest: str, options: FolderOptions | None, device: torch.device, write_cache: bool = False,
+    progress: bool = False,
 ) -> dict[str, ClassHierarchy]:
-    """Every tree of ``hierarchy.embedding``, in that order (``make_loader(dataset)`` batches the fitting images)."""
+    """Every tree of ``hierarchy.embedding``, in that order (``make_loader(dataset)`` batches the fitting images).
+
+    ``progress``: a bar over the fitting images of each data-based tree (a pass over most of
+    the training split, minutes on a CPU).
+    """
     h = cfg.hierarchy
     trees = {}
     for embedding in h.embedding:
@@ -142,7 +142,12 @@ def build_trees(
             if embedding in DATA_EMBEDDINGS:
                 assert split is not None  # split_for_trees loads it whenever a data-based tree is listed
                 cache = (tree_cache_path(out_dir, embedding), _cache_id(cfg, embedding, split, digest, options, device))
-                emb = data_embedding(embedding, model, make_loader(split.fit), len(class_names), cache, write_cache)
+                loader = make_loader(split.fit)
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    loader = tqdm(loader, desc=f"{embedding} tree ({len(split.fit):,} images)", unit="batch")
+                emb = data_embedding(embedding, model, loader, len(class_names), cache, write_cache)
             else:
                 emb = class_embeddings(model, embedding)
             trees[embedding] = hierarchy_from_embedding(emb, embedding, class_names, h.linkage, h.metric, h.names)
