@@ -478,7 +478,9 @@ def advantage(drop_learned: Any, drop_random_mean: Any) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
-def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> dict[Any, dict[str, Any] | None]:
+def min_bits(
+    results: Iterable[Mapping[str, Any]], tolerance: float = 1.0, by: str = "bits"
+) -> dict[Any, dict[str, Any] | None]:
     """The fewest bits that keep the drop within ``tolerance`` pp, for every level.
 
     Parameters
@@ -489,6 +491,9 @@ def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> di
         along. Rows of the rows :func:`evaluate_levels` returns, with ``bits`` added, fit.
     tolerance : float, default 1.0
         In percentage points.
+    by : str, default "bits"
+        The column ranked: ``"avg_bits"`` ranks mixed-precision and partial plans by
+        their average bits per weight (the headline does).
 
     Returns
     -------
@@ -511,7 +516,7 @@ def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> di
     """
     best: dict[Any, Mapping[str, Any] | None] = {}
     for i, row in enumerate(results):
-        missing = [key for key in ("k", "bits", "drop") if key not in row]
+        missing = [key for key in ("k", by, "drop") if key not in row]
         if missing:
             raise HierclusterError(
                 f"min_bits: result row {i} lacks {', '.join(map(repr, missing))}; each row needs k, bits and drop"
@@ -520,7 +525,7 @@ def min_bits(results: Iterable[Mapping[str, Any]], tolerance: float = 1.0) -> di
         current = best.setdefault(k, None)
         if not float(row["drop"]) <= tolerance:  # also rejects NaN
             continue
-        if current is None or (row["bits"], row["drop"]) < (current["bits"], current["drop"]):
+        if current is None or (row[by], row["drop"]) < (current[by], current["drop"]):
             best[k] = row
     return {
         k: None if row is None else _winner(row, tolerance)
@@ -712,28 +717,31 @@ def confidence(winner: Mapping[str, Any] | None, tolerance: float) -> str | None
 
 
 def headline(rows: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
-    """For every level, the fewest bits whose drop is within ``tolerance`` pp, and who got there.
+    """For every level, the fewest average bits whose drop is within ``tolerance`` pp, and who got there.
 
-    Among the specs at that bit width, the one with the smallest drop is reported. Each
-    entry also carries ``lowest_bits``, the narrowest width the grid tried: an answer
-    equal to it is only an upper bound; and ``confidence``: ``"confident"`` when the
-    winner's drop interval ends within ``tolerance``, ``"borderline"`` when it does not,
-    ``None`` without an interval (or a winner).
+    Specs are ranked by their average bits per weight (``avg_bits``: a mixed-precision
+    plan's weighted mean width, a partial plan's too; rows without it by ``bits``). Among
+    the specs at that average, the one with the smallest drop is reported. Each entry also
+    carries ``lowest_bits``, the narrowest average the grid tried: an answer equal to it is
+    only an upper bound; and ``confidence``: ``"confident"`` when the winner's drop
+    interval ends within ``tolerance``, ``"borderline"`` when it does not, ``None`` without
+    an interval (or a winner).
     """
-    lowest = min((r["bits"] for r in rows), default=None)
+    by = "avg_bits" if rows and all("avg_bits" in r for r in rows) else "bits"
+    lowest = min((r[by] for r in rows), default=None)
     by_level: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_level[r["level"]].append(r)
     table = []
     for level, level_rows in by_level.items():
-        best = min_bits(level_rows, tolerance).get(level_rows[0]["k"])
+        best = min_bits(level_rows, tolerance, by=by).get(level_rows[0]["k"])
         table.append(
             {
                 "level": level,
                 "k": level_rows[0]["k"],
                 "grouping": level_rows[0]["grouping"],
                 "acc_float": level_rows[0]["acc_float"],
-                "min_bits": best["bits"] if best else None,
+                "min_bits": best[by] if best else None,
                 "lowest_bits": lowest,
                 "confidence": confidence(best, tolerance),
                 "winner": best,

@@ -53,6 +53,7 @@ from hiercluster.report.rows import (
     uniform_rows,
     varying_dims,
 )
+from hiercluster.report.frontier import has_mixed_precision, plot_frontier
 from hiercluster.report.trees import trees_section
 from hiercluster.run.records import XZ_MAX_BYTES
 from hiercluster.run.store import ResultsStore
@@ -127,7 +128,7 @@ def format_headline(
     shown as ``-``.
     """
     lines = [
-        f"| level | k | fewest bits (drop ≤ {tolerance:g} pp) | winning spec | avg bits | float acc % | "
+        f"| level | k | fewest avg bits (drop ≤ {tolerance:g} pp) | winning spec | avg bits | float acc % | "
         "quant acc % | drop pp [95% CI] | random drop pp (mean ± std) | advantage pp [95% CI] | rank p | "
         "superclasses |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -146,7 +147,7 @@ def format_headline(
         one_per_class = n_classes is not None and t["k"] == n_classes
         random_drop = "-" if one_per_class else random_drop_cell(w)
         advantage = "-" if one_per_class else interval_cell(w["advantage"], w.get("advantage_lo"), w.get("advantage_hi"))
-        fewest = fewest_bits_cell(w["bits"], t.get("lowest_bits"))
+        fewest = fewest_bits_cell(t["min_bits"], t.get("lowest_bits"))
         if t.get("confidence"):
             fewest += f" ({t['confidence']})"
         lines.append(
@@ -477,6 +478,8 @@ def write_report(run_dir: str | Path) -> Path:
         fig["pareto"] = report_plots.plot_pareto(
             rows, info["float_accuracy"], figure["pareto"], level=_fine_level(info), tolerance=info["tolerance"]
         )
+        if has_mixed_precision(rows):
+            fig["frontier"] = plot_frontier(rows, figure["frontier"], info["tolerance"])
         uniform_keys = {r["spec_key"] for r in uniform_rows(rtn_rows(rows))}
         fig["quartiles"] = report_plots.plot_quartiles(
             {k: d for k, d in details.items() if k in uniform_keys}, figure["quartiles"]
@@ -687,6 +690,7 @@ def _markdown(
             "quartiles": "Weight quartiles before and after quantization, per scheme",
             "prediction_share": "Prediction share, float vs lowest bits",
             "pareto": "Fine accuracy vs packed size; labelled: the frontier",
+            "frontier": "Accuracy vs average bits per level (mixed precision): each level's frontier, random band",
         }
         for key, path in fig.items():
             lines += [f"### {captions[key]}", "", f"![{captions[key]}]({Path(path).name})", ""]

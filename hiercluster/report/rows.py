@@ -48,15 +48,17 @@ def fmt_number(value: float, digits: int = 2, signed: bool = False) -> str:
     return f"{0:.{digits}f}" if float(text) == 0 else text  # "-0.00", "+0.00": zero after rounding
 
 
-def fewest_bits_cell(bits: int, lowest: int | None) -> str:
-    """The headline's answer: ``"4"``, or ``"≤ 3 (lowest tested)"`` when no narrower width was tried.
+def fewest_bits_cell(bits: float, lowest: float | None) -> str:
+    """The headline's answer: ``"4"``, ``"1.997"`` (an average), or ``"≤ 3 (lowest tested)"`` when
+    no narrower width was tried.
 
     Examples
     --------
-    >>> fewest_bits_cell(4, 3), fewest_bits_cell(3, 3)
-    ('4', '≤ 3 (lowest tested)')
+    >>> fewest_bits_cell(4, 3), fewest_bits_cell(3, 3), fewest_bits_cell(1.99712, 1.0)
+    ('4', '≤ 3 (lowest tested)', '1.997')
     """
-    return f"≤ {bits} (lowest tested)" if bits == lowest else str(bits)
+    text = f"{float(bits):.4g}"
+    return f"≤ {text} (lowest tested)" if bits == lowest else text
 
 
 def interval_cell(value: float, lo: float | None, hi: float | None, digits: int = 2) -> str:

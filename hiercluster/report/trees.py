@@ -31,7 +31,7 @@ def _test_cell(entry: Mapping[str, Any] | None) -> str:
     w = entry["winner"]
     if w is None:
         return "none in grid"
-    fewest = fewest_bits_cell(w["bits"], entry.get("lowest_bits"))
+    fewest = fewest_bits_cell(entry["min_bits"], entry.get("lowest_bits"))
     fewest += f" ({entry['confidence']})" if entry.get("confidence") else ""
     drop = fmt_number(w["drop"], signed=True)
     if w.get("drop_lo") is not None and w.get("drop_hi") is not None:

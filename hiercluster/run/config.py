@@ -204,7 +204,7 @@ class MethodConfig:
 
     An item is a method name (``rtn``, ``gptq``, ``adaround``; :data:`quant.METHODS`)
     or a mapping with ``name`` and lists that replace the grid's own for this method:
-    ``bn_reestimate``, ``bits``, ``schemes``, ``clipping``; ``plans`` names the
+    ``bn_reestimate``, ``bits``, ``schemes``, ``clipping``, ``budgets``; ``plans`` names the
     ``quant.plans`` it is applied with. An empty list means the grid's list (all plans).
     Several items may share a name (``gptq`` at 4-2 bits with MSE, and at 2 bits with
     min-max); a grid point they both produce is run once.
@@ -216,6 +216,7 @@ class MethodConfig:
     schemes: tuple[str, ...] = ()
     clipping: tuple[str, ...] = ()
     plans: tuple[str, ...] = ()
+    budgets: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,13 @@ class QuantGridConfig:
     section ``calibration``'s images. ``activation_bits`` (optional) also quantizes the
     input of every layer but the first, calibrated on the first
     ``activation_calibration_batches`` batches of that calibration set.
+
+    ``budgets`` (average bits per weight, weighted by weight count) adds one
+    mixed-precision spec per budget and per method x BN re-estimation x scheme x clipping x
+    granularity: each layer's width is chosen from ``candidate_bits`` (1 is binary under
+    any scheme) to minimize a sensitivity proxy measured on the calibration images
+    (:func:`quant.proxy.layer_costs`, :func:`quant.allocation.allocate_bits`); the plan is
+    named ``mpB`` (``mp2.5``).
     """
 
     schemes: tuple[str, ...] = ("asymmetric", "symmetric", "pow2")
@@ -243,6 +251,8 @@ class QuantGridConfig:
     bn_reestimate: tuple[bool, ...] = (False,)
     activation_bits: int | None = None
     activation_calibration_batches: int = 8
+    budgets: tuple[float, ...] = ()
+    candidate_bits: tuple[int, ...] = (1, 2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -399,6 +409,10 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
     # a number of groups: at most the classes a checkpoint may have (models.MAX_NUM_CLASSES; not
     # imported here, that would load torch); the run checks it against the data's own count
     "hierarchy.levels": (1, MAX_CLASSES, False),
+    # average bits per weight: 1 is every weight binary, 8 the widest width a budget may ask for
+    "quant.budgets": (1.0, 8.0, False),
+    "quant.methods.budgets": (1.0, 8.0, False),
+    "quant.candidate_bits": (1, 8, False),
 }
 # key path -> the highest allowed (None: no cap) of a value that must be > 0. The caps are
 # far above real use and far below what would exhaust memory or time.
@@ -440,6 +454,9 @@ _UNIQUE = {
     "quant.methods.schemes",
     "quant.methods.clipping",
     "quant.methods.plans",
+    "quant.budgets",
+    "quant.methods.budgets",
+    "quant.candidate_bits",
 }
 # key path -> the most items its list may hold.
 _MAX_ITEMS: dict[str, int] = {
@@ -546,8 +563,11 @@ def _check_scalar(path: str, rule: str, value: Any) -> None:
         raise HierclusterError(
             f"config key {path}: {short_repr(value)} is not one of {', '.join(map(str, choices))}{hint}"
         )
-    if rule in _BITS_KEYS and not MIN_BITS <= value <= MAX_BITS:
-        raise HierclusterError(f"config key {path}: {short_repr(value)} bits is outside {MIN_BITS}..{MAX_BITS}")
+    # Weight widths may be 1 (the binary scheme; width 1 in a plan is binary under any scheme);
+    # activations need at least MIN_BITS.
+    lowest = MIN_BITS if rule == "quant.activation_bits" else 1
+    if rule in _BITS_KEYS and not lowest <= value <= MAX_BITS:
+        raise HierclusterError(f"config key {path}: {short_repr(value)} bits is outside {lowest}..{MAX_BITS}")
     if rule in _POSITIVE:
         hi = _POSITIVE[rule]
         if value <= 0 or (hi is not None and value > hi):

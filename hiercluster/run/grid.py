@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 import quant
+from quant.spec import bits_range
 from hiercluster.errors import HierclusterError, short_repr
 from hiercluster.run.config import RunConfig
 from hiercluster.run.store import method_label
@@ -36,6 +37,10 @@ class GridPoint:
     activation: quant.QuantSpec | None = None
     method: str = "rtn"
     bn_reestimate: bool = False
+    # Mixed precision: the average bits per weight the plan's widths are chosen for (None: the
+    # spec's bits everywhere the plan does not say otherwise).
+    budget: float | None = None
+    candidate_bits: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in quant.METHODS:
@@ -49,13 +54,18 @@ class GridPoint:
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing this point fits anything on calibration data."""
-        return self.activation is not None or quant.needs_calibration(self.method, self.bn_reestimate)
+        return (
+            self.activation is not None or self.budget is not None
+            or quant.needs_calibration(self.method, self.bn_reestimate)
+        )
 
     @property
     def calibration_user(self) -> str:
         """What in this point needs calibration data, for error messages."""
         if self.method != "rtn":
             return f"method {short_repr(self.method)}"
+        if self.budget is not None:
+            return "mixed precision (quant.budgets)"
         if self.bn_reestimate:
             return "BN re-estimation (quant.bn_reestimate)"
         return "activation quantization (quant.activation_bits)"
@@ -64,11 +74,15 @@ class GridPoint:
     def calibration_use(self) -> str:
         """What is fitted on calibration data, as a short label (``"gptq+bn"``, ``"a8"``, ``"gptq+a8"``)."""
         parts = [self.method_label] if self.method_label != "rtn" else []
+        parts += ["mixed"] if self.budget is not None else []
         return "+".join(parts + ([f"a{self.activation.bits}"] if self.activation else []))
 
     @property
     def tag(self) -> str:
-        tag = f"{self.spec.tag}+{self.plan.name}"
+        spec_tag = self.spec.tag
+        if self.budget is not None:  # the spec's own width is not the model's: the plan's name says the budget
+            spec_tag = spec_tag.replace(f"-{self.spec.bits}b-", "-mixed-", 1)
+        tag = f"{spec_tag}+{self.plan.name}"
         if self.method_label != "rtn":
             tag += f"+{self.method_label}"
         return tag + (f"+a{self.activation.bits}" if self.activation else "")
@@ -86,6 +100,42 @@ def grid_spec(cfg: RunConfig, scheme: str, bits: int, clipping: str, granularity
         pow2_scale=q.pow2_scale,
         percentile=q.percentile,
     )
+
+
+def budget_plan_name(budget: float) -> str:
+    """The plan name of a mixed-precision point: ``"mp2.5"``.
+
+    Examples
+    --------
+    >>> budget_plan_name(2.5), budget_plan_name(2.0)
+    ('mp2.5', 'mp2')
+    """
+    return f"mp{budget:g}"
+
+
+def _check_budgets(cfg: RunConfig, budgets: Sequence[float], schemes: Sequence[str], where: str) -> None:
+    """Each budget reachable by the candidate widths, and each width one every scheme can represent."""
+    candidates = cfg.quant.candidate_bits
+    low = min(candidates)
+    for budget in budgets:
+        if budget < low:
+            raise HierclusterError(
+                f"config key {where}: budget {budget:g} is below the smallest candidate width {low} "
+                f"(quant.candidate_bits {list(candidates)}): no allocation can meet it; use at least {low}"
+            )
+    for scheme in schemes:
+        if scheme == "binary":
+            raise HierclusterError(
+                f"config key {where}: a bit budget needs a multi-bit scheme to mix widths in; scheme binary has only "
+                "1 bit (width 1 in candidate_bits is binary under any scheme): use asymmetric or symmetric"
+            )
+        lo, hi = bits_range(scheme)
+        bad = [b for b in candidates if b != 1 and not lo <= b <= hi]
+        if bad:
+            raise HierclusterError(
+                f"config key quant.candidate_bits: {', '.join(map(str, bad))} bits cannot be represented by scheme "
+                f"{scheme} ({lo}..{hi}; 1 is binary under any scheme)"
+            )
 
 
 def check_methods(cfg: RunConfig) -> None:
@@ -147,12 +197,16 @@ def expand_grid(cfg: RunConfig) -> list[GridPoint]:
                                 for bits in m.bits or q.bits:
                                     if plan_cfg.bits and bits not in plan_cfg.bits:
                                         continue
+                                    if (scheme == "binary") != (bits == 1):
+                                        continue  # binary has 1 bit and 1 bit is binary: the pairs mean nothing else
                                     spec = grid_spec(cfg, scheme, bits, clipping, granularity)
                                     plan.check(spec)
                                     ident = (json.dumps(spec.to_dict(), sort_keys=True), plan_cfg.name, m.name, bn)
                                     if ident not in seen:
                                         seen.add(ident)
                                         points.append(GridPoint(spec, plan, activation, m.name, bn))
+        for i, m in enumerate(q.methods):
+            points += _budget_points(cfg, m, i, activation, seen)
     except ValueError as exc:
         if isinstance(exc, HierclusterError):
             raise
@@ -161,6 +215,37 @@ def expand_grid(cfg: RunConfig) -> list[GridPoint]:
         raise HierclusterError(
             "config section quant: the grid is empty (check quant.bits, quant.schemes, plan and method filters)"
         )
+    return points
+
+
+def _budget_points(
+    cfg: RunConfig, m: Any, index: int, activation: quant.QuantSpec | None, seen: set[Any]
+) -> list[GridPoint]:
+    """The mixed-precision points of one method item: one per budget x BN x scheme x clipping x granularity."""
+    q = cfg.quant
+    budgets = m.budgets or q.budgets
+    if not budgets:
+        return []
+    schemes = m.schemes or q.schemes
+    where = f"quant.methods[{index}].budgets" if m.budgets else "quant.budgets"
+    _check_budgets(cfg, budgets, schemes, where)
+    points = []
+    for bn in dict.fromkeys(m.bn_reestimate or q.bn_reestimate):
+        for scheme in schemes:
+            # The spec's own width is the widest candidate it can represent: the allocation sets every layer.
+            lo, hi = bits_range(scheme)
+            top = max(b for b in q.candidate_bits if b == 1 or lo <= b <= hi)
+            for clipping in m.clipping or q.clipping:
+                for granularity in q.granularity:
+                    spec = grid_spec(cfg, scheme, max(top, lo), clipping, granularity)
+                    for budget in budgets:
+                        plan = quant.QuantPlan(name=budget_plan_name(budget))
+                        ident = (json.dumps(spec.to_dict(), sort_keys=True), plan.name, m.name, bn)
+                        if ident not in seen:
+                            seen.add(ident)
+                            points.append(
+                                GridPoint(spec, plan, activation, m.name, bn, budget, tuple(q.candidate_bits))
+                            )
     return points
 
 

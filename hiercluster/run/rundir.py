@@ -53,6 +53,7 @@ FIGURE_FILES = {
     "pareto": "pareto.png",
     "quartiles": "quartiles.png",
     "prediction_share": "prediction_share.png",
+    "frontier": "frontier.png",
 }
 MODEL_SUFFIX = ".hcq"  # a bit-packed model (quant.save_packed)
 GROUPS_SUFFIX = "_groups.yaml"  # an exported level's superclasses

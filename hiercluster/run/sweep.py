@@ -145,6 +145,8 @@ def resume_key(point: GridPoint, ctx: SweepContext) -> str:
             "calibration": calibration_settings(cfg) if point.needs_calibration else None,
             "activation": point.activation.to_dict() if point.activation else None,
             "activation_batches": cfg.quant.activation_calibration_batches if point.activation else None,
+            # A budget point's widths are chosen from its candidates on the calibration images (in "calibration").
+            "budget": [point.budget, list(point.candidate_bits)] if point.budget is not None else None,
             "checkpoint": ctx.checkpoint_digest,
             "data": _data_key(ctx),
             "eval": [cfg.eval.reduction, cfg.eval.random_seeds, cfg.eval.seed, cfg.eval.bootstrap],
@@ -174,10 +176,11 @@ def quantize_point(model: nn.Module, point: GridPoint, ctx: SweepContext) -> tup
     if point.needs_calibration and ctx.calibration is None:
         raise HierclusterError(f"{point.tag} needs calibration images; build the context with sweep_context(prep, grid)")
     try:
+        plan = point.plan if point.budget is None else allocate_plan(model, point, calibration or ())
         return quant.quantize_model(
             model,
             point.spec,
-            point.plan,
+            plan,
             method=point.method,
             bn_reestimate=point.bn_reestimate,
             act_spec=point.activation,
@@ -187,6 +190,27 @@ def quantize_point(model: nn.Module, point: GridPoint, ctx: SweepContext) -> tup
         )
     except quant.QuantError as exc:
         raise HierclusterError(f"quantizing with {point.tag}: {exc}") from None
+
+
+def allocate_plan(model: nn.Module, point: GridPoint, calibration: Sequence[torch.Tensor]) -> quant.QuantPlan:
+    """The mixed-precision plan of a budget point: each layer's width from the proxy on the calibration images.
+
+    :func:`quant.proxy.layer_costs` measures, per layer and candidate width, the output
+    error of quantizing that layer alone (its input Hessian from the calibration batches:
+    never the evaluation set); :func:`quant.allocation.allocate_bits` picks the widths of
+    least total cost whose average is within the budget.
+    """
+    from quant.allocation import allocate_bits, allocation_plan
+    from quant.proxy import layer_costs
+
+    sizes, costs = layer_costs(model, point.spec, point.candidate_bits, calibration)
+    widths = allocate_bits(sizes, costs, float(point.budget))
+    return allocation_plan(widths, name=point.plan.name)
+
+
+def widest_bits(report: Any) -> int:
+    """The widest code width of a quantized model's layers (float layers aside)."""
+    return max((row.bits for row in report.layers if row.bits < 32), default=0)
 
 
 def _level_groups(levels: Mapping[str, Level]) -> dict[str, tuple[list[str], dict[int, Any]]]:
@@ -282,7 +306,8 @@ def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
             "spec_key": key,
             "tag": point.tag,
             "scheme": point.spec.scheme,
-            "bits": point.spec.bits,
+            # A mixed-precision model's code width is its widest layer's (its average is avg_bits).
+            "bits": point.spec.bits if point.budget is None else widest_bits(qreport),
             "clipping": point.spec.clipping,
             "granularity": point.spec.granularity,
             "plan": point.plan.name,
@@ -300,7 +325,7 @@ def evaluate_point(point: GridPoint, ctx: SweepContext, key: str) -> SpecResult:
             "size_s": t4 - t3,
             "levels": tuple(level_rows),
             "spec_json": point.spec.to_dict(),
-            "plan_json": point.plan.to_dict(),
+            "plan_json": qreport.plan.to_dict() if qreport.plan is not None else point.plan.to_dict(),
             "prediction_share": tuple(share.tolist()),
             "layers": tuple(qreport.rows()),
             "holdout": holdout,

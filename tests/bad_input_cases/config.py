@@ -135,8 +135,8 @@ CASES: dict[str, Case] = {
     "two YAML documents": Case(_two_documents, "expected a single document"),
     "eval.random_seeds 1e9": Case(_set("eval.random_seeds=1000000000"), "eval.random_seeds: must be > 0 and <= 10,000"),
     "quant.bits [4, 4]": Case(_set("quant.bits=[4, 4]"), "quant.bits: 4 is listed twice"),
-    "quant.bits [0]": Case(_set("quant.bits=[0]"), "quant.bits[0]: 0 bits is outside 2..16"),
-    "quant.bits [99]": Case(_set("quant.bits=[99]"), "quant.bits[0]: 99 bits is outside 2..16"),
+    "quant.bits [0]": Case(_set("quant.bits=[0]"), "quant.bits[0]: 0 bits is outside 1..16"),
+    "quant.bits [99]": Case(_set("quant.bits=[99]"), "quant.bits[0]: 99 bits is outside 1..16"),
     "quant.activation_bits 1": Case(_set("quant.activation_bits=1"), "quant.activation_bits: 1 bits is outside"),
     "plan first_layer_bits 40": Case(
         _set("quant.plans=[{name: p, first_layer_bits: 40}]"), "quant.plans[0].first_layer_bits: 40 bits"

@@ -44,6 +44,8 @@ IN_KEY: dict[str, Any] = {
 GRID_AXES = {
     "quant.schemes", "quant.bits", "quant.clipping", "quant.granularity", "quant.plans", "quant.methods",
     "quant.bn_reestimate",
+    # mixed precision: each budget point's budget and candidate widths are in its key ("budget")
+    "quant.budgets", "quant.candidate_bits",
 }
 # Keys whose effect reaches the result through something the key holds (tested below, one test each).
 COVERED = {
