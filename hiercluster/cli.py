@@ -735,6 +735,52 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hiercluster.run.onnx import check_export_packages, export_level
+    from hiercluster.run.rundir import check_is_run, check_output_file
+
+    apply_threads(args.threads)
+    check_export_packages()
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise HierclusterError(f"--out {out}: use a name ending in .onnx for the ONNX model")
+    check_output_file(out)
+    if out.exists() and not args.overwrite:
+        raise HierclusterError(f"{out} exists; pass --overwrite to replace it, or --out another path")
+    check_is_run(Path(args.run_dir))
+    result = export_level(
+        args.run_dir, args.level, out, spec=args.spec, fine_logits=args.fine_logits, checkpoint=args.checkpoint
+    )
+    _print_export(result)
+    return EXIT_OK
+
+
+def _print_export(result) -> None:
+    """What ``export`` wrote: the level and spec, the check in ONNX Runtime, the weight types, the sizes."""
+    from collections import Counter
+
+    row, info = result.row, result.info
+    print(
+        f"level {result.level}: {result.k} superclasses ({result.reduction}), spec {row['tag']}, "
+        f"{row['avg_bits']:.2f} average bits per weight, weights from {result.source}"
+    )
+    print(f"  superclasses: {'; '.join(result.superclasses)}")
+    subset = subset_note(result.data_limit, "evaluation")
+    print(
+        f"  ONNX Runtime {info['onnxruntime']} on {result.n_checked:,} images{f' ({subset})' if subset else ''}: "
+        f"superclass argmax agrees with PyTorch on {100 * result.agreement:.2f}%, max abs score difference "
+        f"{result.max_abs_diff:.2g}; superclass accuracy {100 * result.onnx_accuracy:.2f}% "
+        f"(the run measured {100 * row['acc_quant']:.2f}%)"
+    )
+    types = Counter(layer["onnx_type"] for layer in info["layers"])
+    print(f"  opset {info['opset']}; weights: " + ", ".join(f"{n} x {t}" for t, n in sorted(types.items())))
+    sizes = result.sizes()
+    labels = ("fp32", "packed", "gzip", "xz", "onnx")
+    print("  " + " ".join(f"{label + ' KB':>10}" for label in labels))
+    print("  " + " ".join(f"{'-' if v is None else f'{v / 1024:.1f}':>10}" for v in sizes.values()))
+    print(f"wrote {info['path']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hiercluster",
@@ -828,7 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     _add_set(p)
     p.add_argument("--bits", type=int, required=True, help="weight bits, 2..16")
-    p.add_argument("--scheme", help="asymmetric, symmetric or pow2 (default: first of quant.schemes)")
+    p.add_argument("--scheme", help="asymmetric, symmetric, pow2 or binary (1 bit; default: first of quant.schemes)")
     p.add_argument("--clipping", help="weight range setting, e.g. minmax or mse (default: first of quant.clipping)")
     p.add_argument("--granularity", help="per_channel or per_tensor (default: first of quant.granularity)")
     p.add_argument("--plan", help="name of a plan in quant.plans (default: first of quant.plans; the default "
@@ -865,7 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, required=True, help="weight bits (2..16; 2..8 for pow2)")
     p.add_argument("--k", type=int, help="the grouped level: k superclasses of the learned hierarchy, 2..C-1 "
                    "(default: the smallest k > 1 of config key hierarchy.levels, else 2)")
-    p.add_argument("--scheme", help="asymmetric, symmetric or pow2 (default: first of quant.schemes)")
+    p.add_argument("--scheme", help="asymmetric, symmetric, pow2 or binary (1 bit; default: first of quant.schemes)")
     _add_limit(p)
 
     p = sub.add_parser("report", help="rebuild the report of a run directory",
@@ -873,6 +919,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by `hiercluster run`")
     _add_threads(p, config=False)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write one level's quantized model with its merged head as ONNX",
+                       description="Write the quantized model of one level of a run (its headline winner, or --spec) "
+                       "as an ONNX file: integer weights with DequantizeLinear, the merged head of the run's reduction "
+                       "in the graph (output 'scores', one per superclass), superclass names, grouping, spec, average "
+                       "bits and the run's accuracies in its metadata. Checked in ONNX Runtime on the run's evaluation "
+                       "set before it is written. Needs pip install 'hiercluster[export]'.")
+    p.add_argument("run_dir", help="a run directory written by `hiercluster run`")
+    p.add_argument("--level", required=True, help="a level of the run, e.g. k=5 (with several trees, k=5 is the "
+                   "tree chosen for k=5; or k=5 confusion), or reference")
+    p.add_argument("--spec", help="a spec tag of the run's grid (default: the level's headline winner)")
+    p.add_argument("--out", required=True, help="ONNX file to write, e.g. model.onnx")
+    p.add_argument("--fine-logits", action="store_true", help="also output the fine logits ('logits')")
+    p.add_argument("--checkpoint", help="the run's float checkpoint, when its recorded path does not lead to it "
+                   "from here (checked against the run's sha256)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_threads(p, config=False)
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -956,7 +1020,7 @@ def _file_kind_of(path: Path | None) -> str | None:
 def _results_database(args: argparse.Namespace) -> Path | None:
     """The results database of the command's run directory, when it has one (see :func:`_run_dir`)."""
     folder = getattr(args, "run_dir", None) or getattr(args, "out", None)
-    if folder is None or args.command not in ("run", "evaluate", "hierarchy", "report"):
+    if folder is None or args.command not in ("run", "evaluate", "hierarchy", "report", "export"):
         return None
     from hiercluster.run.rundir import DB_FILE
 

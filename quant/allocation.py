@@ -19,20 +19,27 @@ layer list). Two solvers:
 - ``"exact"``: a 0/1 integer program, one binary ``x[l, b]`` per layer and candidate,
   ``sum_b x[l, b] = 1`` per layer plus the budget row, solved by
   :func:`scipy.optimize.milp` (HiGHS branch and bound, deterministic for a given
-  input). Worst case exponential in the number of layers; in practice milliseconds
-  for hundreds of layers and five widths (``L * W`` variables, ``L + 1`` rows). Costs are
+  input; ``L * W`` variables, ``L + 1`` rows). Worst case exponential in the number of
+  layers; measured with five widths: tens of milliseconds for ResNet-20's 22 layers, a
+  second or so for 60 layers, up to a few seconds for 200. Costs are
   shifted (each layer's smallest to 0, which changes no decision) and scaled to at most 1
   before solving, so the solver's absolute gap tolerance (1e-6) is relative to the
   largest cost spread.
 - ``"greedy"``: start with every layer at its widest candidate; while over budget,
   narrow the layer (to whichever narrower candidate) with the smallest cost increase per
-  bit saved, ``(c_l(b') - c_l(b)) / ((b - b') * n_l)``; then spend what is left of the
-  budget on the widenings that lower the cost most. Ties go to the earlier layer (the
-  order of ``sizes``), then to the smaller step. Each layer only narrows in the first
-  phase and only widens in the second, so each phase takes at most ``L * (W - 1)``
-  steps of ``O(L * W)``: ``O(L^2 W^2)`` time, ``O(L W)`` memory. Optimal for
-  separable convex costs over evenly spaced widths and equal layer sizes; otherwise a
-  heuristic that is never better than ``"exact"``.
+  bit saved, ``(c_l(b') - c_l(b)) / ((b - b') * n_l)``. Ties go to the earlier layer (the
+  order of ``sizes``), then to the smaller step. Each layer only narrows, so this takes
+  at most ``L * (W - 1)`` steps of ``O(L * W)``: ``O(L^2 W^2)`` time, ``O(L W)``
+  memory. Narrowing this way walks the lower convex hull of each layer's costs and
+  skips widths above it, which costs much on non-convex costs (1.55x the exact cost on
+  ResNet-20's proxy costs at 3 bits), so a local search follows: the best single width
+  change or pair of changes on two layers (one paying for the other) that lowers the
+  total cost within budget, until none does; ``O(M log M)`` per round for
+  ``M = L * (W - 1)`` possible changes, at most ``M`` rounds. Optimal for separable
+  convex costs over evenly spaced widths and equal layer sizes; otherwise a heuristic,
+  never better than ``"exact"`` (ResNet-20 at 1.25 to 3 bits: within 3.3% of its cost;
+  random cost tables: within 0.4% in 9 cases out of 10). No scipy needed; 1,000 layers
+  take about a second.
 
 Examples
 --------
@@ -48,6 +55,7 @@ Examples
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Mapping
@@ -237,7 +245,9 @@ def allocate_bits(
 
 def _exact(problem: _Problem, capacity: int) -> list[int]:
     """Optimal choice by 0/1 integer programming (scipy's HiGHS)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp  # scipy is slow to import; only this solver needs it
+    # scipy is slow to import; only this solver needs it.
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array
 
     offsets = np.cumsum([0] + [len(w) for w in problem.widths])
     count = int(offsets[-1])
@@ -246,9 +256,8 @@ def _exact(problem: _Problem, capacity: int) -> list[int]:
     shifted = np.concatenate([np.asarray(c) - min(c) for c in problem.costs])
     spread = float(shifted.max())
     objective = shifted / spread if spread > 0 else shifted
-    one_each = np.zeros((len(problem.names), count))
-    for layer, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
-        one_each[layer, lo:hi] = 1.0
+    layer_of = np.repeat(np.arange(len(problem.names)), [len(w) for w in problem.widths])
+    one_each = csr_array((np.ones(count), (layer_of, np.arange(count))), shape=(len(problem.names), count))
     # The budget row in average bits (coefficients <= 16), so HiGHS' absolute feasibility
     # tolerance is in bits, not in bits times weights.
     bits = np.concatenate([np.asarray(w, dtype=float) * n for w, n in zip(problem.widths, problem.sizes)]) / problem.total
@@ -287,25 +296,64 @@ def _greedy(problem: _Problem, capacity: int) -> list[int]:
         _, layer, j = best  # a narrower candidate exists: the budget check guarantees all-narrowest fits
         used -= (problem.widths[layer][choice[layer]] - problem.widths[layer][j]) * problem.sizes[layer]
         choice[layer] = j
-    return _refill(problem, choice, capacity - used)
+    return _improve(problem, choice, capacity)
 
 
-def _refill(problem: _Problem, choice: list[int], slack: int) -> list[int]:
-    """Widen layers while the budget allows it, the largest cost decrease first."""
-    while True:
-        best: tuple[float, int, int] | None = None
+def _improve(problem: _Problem, choice: list[int], capacity: int) -> list[int]:
+    """Local search: apply the best single change or pair of changes that lowers the cost within budget.
+
+    A move sets one layer to another of its widths; a pair is two moves on different
+    layers (typically one widening paid for by another's narrowing). Each round sorts
+    the ``M = L * (W - 1)`` moves by the bits they add and keeps running minima of their
+    cost change (the best move, and the best on another layer than that one), so that
+    every move finds its best partner by bisection: ``O(M log M)`` a round. Rounds stop
+    when nothing lowers the cost (by more than rounding), or after ``M`` rounds.
+    """
+    for _ in range(max(1, sum(len(w) - 1 for w in problem.widths))):
+        slack = capacity - problem.used(choice)
+        moves = []  # (bits added, cost change, layer, width index), in layer order
         for layer, (widths, costs, n) in enumerate(zip(problem.widths, problem.costs, problem.sizes)):
             now = choice[layer]
-            for j in range(now + 1, len(widths)):
-                extra = (widths[j] - widths[now]) * n
-                gain = costs[now] - costs[j]
-                if extra <= slack and gain > 0 and (best is None or gain > best[0]):
-                    best = (gain, layer, j)
-        if best is None:
+            moves += [((widths[j] - widths[now]) * n, costs[j] - costs[now], layer, j) for j in range(len(widths)) if j != now]
+        if not moves:
             return choice
-        _, layer, j = best
-        slack -= (problem.widths[layer][j] - problem.widths[layer][choice[layer]]) * problem.sizes[layer]
-        choice[layer] = j
+        moves.sort(key=lambda move: move[0])  # stable: layer order breaks ties
+        bits = [move[0] for move in moves]
+        best, other = _running_minima(moves)
+        total = sum(c[i] for c, i in zip(problem.costs, choice))
+        found, gain = None, 1e-12 * max(1.0, abs(total))  # less than that is rounding, not progress
+        for move in moves:
+            added, change, layer, _ = move
+            if added <= slack and -change > gain:
+                found, gain = (move,), -change
+            k = bisect.bisect_right(bits, slack - added) - 1
+            if k < 0:
+                continue
+            partner = best[k] if best[k][2] != layer else other[k]
+            if partner is not None and -(change + partner[1]) > gain:
+                found, gain = (move, partner), -(change + partner[1])
+        if found is None:
+            return choice
+        for _, _, layer, j in found:
+            choice[layer] = j
+    return choice
+
+
+def _running_minima(moves: list[tuple[int, float, int, int]]) -> tuple[list, list]:
+    """Per prefix of ``moves``: the move of least cost change, and the least on another layer than it."""
+    best: list = []
+    other: list = []
+    first = second = None
+    for move in moves:
+        if first is None or move[1] < first[1]:
+            if first is not None and first[2] != move[2]:
+                second = first  # the old best is the best on any layer but the new best's
+            first = move
+        elif move[2] != first[2] and (second is None or move[1] < second[1]):
+            second = move
+        best.append(first)
+        other.append(second)
+    return best, other
 
 
 # ------------------------------------------------------------------ plans

@@ -162,8 +162,9 @@ def layer_costs(
         For an empty or invalid ``widths`` (naming the width and what ``spec.scheme``
         allows) or an unknown name in ``layers``.
     QuantError
-        For empty calibration data, a NaN/Inf input or weight (naming the layer), a model
-        without quantizable weights, or a weight that is not float32/float64.
+        For empty calibration data, a NaN/Inf in a layer's input or in a weight (the
+        weight's layer is named), a model without quantizable weights, or a weight that
+        is not float32/float64.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

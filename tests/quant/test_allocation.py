@@ -117,6 +117,25 @@ def test_greedy_spends_the_slack_left_by_its_last_step():
     assert allocate_bits(sizes, costs, budget) == {"small": 8, "big": 2}
 
 
+def test_greedy_stays_close_to_exact_on_non_convex_costs():
+    # Costs falling in width but not convex (as the proxy's are). Walking each layer's
+    # convex hull alone ends more than 11% over exact in 1 case out of 10 here (at worst
+    # 61%); with the local search that follows, 0.4% (at worst 6%).
+    rng = random.Random(1)
+    ratios = []
+    for _ in range(100):
+        sizes = {f"l{i}": rng.choice([144, 640, 2304, 9216, 36864]) for i in range(rng.randint(3, 30))}
+        costs = {name: dict(zip((1, 2, 3, 4, 8), sorted((rng.expovariate(1) for _ in range(5)), reverse=True))) for name in sizes}
+        budget = rng.uniform(1.2, 4)
+        greedy = allocate_bits(sizes, costs, budget, method="greedy")
+        assert average_bits(sizes, greedy) <= budget + 1e-9
+        ratios.append(total_cost(costs, greedy) / total_cost(costs, allocate_bits(sizes, costs, budget)))
+    ratios.sort()
+    assert ratios[0] >= 1 - 1e-6
+    assert ratios[89] <= 1.01
+    assert ratios[-1] <= 1.1
+
+
 @pytest.mark.parametrize("method", ["exact", "greedy"])
 def test_average_comes_within_a_hundredth_of_the_budget_when_widths_allow(method):
     # 100 equal layers, widths one bit apart: some allocation lands within 1/100 bit of any

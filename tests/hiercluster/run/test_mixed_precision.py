@@ -25,10 +25,8 @@ BUDGETS = [3, 2, 1.5]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "r8.pt"
-    assert main(["train", "configs/digits.yaml", "--out", str(out), "--set", "train.epochs=4"]) == 0
-    return out
+def checkpoint(trained_digits):
+    return trained_digits
 
 
 def _config(folder: Path, checkpoint: Path) -> Path:
