@@ -27,6 +27,10 @@ from typing import Any
 # (and its torch-free helpers such as ``quant._validate``) stays light: a program can set
 # itself up (a Ctrl-C handler, say) before torch loads.
 _EXPORTS = {
+    "allocate_bits": "quant.allocation",
+    "allocation_plan": "quant.allocation",
+    "average_bits": "quant.allocation",
+    "layer_costs": "quant.proxy",
     "METHODS": "quant.calibrate",
     "needs_calibration": "quant.calibrate",
     "QuantError": "quant.errors",
@@ -35,6 +39,7 @@ _EXPORTS = {
     "choose_qparams": "quant.functional",
     "dequantize": "quant.functional",
     "dequantize_sum": "quant.functional",
+    "export_onnx": "quant.onnx_export",
     "fake_quantize": "quant.functional",
     "quantize": "quant.functional",
     "quantize_residual": "quant.functional",

@@ -253,7 +253,7 @@ def _subcommands() -> dict:
 
 def test_every_subcommand_takes_threads_and_every_flag_has_help():
     commands = _subcommands()
-    assert set(commands) == {"train", "evaluate-checkpoint", "run", "hierarchy", "quantize", "evaluate", "report", "sensitivity"}
+    assert set(commands) == {"train", "evaluate-checkpoint", "run", "hierarchy", "quantize", "evaluate", "report", "sensitivity", "export"}
     for name, parser in commands.items():
         flags = {opt for action in parser._actions for opt in action.option_strings}
         assert "--threads" in flags, name
