@@ -33,6 +33,7 @@ def _folder_run(tmp: Path, data: dict, checkpoint: Path | None = SHIPPED, *overr
     config = {
         "data": {"dataset": "imagefolder", "root": str(tmp / "folder"), **data},
         "model": {"checkpoint": str(checkpoint)},
+        "hierarchy": {"embedding": "fc_weights"},  # these folders have no train/ to fit a data-based tree on
         "quant": {"schemes": ["asymmetric"], "bits": [8]},
     }
     path = tmp / "config.yaml"

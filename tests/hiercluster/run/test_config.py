@@ -64,7 +64,9 @@ def test_every_positive_cap_allows_the_cap_and_refuses_one_more(key, cap):
         load_config(None, [f"{key}=0"])
 
 
-@pytest.mark.parametrize("key, bound", [(k, v) for k, v in config._RANGES.items() if v[1] is not None and not v[2]])
+# Keys inside list items (quant.methods[i].budgets) name the item's index: tests/hiercluster/run/test_mixed_precision.py.
+@pytest.mark.parametrize("key, bound", [(k, v) for k, v in config._RANGES.items()
+                                        if v[1] is not None and not v[2] and not k.startswith("quant.methods.")])
 def test_every_closed_range_allows_its_ends_and_refuses_beyond(key, bound):
     lo, hi, _ = bound
     load_config(None, [f"{key}={lo}", f"{key}={hi}"])

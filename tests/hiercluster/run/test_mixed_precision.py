@@ -70,6 +70,13 @@ def test_each_budget_gives_one_spec_whose_average_bits_meet_it(mixed_run):
         assert "mixed" in r["tag"] and f"+mp{budget:g}" in r["tag"]
 
 
+def test_the_report_draws_each_levels_frontier(mixed_run):
+    out, info, rows, _ = mixed_run
+    text = (out / "report.md").read_text()
+    assert (out / "frontier.png").stat().st_size > 1000 and "](frontier.png)" in text
+    assert "fewest avg bits (drop ≤ 1 pp)" in text
+
+
 def test_the_headline_ranks_by_average_bits(mixed_run):
     _, info, rows, _ = mixed_run
     for t in headline(rows, info["tolerance"]):

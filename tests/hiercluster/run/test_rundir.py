@@ -336,7 +336,7 @@ def test_each_file_of_a_run_directory_has_its_path_here(tmp_path):
     assert level_groups_path(tmp_path, "k=12") == tmp_path / "models" / "k12_groups.yaml"
     assert evaluation_path(tmp_path, Path("elsewhere") / "m4.hcq") == tmp_path / "evaluations" / "m4.json"
     assert {name: Path(file).suffix for name, file in FIGURE_FILES.items()} == dict.fromkeys(
-        ["dendrogram", "drop_vs_bits", "pareto", "quartiles", "prediction_share"], ".png"
+        ["dendrogram", "drop_vs_bits", "pareto", "quartiles", "prediction_share", "frontier"], ".png"
     )
 
 
