@@ -145,15 +145,17 @@ def choose_row(info: dict[str, Any], rows: Sequence[dict[str, Any]], level: str,
     return winner
 
 
-def _checkpoint_candidates(recorded: str, cfg_path: Path) -> list[Path]:
+def _checkpoint_candidates(recorded: str, cfg_path: Path, resolved: str | None = None) -> list[Path]:
     """Where the run's recorded checkpoint may be from here, in order.
 
-    ``run`` records ``model.checkpoint`` as written in the config, relative to the config
-    file's folder, which the run directory does not name: beside the saved config, from
-    the current folder, and from ``configs/`` below it (the shipped configs' folder, for
-    a run started from the repository). Each candidate is accepted only with the run's sha256.
+    First the path the run resolved (run.json ``checkpoint_path``, absent in older runs);
+    then ``model.checkpoint`` as written in the config, relative to the config file's
+    folder, which the run directory does not name: beside the saved config, from the
+    current folder, and from ``configs/`` below it (the shipped configs' folder, for a run
+    started from the repository). Each candidate is accepted only with the run's sha256.
     """
-    paths = [resolve_path(recorded, str(cfg_path)), Path(recorded).expanduser(), Path("configs") / recorded]
+    paths = [Path(resolved)] if resolved else []
+    paths += [resolve_path(recorded, str(cfg_path)), Path(recorded).expanduser(), Path("configs") / recorded]
     return list(dict.fromkeys(p for p in paths if p.is_file()))
 
 
@@ -175,7 +177,8 @@ def _run_config(run_dir: Path, checkpoint: str | Path | None, info: dict[str, An
             )
     else:
         recorded = cfg.model.checkpoint or ""
-        found = [p for p in (_checkpoint_candidates(recorded, cfg_path) if recorded else []) if file_digest(p) == digest]
+        candidates = _checkpoint_candidates(recorded, cfg_path, info.get("checkpoint_path")) if recorded else []
+        found = [p for p in candidates if file_digest(p) == digest]
         if not found:
             raise HierclusterError(
                 f"the run's checkpoint {short_repr(recorded)} (sha256 {digest[:12]}...) is not found from here; "

@@ -214,6 +214,8 @@ def _run_info(prep: Prepared, grid: list[GridPoint], keys: list[str]) -> dict[st
         "eval_split": cfg.data.eval_split,
         "n_eval": len(prep.labels),
         "checkpoint": cfg.model.checkpoint,
+        # As resolved when the run read it: the saved config's relative path names the config's folder, not this one.
+        "checkpoint_path": str(resolve_path(cfg.model.checkpoint, cfg.source).absolute()) if cfg.model.checkpoint else None,
         "checkpoint_sha256": prep.checkpoint_digest,
         "class_names": prep.class_names,
         "float_accuracy": accuracy(prep.float_logits, prep.labels),

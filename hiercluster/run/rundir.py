@@ -98,6 +98,7 @@ RUN_INFO_SPEC: dict[str, Any] = {
     "n_eval": int,
     "checkpoint": (str, None),
     "checkpoint_sha256": str,
+    "checkpoint_path?": (str, None),
     "class_names": [str],
     "float_accuracy": float,
     "float_prediction_share": [float],

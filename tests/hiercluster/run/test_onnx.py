@@ -96,6 +96,13 @@ def test_a_spec_without_a_packed_file_is_quantized_again_and_the_checkpoint_is_c
     (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "k3.onnx"
     args = ["export", str(moved), "--level", "k=3", "--spec", TWO_BIT, "--out", str(out)]
+    # run.json's resolved path finds it ...
+    assert main([*args[:-1], str(tmp_path / "found.onnx")]) == 0
+    capsys.readouterr()
+    # ... and a run without one (older runs) needs --checkpoint
+    info = json.loads((moved / "run.json").read_text())
+    assert info.pop("checkpoint_path") == str(trained_digits.absolute())
+    (moved / "run.json").write_text(json.dumps(info))
 
     assert main(args) == 2
     err = capsys.readouterr().err
