@@ -43,7 +43,7 @@ from hiercluster.evaluation.sensitivity import (
 from hiercluster.run.config import RunConfig
 from hiercluster.run.grid import grid_spec
 from hiercluster.run.prepare import Prepared, prepare
-from hiercluster.run.rundir import sensitivity_paths
+from hiercluster.run.rundir import RUN_FILE, read_run_info, sensitivity_paths
 from quant._files import write_text_atomic
 from quant.layerops import weight_slots
 from quant.spec import SCHEMES, bits_range
@@ -218,6 +218,19 @@ def check_k(k: int, n_classes: int | None = None) -> None:
         )
 
 
+def sensitivity_tree(prep: Prepared, out_dir: Path, k: int) -> Any:
+    """The tree whose cut at ``k`` the sensitivity groups by: the one the run in ``out_dir`` chose for k.
+
+    A run with several trees records its choice per k (run.json ``tree_selection``, made on
+    held-out training images); without such a run, or for a k it did not choose, the first
+    tree of ``hierarchy.embedding``.
+    """
+    if len(prep.trees) < 2 or not (out_dir / RUN_FILE).is_file():
+        return prep.hierarchy
+    choice = (read_run_info(out_dir).get("tree_selection") or {}).get("by_k", {}).get(str(k))
+    return prep.trees.get(choice["tree"], prep.hierarchy) if choice else prep.hierarchy
+
+
 def run_sensitivity(
     cfg: RunConfig, out_dir: Path, bits: int, k: int | None = None, scheme: str | None = None, progress: bool = True
 ) -> tuple[SensitivityResult, Prepared, Path]:
@@ -238,7 +251,7 @@ def run_sensitivity(
     check_k(k, n_classes)
     prep.evaluate_float(progress=progress)
     result = layer_sensitivities(
-        prep.model, spec, prep.loader(), prep.hierarchy.cut(k=k), reduction=cfg.eval.reduction,
+        prep.model, spec, prep.loader(), sensitivity_tree(prep, out_dir, k).cut(k=k), reduction=cfg.eval.reduction,
         float_logits=(prep.float_logits, prep.labels), progress=progress,
     )
     csv_path, _ = sensitivity_paths(out_dir, spec.tag, k)

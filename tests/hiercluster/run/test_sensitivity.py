@@ -219,3 +219,21 @@ def test_cli_refuses_bad_flags(digits_setup, capsys, flags, expect):
     assert main(["sensitivity", str(config), "--out", str(folder / "bad"), "--quiet", "--limit", "50", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert expect in err and len(err.splitlines()) == 1
+
+
+def test_the_sensitivity_groups_by_the_tree_the_run_chose_for_k(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from hiercluster.run import sensitivity as run_sensitivity_module
+
+    first, second = SimpleNamespace(name="fc_weights"), SimpleNamespace(name="confusion")
+    prep = SimpleNamespace(trees={"fc_weights": first, "confusion": second}, hierarchy=first)
+    # No run in the folder: the first tree.
+    assert run_sensitivity_module.sensitivity_tree(prep, tmp_path, 3) is first
+    (tmp_path / "run.json").write_text("{}")
+    selection = {"by_k": {"3": {"tree": "confusion", "candidates": {}}}}
+    monkeypatch.setattr(run_sensitivity_module, "read_run_info", lambda folder: {"tree_selection": selection})
+    assert run_sensitivity_module.sensitivity_tree(prep, tmp_path, 3) is second  # the run's choice for k=3
+    assert run_sensitivity_module.sensitivity_tree(prep, tmp_path, 4) is first  # a k it did not choose
+    one = SimpleNamespace(trees={"fc_weights": first}, hierarchy=first)
+    assert run_sensitivity_module.sensitivity_tree(one, tmp_path, 3) is first
